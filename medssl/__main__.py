@@ -1,0 +1,5 @@
+"""`python -m medssl` runs the command line."""
+
+from medssl.cli import main
+
+main()

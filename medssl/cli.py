@@ -1,0 +1,194 @@
+"""The `medssl` command line: parses arguments, loads configs, calls library functions, prints.
+
+No training or data logic lives here. A `UserError` anywhere below becomes a one-line message on
+stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from medssl.errors import UserError
+
+app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, pretty_exceptions_enable=False,
+                  add_completion=False)
+manifest_app = typer.Typer(help="Build and check data manifests.", no_args_is_help=True)
+pretrain_app = typer.Typer(help="Self-supervised pretraining.", no_args_is_help=True)
+finetune_app = typer.Typer(help="Fine-tune downstream heads.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate pretrained encoders downstream.", no_args_is_help=True)
+ground_app = typer.Typer(help="Report grounding: phrases located in the volume.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print their numbers (speed, memory).", no_args_is_help=True)
+for sub, name in ((manifest_app, "manifest"), (pretrain_app, "pretrain"), (finetune_app, "finetune"),
+                  (eval_app, "eval"), (ground_app, "ground"), (bench_app, "bench")):
+    app.add_typer(sub, name=name)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (default: runs/<task>).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from RUN_DIR/checkpoints/last.pt.")]
+PretrainedOpt = Annotated[Optional[Path], typer.Option("--pretrained", help="Pretrained medssl checkpoint.")]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Config overrides: dotted.key=value ...")]
+
+
+def _not_yet(command: str, issue: int) -> None:
+    raise UserError(f"'medssl {command}' is not implemented yet (tracked in issue #{issue})")
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Output folder (created; a previous hospital is replaced).")],
+    patients: Annotated[int, typer.Option(help="Number of patients.")] = 8,
+    studies: Annotated[int, typer.Option(help="CT studies per patient.")] = 2,
+    size: Annotated[int, typer.Option(help="Volume edge length in voxels.")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed; the output is deterministic per seed.")] = 0,
+    trials: Annotated[int, typer.Option(help="Signal recording sessions (trials) per study.")] = 2,
+    signal_seconds: Annotated[float, typer.Option(help="Length of each signal trial in seconds.")] = 20.0,
+) -> None:
+    """Write the synthetic hospital: CT volumes, organ labels, lesions, reports, ECG/PPG, manifest."""
+    from medssl.data.synthetic import make_hospital
+
+    manifest = make_hospital(out, patients=patients, studies=studies, size=size, seed=seed, trials=trials,
+                             signal_seconds=signal_seconds, progress=True)
+    typer.echo(f"wrote {manifest}")
+
+
+@manifest_app.command("check")
+def manifest_check(
+    manifest: Annotated[Path, typer.Argument(help="Manifest JSON file.")],
+    min_signal_seconds: Annotated[float, typer.Option(help="Shortest acceptable signal in seconds.")] = 0.0,
+) -> None:
+    """Open every file of a manifest and report every problem found (exit 2 if any)."""
+    from medssl.data.manifest import check_manifest
+
+    problems = check_manifest(manifest, min_signal_seconds=min_signal_seconds, progress=True)
+    if problems:
+        for problem in problems:
+            typer.echo(f"error: {problem}", err=True)
+        raise UserError(f"{manifest}: {len(problems)} problem(s) found")
+    typer.echo(f"{manifest}: ok")
+
+
+@manifest_app.command("build")
+def manifest_build(
+    folder: Annotated[Path, typer.Argument(help="Folder of volumes, label maps, reports and signal records.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Manifest file to write.")],
+    name: Annotated[Optional[str], typer.Option(help="Dataset name (default: the folder name).")] = None,
+    modality: Annotated[str, typer.Option(help="Modality of the volumes (CT or MR).")] = "CT",
+    val_fraction: Annotated[float, typer.Option(help="Fraction of patients for validation.")] = 0.2,
+    test_fraction: Annotated[float, typer.Option(help="Fraction of patients for test.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the patient split.")] = 0,
+) -> None:
+    """Scan a folder into a manifest, pairing files by name, with patient-independent splits."""
+    from medssl.data.manifest import build_manifest, write_manifest
+
+    manifest, warnings = build_manifest(folder, name=name, modality=modality, val_fraction=val_fraction,
+                                        test_fraction=test_fraction, seed=seed)
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    write_manifest(manifest, output)
+    counts = ", ".join(f"{split} {len(manifest[split])}" for split in ("training", "validation", "test"))
+    typer.echo(f"wrote {output} ({counts})")
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def _load(config: Path, schema_name: str, overrides: list[str] | None):
+    from medssl import config as cfg
+
+    return cfg.load_config(config, getattr(cfg, schema_name), overrides)
+
+
+@pretrain_app.command("volume")
+def pretrain_volume(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeOpt = False,
+                    overrides: OverridesArg = None) -> None:
+    """Pretrain a 3D encoder on unlabeled volumes (anatomical consistency, multi-level contrast)."""
+    _load(config, "VolumeTaskConfig", overrides)
+    _not_yet("pretrain volume", 3)
+
+
+@pretrain_app.command("timeseries")
+def pretrain_timeseries(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeOpt = False,
+                        overrides: OverridesArg = None) -> None:
+    """Pretrain a signal encoder with four-level hierarchical contrast."""
+    _load(config, "SignalTaskConfig", overrides)
+    _not_yet("pretrain timeseries", 4)
+
+
+@finetune_app.command("seg")
+def finetune_seg(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
+                 overrides: OverridesArg = None) -> None:
+    """Fine-tune a 3D segmentation network, from scratch or from a pretrained encoder."""
+    _load(config, "VolumeTaskConfig", overrides)
+    _not_yet("finetune seg", 5)
+
+
+@eval_app.command("timeseries")
+def eval_timeseries(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
+                    overrides: OverridesArg = None) -> None:
+    """Classify signals with a linear probe and fine-tuning at several label fractions."""
+    _load(config, "SignalTaskConfig", overrides)
+    _not_yet("eval timeseries", 4)
+
+
+@ground_app.command("train")
+def ground_train(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
+                 overrides: OverridesArg = None) -> None:
+    """Train report grounding: report phrases to 3D attention maps."""
+    _load(config, "VolumeTaskConfig", overrides)
+    raise UserError("'medssl ground train' is not implemented yet (no issue filed for grounding so far)")
+
+
+@ground_app.command("infer")
+def ground_infer(
+    checkpoint: Annotated[Path, typer.Option(help="Grounding checkpoint.")],
+    image: Annotated[Path, typer.Option(help="Input volume.")],
+    text: Annotated[str, typer.Option(help="Phrase to locate.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output map (.nii.gz).")],
+) -> None:
+    """Write the 3D map of one phrase over one volume, in the volume's space."""
+    raise UserError("'medssl ground infer' is not implemented yet (no issue filed for grounding so far)")
+
+
+# ---------------------------------------------------------------------------------------- tools
+
+
+@app.command()
+def demo(output: Annotated[Path, typer.Option("--output", "-o", help="Demo output folder.")] = Path("demo_out"),
+         ) -> None:
+    """Run the main job end to end on the embedded default data and print a summary."""
+    from medssl.demo import run_demo
+
+    run_demo(output)
+
+
+@app.command("app")
+def app_command(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="Run directory with attention maps.")] = None,
+    port: Annotated[int, typer.Option(help="Port of the Streamlit server.")] = 8501,
+) -> None:
+    """Open the attention-map viewer (Streamlit) on a run directory."""
+    raise UserError("'medssl app' is not implemented yet (no issue filed for the viewer so far)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: exit 2 with a one-line message on user errors."""
+    try:
+        app(args=argv, prog_name="medssl")
+    except UserError as err:
+        message = " ".join(str(err).split())
+        typer.echo(f"error: {message}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""YAML configs with dotted `key=value` overrides, validated into typed pydantic objects.
+
+Every training config has `data.manifest`, `train.steps`, `train.batch_size` and `train.seed`.
+Unknown keys and wrong types are user errors that name the dotted key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
+                      PositiveInt, ValidationError, field_validator)
+
+from medssl.errors import UserError
+
+Triple = tuple[float, float, float]
+IntTriple = tuple[PositiveInt, PositiveInt, PositiveInt]
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(StrictModel):
+    """Where the data comes from. A relative `manifest` is resolved against the current directory."""
+
+    manifest: Path
+    cache_dir: Path | None = None
+
+    @field_validator("manifest", "cache_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else Path(os.path.abspath(Path(value).expanduser()))
+
+
+class VolumeDataConfig(DataConfig):
+    """Volume preprocessing (stored in checkpoints so downstream use matches pretraining)."""
+
+    modality: Literal["CT", "MR"] | None = None  # None: taken from the manifest's modality "0"
+    spacing: Triple | None = None  # target voxel size in mm; None keeps the native spacing
+    window: tuple[float, PositiveFloat] = (40.0, 400.0)  # CT (level, width) in HU
+    percentiles: tuple[float, float] = (1.0, 99.0)  # MR normalisation
+    crop_size: IntTriple = (64, 64, 64)
+    small_volume: Literal["pad", "error"] = "pad"
+
+
+class SignalDataConfig(DataConfig):
+    """Signal preprocessing: every record is resampled to `fs` and reduced to `channels`."""
+
+    fs: PositiveFloat = 125.0
+    channels: list[str] | None = None  # None: every record must have the same channels
+    missing_channels: Literal["error", "zeros"] = "error"
+    window_seconds: PositiveFloat = 4.0
+    stride_seconds: PositiveFloat | None = None  # None: non-overlapping windows
+    nan: Literal["error", "mask"] = "error"
+    flat: Literal["error", "keep"] = "keep"
+
+
+class TrainConfig(StrictModel):
+    """The shared optimisation settings."""
+
+    steps: PositiveInt
+    batch_size: PositiveInt
+    seed: NonNegativeInt = 0
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.05
+    warmup_steps: NonNegativeInt = 0
+    grad_accum: PositiveInt = 1
+    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    clip_grad: PositiveFloat | None = 1.0
+    log_every: PositiveInt = 10
+    checkpoint_every: PositiveInt = 100
+    num_workers: NonNegativeInt = 0
+
+
+class VolumeTaskConfig(StrictModel):
+    """A task on volumes: pretraining, segmentation fine-tuning, grounding."""
+
+    data: VolumeDataConfig
+    train: TrainConfig
+    model: dict[str, Any] = Field(default_factory=dict)
+    objectives: dict[str, Any] = Field(default_factory=dict)
+
+
+class SignalTaskConfig(StrictModel):
+    """A task on physiological signals: pretraining, classification probes."""
+
+    data: SignalDataConfig
+    train: TrainConfig
+    model: dict[str, Any] = Field(default_factory=dict)
+    objectives: dict[str, Any] = Field(default_factory=dict)
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn `["train.steps=20", "model.width=16"]` into `{"train.steps": 20, "model.width": 16}`.
+
+    Values are parsed as YAML, so `20` is an int, `[1, 2]` a list and `null` is None.
+    """
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override {item!r}: expected key=value with a dotted key, e.g. train.steps=20")
+        try:
+            parsed[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise UserError(f"override {key}: value {raw!r} is not valid YAML ({_one_line(err)})") from None
+    return parsed
+
+
+def apply_overrides(tree: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of `tree` with each dotted key set; missing sections are created (and then
+    rejected by validation if the schema does not know them)."""
+    tree = _deep_copy(tree)
+    for dotted, value in overrides.items():
+        node = tree
+        parts = dotted.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"override {dotted}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file, bad YAML or a non-mapping is a UserError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read config ({type(err).__name__})") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: invalid YAML ({_one_line(err)})") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a config must be a YAML mapping, got {type(tree).__name__}")
+    return tree
+
+
+def validate_config(tree: dict[str, Any], schema: type[ConfigT], *, source: str = "config") -> ConfigT:
+    """Validate a nested dict into `schema`; errors name every offending dotted key on one line."""
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(f"{source}: " + "; ".join(_describe(e) for e in err.errors())) from None
+
+
+def load_config(path: str | os.PathLike, schema: type[ConfigT], overrides: list[str] | None = None) -> ConfigT:
+    """Read YAML at `path`, apply `key=value` overrides, validate into `schema`."""
+    tree = apply_overrides(read_yaml(path), parse_overrides(overrides or []))
+    return validate_config(tree, schema, source=str(path))
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved config as YAML (paths as strings, tuples as lists)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "<root>"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if error["type"] == "missing":
+        return f"missing key '{key}'"
+    return f"field '{key}': {error['msg']} (got {error.get('input')!r})"
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
