@@ -1,0 +1,1 @@
+"""The shared training machinery: run directory, checkpoints, the loop, torch.distributed."""

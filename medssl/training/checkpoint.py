@@ -1,0 +1,118 @@
+"""Checkpoints (DESIGN.md 3.3): weights plus everything needed to use them.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so that
+`torch.load(weights_only=True)` reads it:
+`{"format", "kind", "step", "model", "arch", "preprocessing", "config", "versions", "state"}`
+where `model` is the state dict, `arch` the architecture arguments, `preprocessing` the data
+settings (spacing, window, crop size, sampling rate ...), and `state` the optimiser, scheduler and
+random-generator states needed by `--resume`.
+"""
+
+from __future__ import annotations
+
+import pickle
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medssl.atomic import atomic_path
+from medssl.errors import UserError
+
+FORMAT = "medssl-checkpoint-v1"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the weights and preprocessing."""
+    import monai
+    import numpy
+
+    import medssl
+
+    versions = {"medssl": medssl.__version__, "torch": torch.__version__, "monai": monai.__version__,
+                "numpy": numpy.__version__, "python": platform.python_version()}
+    return {name: str(version) for name, version in versions.items()}  # TorchVersion is not weights_only-safe
+
+
+def save_checkpoint(path: str | Path, *, kind: str, step: int, model: dict[str, torch.Tensor], arch: dict,
+                    preprocessing: dict, config: dict, state: dict | None = None) -> None:
+    """Atomically write a checkpoint; tensors are moved to the CPU."""
+    payload = {"format": FORMAT, "kind": kind, "step": int(step), "model": _to_cpu(model), "arch": arch,
+               "preprocessing": preprocessing, "config": config, "versions": library_versions(),
+               "state": _to_cpu(state or {})}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint with `weights_only=True`; a missing, corrupt or foreign file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as err:
+        raise UserError(f"{path}: not a readable checkpoint ({' '.join(str(err).split())[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"{path}: not a medssl checkpoint (no '{FORMAT}' format tag)")
+    if kind is not None and payload["kind"] != kind:
+        raise UserError(f"{path}: checkpoint is a '{payload['kind']}' checkpoint, expected '{kind}'")
+    return payload
+
+
+@dataclass
+class LoadReport:
+    """What happened when weights were put into a module."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in the module, not in the weights
+    unexpected: list[str] = field(default_factory=list)  # in the weights, not in the module
+    mismatched: list[str] = field(default_factory=list)  # same name, other shape
+
+    @property
+    def fraction(self) -> float:
+        """Share of the module's parameters and buffers that were loaded."""
+        total = len(self.loaded) + len(self.missing) + len(self.mismatched)
+        return len(self.loaded) / total if total else 0.0
+
+    def __str__(self) -> str:
+        return (f"loaded {len(self.loaded)}, missing {len(self.missing)}, unexpected {len(self.unexpected)}, "
+                f"shape-mismatched {len(self.mismatched)} ({self.fraction:.0%} of the module)")
+
+
+def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], *, min_fraction: float = 1.0,
+                 source: str = "weights") -> LoadReport:
+    """Copy every matching tensor of `weights` into `module`; never a silent partial load.
+
+    Raises UserError (naming `source`, and the first missing keys) when fewer than `min_fraction`
+    of the module's tensors load. The module is only modified when the load is accepted.
+    """
+    own = module.state_dict()
+    report = LoadReport()
+    for name, tensor in own.items():
+        if name not in weights:
+            report.missing.append(name)
+        elif weights[name].shape != tensor.shape:
+            report.mismatched.append(name)
+        else:
+            report.loaded.append(name)
+    report.unexpected = [name for name in weights if name not in own]
+    if report.fraction < min_fraction:
+        first = ", ".join((report.missing + report.mismatched)[:5])
+        raise UserError(f"{source}: only {report.fraction:.0%} of the network's tensors load, "
+                        f"{min_fraction:.0%} required ({report}; e.g. {first})")
+    module.load_state_dict({name: weights[name] for name in report.loaded}, strict=False)
+    return report
+
+
+def _to_cpu(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree

@@ -1,0 +1,98 @@
+"""The run directory of DESIGN.md 3.2: config.yaml, metrics.jsonl, summary.json, checkpoints/, tb/."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from medssl.atomic import write_json, write_text
+from medssl.errors import UserError
+
+
+class RunDir:
+    """Writes one run's files. Only the process with `enabled=True` (rank 0) writes anything."""
+
+    def __init__(self, path: str | Path, *, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._tb = None
+        if enabled:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def write_config(self, text: str) -> None:
+        if self.enabled:
+            write_text(self.path / "config.yaml", text)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.enabled:
+            write_json(self.path / "summary.json", summary)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Append one JSON line `{"step": step, **metrics}` and the same scalars to TensorBoard."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
+        with self.metrics_file.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        writer = self._writer()
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, step)
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Keep only records with step <= `after_step` (on resume, the log matches the checkpoint)."""
+        if not self.enabled or not self.metrics_file.exists():
+            return
+        kept = [line for line in self.metrics_file.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= after_step]
+        write_text(self.metrics_file, "".join(line + "\n" for line in kept))
+        self._purge_step = after_step + 1
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_file.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def _writer(self):
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.path / "tb"), purge_step=getattr(self, "_purge_step", None))
+        return self._tb
+
+
+def prepare_run_dir(path: Path, *, resume: bool) -> None:
+    """Refuse to mix runs: a fresh run needs an empty (or new) folder, --resume needs last.pt."""
+    last = path / "checkpoints" / "last.pt"
+    if resume:
+        if not last.exists():
+            raise UserError(f"{last}: no checkpoint to resume from")
+    elif path.exists() and any(path.iterdir()):
+        raise UserError(f"{path}: run directory is not empty (use --resume to continue it, or another -o)")
+
+
+def _finite_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None

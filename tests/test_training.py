@@ -1,0 +1,112 @@
+"""The shared training loop: learning, logging, run directory, checkpoint/resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from medssl.errors import UserError
+from medssl.training.checkpoint import load_checkpoint, load_weights
+from medssl.training.loop import warmup_cosine
+from medssl.training.monitor import collapse_metrics
+from medssl.training.rundir import prepare_run_dir
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toy_task import make_trainer  # noqa: E402
+
+
+def test_loss_goes_down_and_run_dir_is_complete(tmp_path: Path) -> None:
+    make_trainer(tmp_path, steps=30).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert {"loss", "mse", "l1", "lr", "items_per_s", "grad_norm", "embedding_std", "effective_rank"} <= set(records[0])
+    assert records[-1]["loss"] < 0.2 * records[0]["loss"]
+    assert records[-1]["lr"] < records[5]["lr"]  # cosine decay
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["final_loss"] == pytest.approx(records[-1]["loss"])
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt", kind="toy")
+    assert ckpt["step"] == 30 and ckpt["arch"] == {"width": 4} and "torch" in ckpt["versions"]
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
+    make_trainer(tmp_path / "full", steps=8).fit()
+    killed = make_trainer(tmp_path / "cut", steps=8)  # checkpoints every 2 steps
+    objective = killed.objective
+
+    def dies_in_step_6(model, batch, generator):
+        if killed.step == 5:  # step 5 is logged, its checkpoint never written
+            raise KeyboardInterrupt
+        return objective(model, batch, generator)
+
+    killed.objective = dies_in_step_6
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["step"] == 4
+    resumed = make_trainer(tmp_path / "cut", steps=8)
+    resumed.resume()
+    resumed.fit()
+    full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    cut = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in cut] == list(range(1, 9))
+    for a, b in zip(full, cut):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["lr"] == pytest.approx(b["lr"])
+
+
+def test_resume_refuses_other_architecture_and_missing_checkpoint(tmp_path: Path) -> None:
+    make_trainer(tmp_path, steps=2).fit()
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(UserError, match="architecture"):
+        make_trainer(tmp_path, steps=4, width=8).resume()
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+    with pytest.raises(UserError, match="no checkpoint to resume"):
+        prepare_run_dir(tmp_path / "new", resume=True)
+    with pytest.raises(UserError, match="not empty"):
+        prepare_run_dir(tmp_path, resume=False)
+
+
+def test_load_weights_reports_and_refuses_partial_loads() -> None:
+    source = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).state_dict()
+    target = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    with pytest.raises(UserError, match="only 50% of the network"):
+        load_weights(target, source, min_fraction=0.9, source="enc.pt")
+    report = load_weights(target, {**source, "extra": torch.zeros(1)}, min_fraction=0.5)
+    assert report.loaded == ["0.weight", "0.bias"] and report.mismatched == ["1.weight", "1.bias"]
+    assert report.unexpected == ["extra"] and report.fraction == 0.5
+    assert torch.equal(target[0].weight, source["0.weight"])
+
+
+def test_corrupt_checkpoint_is_a_user_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="bad.pt: not a readable checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_warmup_cosine_and_collapse_metrics() -> None:
+    assert warmup_cosine(0, warmup=4, total=10) == 0.25
+    assert warmup_cosine(4, warmup=4, total=10) == 1.0
+    assert warmup_cosine(10, warmup=4, total=10) == pytest.approx(0.0)
+    healthy = collapse_metrics(torch.randn(256, 16, generator=torch.Generator().manual_seed(0)))
+    collapsed = collapse_metrics(torch.ones(256, 16) + 1e-6 * torch.randn(256, 16))
+    assert healthy["effective_rank"] > 12 and collapsed["embedding_std"] < 1e-3
+
+
+def test_ddp_two_gloo_processes_stay_in_sync(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", str(Path(__file__).parent / "toy_task.py"), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    p0, p1 = (torch.load(tmp_path / f"params_rank{r}.pt") for r in (0, 1))
+    assert torch.allclose(p0, p1)  # gradients were averaged across ranks
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))  # only rank 0 writes
