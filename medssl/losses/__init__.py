@@ -1,0 +1,1 @@
+"""Objectives: one module per objective, tensors in, scalar out."""

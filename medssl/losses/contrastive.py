@@ -1,0 +1,69 @@
+"""The contrastive core every level shares: masked multi-positive InfoNCE (and its decoupled form).
+
+Computed in float32 with log-sum-exp, also under autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(anchors: torch.Tensor, candidates: torch.Tensor, positives: torch.Tensor, *, tau: float,
+             exclude: torch.Tensor | None = None, decoupled: bool = False) -> torch.Tensor:
+    """Mean over anchors of `-mean_{j in pos(i)} log( exp(s_ij/tau) / sum_{k in den(i)} exp(s_ik/tau) )`.
+
+    anchors: (N, D); candidates: (M, D); s is their cosine similarity.
+    positives: (N, M) bool, the positive pairs (several per anchor allowed).
+    exclude: (N, M) bool, pairs that are neither positive nor negative (the anchor itself, false
+        negatives such as the same anatomy in another patient).
+    decoupled: drop the positives from the denominator (DCL): den(i) = negatives of i plus j itself
+        is replaced by negatives only, which makes the loss less sensitive to batch size.
+    Anchors with no positive (or, decoupled, no negative) are left out; with none left the result
+    is a zero that still carries a gradient.
+    """
+    if anchors.ndim != 2 or candidates.ndim != 2 or anchors.shape[1] != candidates.shape[1]:
+        raise ValueError(f"info_nce: expected (N, D) and (M, D), got {tuple(anchors.shape)} and "
+                         f"{tuple(candidates.shape)}")
+    if positives.shape != (anchors.shape[0], candidates.shape[0]):
+        raise ValueError(f"info_nce: positives must be {(anchors.shape[0], candidates.shape[0])}, "
+                         f"got {tuple(positives.shape)}")
+    with torch.autocast(device_type=anchors.device.type, enabled=False):
+        a = F.normalize(anchors.float(), dim=1)
+        c = F.normalize(candidates.float(), dim=1)
+        logits = a @ c.T / tau
+        valid = torch.ones_like(positives, dtype=torch.bool) if exclude is None else ~exclude
+        pos = positives & valid
+        neg = valid & ~pos
+        if decoupled:
+            denominator = torch.logsumexp(logits.masked_fill(~neg, float("-inf")), dim=1, keepdim=True)
+            usable = pos.any(dim=1) & neg.any(dim=1)
+        else:
+            denominator = torch.logsumexp(logits.masked_fill(~valid, float("-inf")), dim=1, keepdim=True)
+            usable = pos.any(dim=1)
+        if not usable.any():
+            return logits.sum() * 0.0
+        log_prob = (logits - denominator).masked_fill(~pos, 0.0)
+        per_anchor = -log_prob.sum(dim=1) / pos.sum(dim=1).clamp_min(1)
+        return per_anchor[usable].mean()
+
+
+def same_id_mask(ids_a: torch.Tensor, ids_b: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, M) bool: `ids_a[i] == ids_b[j]`, built on the ids' device. ids: (N,), (M,) integer."""
+    ids_b = ids_a if ids_b is None else ids_b
+    return ids_a[:, None] == ids_b[None, :]
+
+
+def pair_views(z_a: torch.Tensor, z_b: torch.Tensor, ids: torch.Tensor | None = None, *, tau: float,
+               decoupled: bool = False) -> torch.Tensor:
+    """Symmetric contrast of two views of N items: z_a, z_b (N, D); ids (N,) or None.
+
+    Both views are pooled into 2N candidates; the anchor itself is excluded. Without ids, the
+    other view of the same item is the one positive (NT-Xent / SimCLR). With ids, every other
+    embedding with the same id is positive (supervised-contrastive style): e.g. trial or patient ids.
+    """
+    z = torch.cat([z_a, z_b], dim=0)
+    n = z_a.shape[0]
+    item = torch.arange(n, device=z.device).repeat(2) if ids is None else ids.repeat(2)
+    eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    return info_nce(z, z, same_id_mask(item) & ~eye, tau=tau, exclude=eye, decoupled=decoupled)
