@@ -1,0 +1,1 @@
+"""Data layer: readers, manifests, the synthetic hospital, volume and signal pipelines."""

@@ -1,0 +1,394 @@
+"""Readers and writers for volumes (NIfTI, NRRD/MHA/MHD, DICOM series) and signals (WFDB, EDF/BDF, CSV, NPY).
+
+Every reader returns one small dataclass (`Volume`, `Signal`) and turns any failure of the underlying
+library into a one-line `UserError` that names the path. Writers are atomic: a reader never sees a
+half-written file.
+
+Conventions:
+- Volumes are `(X, Y, Z)` arrays in nibabel voxel order with a `(4, 4)` affine mapping voxel indices
+  to RAS+ world millimetres. SimpleITK images (LPS+ world, `(Z, Y, X)` arrays) are converted.
+- Signals are `(C, T)` float32 arrays in physical units. NaNs (invalid samples) are returned as read.
+- Multi-rate files: EDF channels are resampled to the highest rate (listed in
+  `meta["resampled_channels"]`); WFDB channels with several samples per frame are averaged down to
+  the frame rate by wfdb (`smooth_frames`; listed in `meta["smoothed_channels"]`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import wfdb
+from pyedflib import highlevel as edf
+from scipy.signal import resample_poly
+
+from medssl.atomic import atomic_path
+from medssl.errors import UserError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+SIGNAL_FORMATS = ("wfdb", "edf", "csv", "npy")
+_SIGNAL_SUFFIXES = {".hea": "wfdb", ".edf": "edf", ".bdf": "edf", ".csv": "csv", ".npy": "npy"}
+_TIME_COLUMNS = ("time", "t")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+@contextlib.contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Turn any failure of a third-party reader into a one-line UserError naming `path`."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:  # the libraries raise many types (OSError, EOFError, zlib.error, ValueError, ...)
+        raise UserError(f"{path}: cannot read {what} ({_one_line(err)})") from err
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- volumes
+
+
+@dataclass
+class Volume:
+    """A 3D volume: `array` (X, Y, Z), float32 for images or an integer dtype for label maps;
+    `affine` (4, 4) float64 voxel index -> RAS+ mm."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel sizes in mm along X, Y, Z (from the affine)."""
+        return tuple(float(s) for s in nib.affines.voxel_sizes(self.affine))
+
+    @property
+    def orientation(self) -> str:
+        """Axis codes of the voxel axes, e.g. "RAS" or "LPS"."""
+        return "".join(nib.aff2axcodes(self.affine))
+
+
+def read_volume(path: str | os.PathLike, *, label: bool = False) -> Volume:
+    """Read a 3D volume: .nii/.nii.gz (nibabel), .nrrd/.nhdr/.mha/.mhd (SimpleITK) or a DICOM series folder.
+
+    Trailing singleton dimensions are squeezed; anything else that is not 3D is refused. With
+    `label=True` the values must be integral and the array gets the smallest integer dtype that holds them.
+    """
+    path = _existing(path)
+    name = path.name.lower()
+    if path.is_dir():
+        array, affine = _read_dicom_series(path)
+    elif name.endswith(NIFTI_SUFFIXES):
+        array, affine = _read_nifti(path)
+    elif name.endswith(ITK_SUFFIXES):
+        with _reading(path, "image"):
+            array, affine = _from_sitk(path, sitk.ReadImage(str(path)))
+    else:
+        raise UserError(f"{path}: unknown volume format; expected one of "
+                        f"{', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} or a DICOM series folder")
+    array = _squeeze_to_3d(path, array)
+    return Volume(_as_labels(path, array) if label else array.astype(np.float32, copy=False), affine, path)
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with _reading(path, "NIfTI"):
+        img = nib.load(path)
+        # reading every voxel here is what detects a truncated or corrupt file
+        return np.asarray(img.dataobj), img.affine.astype(np.float64)
+
+
+def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    with _reading(folder, "DICOM series"):
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise UserError(f"{folder}: folder holds no DICOM series")
+    if len(series) > 1:
+        raise UserError(f"{folder}: folder holds {len(series)} DICOM series ({', '.join(series)}); "
+                        "point to a folder with exactly one series")
+    reader = sitk.ImageSeriesReader()
+    with _reading(folder, "DICOM series"):
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+        return _from_sitk(folder, reader.Execute())
+
+
+def _from_sitk(path: Path, img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleITK image (LPS+, array (Z, Y, X)) -> array (X, Y, Z) and RAS+ affine."""
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"{path}: expected a 3D scalar image, got {img.GetDimension()}D with "
+                        f"{img.GetNumberOfComponentsPerPixel()} component(s) per voxel")
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(img.GetSpacing())
+    affine[:3, 3] = _LPS_TO_RAS @ np.asarray(img.GetOrigin(), dtype=np.float64)
+    return sitk.GetArrayFromImage(img).transpose(2, 1, 0), affine
+
+
+def _squeeze_to_3d(path: Path, array: np.ndarray) -> np.ndarray:
+    if array.ndim > 3 and all(n == 1 for n in array.shape[3:]):
+        array = array.reshape(array.shape[:3])
+    if array.ndim != 3:
+        raise UserError(f"{path}: expected a 3D volume, got shape {tuple(array.shape)}")
+    return array
+
+
+def _as_labels(path: Path, array: np.ndarray) -> np.ndarray:
+    """Label map -> integer array: integer files keep their dtype, float ones get the smallest of
+    uint8/int16/int32/int64 that holds their values; non-integral values are refused."""
+    if np.issubdtype(array.dtype, np.integer):
+        return array
+    bad = ~np.isfinite(array) | (array != np.round(array))
+    if bad.any():
+        raise UserError(f"{path}: label map has non-integral values (e.g. {array[bad].flat[0]!r}); "
+                        "labels must be whole numbers")
+    low, high = (array.min(), array.max()) if array.size else (0, 0)
+    dtype = next(t for t in (np.uint8, np.int16, np.int32, np.int64)
+                 if np.iinfo(t).min <= low and high <= np.iinfo(t).max)
+    return array.astype(dtype)
+
+
+def write_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> None:
+    """Atomically write a (X, Y, Z) array with its (4, 4) RAS+ affine as NIfTI (.nii or .nii.gz).
+
+    Integer arrays keep their dtype (bool -> uint8); float arrays are stored as float32.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise UserError(f"{path}: write_volume writes NIfTI; the name must end in .nii or .nii.gz")
+    array = np.asarray(array)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    elif not np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.float32)
+    affine = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(array, affine, dtype=array.dtype)
+    img.set_qform(affine, code="scanner")
+    img.set_sform(affine, code="scanner")
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
+# ----------------------------------------------------------------------------------------------- signals
+
+
+@dataclass
+class Signal:
+    """A multichannel signal: `data` (C, T) float32 in physical units, sampled at `fs` Hz."""
+
+    data: np.ndarray
+    fs: float
+    channels: list[str]
+    units: list[str]
+    path: Path
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float:
+        """Length in seconds (T / fs)."""
+        return self.data.shape[-1] / self.fs
+
+
+def read_signal(path: str | os.PathLike, format: str | None = None, *, fs: float | None = None) -> Signal:
+    """Read a signal file as (C, T) float32.
+
+    `format` is inferred when None: ".hea" or a bare record name with a ".hea" beside it -> wfdb;
+    ".edf"/".bdf" -> edf; ".csv" -> csv; ".npy" -> npy. `fs` (Hz) is required for .npy and for a CSV
+    without a "time"/"t" column (seconds); for files that carry their own rate it must agree with it.
+    """
+    path = Path(path)
+    format = format or _infer_format(path)
+    if format not in SIGNAL_FORMATS:
+        raise UserError(f"{path}: unknown signal format {format!r}; expected one of {', '.join(SIGNAL_FORMATS)}")
+    if fs is not None and not (np.isfinite(fs) and fs > 0):
+        raise UserError(f"{path}: fs must be a positive number of Hz, got {fs!r}")
+    readers = {"wfdb": _read_wfdb, "edf": _read_edf, "csv": _read_csv, "npy": _read_npy}
+    signal = readers[format](path, fs)
+    if fs is not None and not np.isclose(signal.fs, fs, rtol=1e-6):
+        raise UserError(f"{path}: file is sampled at {signal.fs:g} Hz but fs={fs:g} was given")
+    return signal
+
+
+def _infer_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in _SIGNAL_SUFFIXES:
+        return _SIGNAL_SUFFIXES[suffix]
+    if Path(f"{path}.hea").exists():
+        return "wfdb"
+    _existing(path)
+    raise UserError(f"{path}: cannot tell the signal format from the name; expected a WFDB record "
+                    f"(.hea), {', '.join(s for s in _SIGNAL_SUFFIXES if s != '.hea')}")
+
+
+def _read_wfdb(path: Path, fs: float | None) -> Signal:
+    base = path.with_suffix("") if path.suffix.lower() == ".hea" else path
+    header = _existing(base.parent / f"{base.name}.hea")
+    with _reading(header, "WFDB header"):
+        files = getattr(wfdb.rdheader(str(base)), "file_name", None) or []
+    for name in dict.fromkeys(files):
+        if not (base.parent / name).exists():
+            raise UserError(f"{header}: signal file {base.parent / name} is missing")
+    with _reading(header, "WFDB record"):
+        rec = wfdb.rdrecord(str(base), return_res=32)
+    meta = {"record_name": rec.record_name, "comments": list(rec.comments or []),
+            "samples_per_frame": list(rec.samps_per_frame)}
+    if rec.base_date is not None and rec.base_time is not None:
+        meta["start"] = f"{rec.base_date.isoformat()}T{rec.base_time.isoformat()}"
+    smoothed = [name for name, spf in zip(rec.sig_name, rec.samps_per_frame) if spf > 1]
+    if smoothed:
+        meta["smoothed_channels"] = smoothed
+    data = np.asarray(rec.p_signal, dtype=np.float32).T
+    return Signal(np.ascontiguousarray(data), float(rec.fs), list(rec.sig_name), list(rec.units), path, meta)
+
+
+def _read_edf(path: Path, fs: float | None) -> Signal:
+    _existing(path)
+    with _reading(path, "EDF/BDF"):
+        signals, headers, header = edf.read_edf(str(path))
+    if not headers:
+        raise UserError(f"{path}: EDF/BDF file holds no signals")
+    rates = [float(h["sample_frequency"]) for h in headers]
+    top = max(rates)
+    length = max(len(s) for s, r in zip(signals, rates) if r == top)
+    resampled = [h["label"] for h, r in zip(headers, rates) if r != top]
+    rows = [np.asarray(s if r == top else _resample(np.asarray(s), r, top), dtype=np.float32)[:length]
+            for s, r in zip(signals, rates)]
+    if any(len(row) != length for row in rows):
+        raise UserError(f"{path}: channels of different durations cannot be stacked")
+    meta = {key: value for key, value in header.items() if key != "startdate" and value not in ("", [], None)}
+    if header.get("startdate"):
+        meta["start"] = header["startdate"].isoformat()
+    if resampled:
+        meta["resampled_channels"] = resampled
+    return Signal(np.stack(rows), top, [h["label"] for h in headers], [h["dimension"] for h in headers], path, meta)
+
+
+def _read_csv(path: Path, fs: float | None) -> Signal:
+    _existing(path)
+    with _reading(path, "CSV"):
+        with open(path, newline="") as handle:
+            names = [name.strip() for name in next(csv.reader(handle), [])]
+            table = np.loadtxt(handle, delimiter=",", dtype=np.float64, ndmin=2)
+    if not names or table.size == 0:
+        raise UserError(f"{path}: CSV needs a header row of channel names and at least one row of samples")
+    if table.shape[1] != len(names):
+        raise UserError(f"{path}: header names {len(names)} columns but rows have {table.shape[1]}")
+    time_cols = [i for i, name in enumerate(names) if name.lower() in _TIME_COLUMNS]
+    meta: dict = {}
+    if time_cols:
+        times = table[:, time_cols[0]]
+        fs = _rate_from_times(path, times)
+        meta["start_seconds"] = float(times[0])
+    elif fs is None:
+        raise UserError(f"{path}: CSV has no 'time' column, so fs (Hz) must be given")
+    keep = [i for i in range(len(names)) if i not in time_cols]
+    data = np.ascontiguousarray(table[:, keep].T, dtype=np.float32)
+    return Signal(data, float(fs), [names[i] for i in keep], [""] * len(keep), path, meta)
+
+
+def _rate_from_times(path: Path, times: np.ndarray) -> float:
+    """Sampling rate (Hz) of an evenly spaced time column (seconds)."""
+    steps = np.diff(times)
+    if steps.size == 0 or not np.all(steps > 0):
+        raise UserError(f"{path}: the time column must increase and have at least two rows")
+    step = float(np.median(steps))
+    if np.max(np.abs(steps - step)) > 0.01 * step:
+        raise UserError(f"{path}: the time column is not evenly sampled (steps from {steps.min():g} "
+                        f"to {steps.max():g} s)")
+    return 1.0 / step
+
+
+def _read_npy(path: Path, fs: float | None) -> Signal:
+    _existing(path)
+    with _reading(path, "NPY"):
+        data = np.load(path, allow_pickle=False)
+    if data.ndim != 2 or not np.issubdtype(data.dtype, np.number):
+        raise UserError(f"{path}: expected a numeric (channels, samples) array, got {data.dtype} {data.shape}")
+    if fs is None:
+        raise UserError(f"{path}: .npy files carry no sampling rate, so fs (Hz) must be given")
+    channels = [f"ch{i}" for i in range(data.shape[0])]
+    return Signal(data.astype(np.float32), float(fs), channels, [""] * len(channels), path, {})
+
+
+def write_wfdb(path: str | os.PathLike, signal: Signal) -> None:
+    """Write `signal` as a WFDB record (format 16) at `path` (no extension): `<path>.hea` and `<path>.dat`.
+
+    Both files are written in a temporary folder beside the target and moved in place, the header last.
+    Empty units are written as "NU" (WFDB would otherwise read them as mV); string `meta["comments"]`
+    become header comments.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    comments = [str(c) for c in signal.meta.get("comments", [])]
+    units = [unit or "NU" for unit in signal.units]
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
+        try:
+            wfdb.wrsamp(path.name, fs=float(signal.fs), units=units, sig_name=list(signal.channels),
+                        p_signal=np.asarray(signal.data, dtype=np.float64).T, fmt=["16"] * len(signal.channels),
+                        comments=comments, write_dir=tmp)
+        except Exception as err:  # wfdb raises ValueError/TypeError for names, units and shapes
+            raise UserError(f"{path}: cannot write WFDB record ({_one_line(err)})") from err
+        for suffix in (".dat", ".hea"):
+            os.replace(Path(tmp, path.name + suffix), path.parent / (path.name + suffix))
+
+
+def _resample(data: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
+    """Polyphase resampling along the last axis with a rational approximation of fs_out / fs_in."""
+    ratio = Fraction(fs_out / fs_in).limit_denominator(1000)
+    if ratio == 1:
+        return data
+    return resample_poly(data, ratio.numerator, ratio.denominator, axis=-1, padtype="edge")
+
+
+def resample_signal(signal: Signal, fs: float) -> Signal:
+    """Resample to `fs` Hz: (C, T) -> (C, ceil(T * fs / signal.fs)); NaNs spread over the filter length."""
+    if not (np.isfinite(fs) and fs > 0):
+        raise UserError(f"fs: must be a positive number of Hz, got {fs!r}")
+    if np.isclose(fs, signal.fs, rtol=1e-9):
+        return signal
+    data = _resample(signal.data, signal.fs, fs).astype(np.float32, copy=False)
+    return dataclasses.replace(signal, data=data, fs=float(fs), meta={**signal.meta, "resampled_from": signal.fs})
+
+
+def select_channels(signal: Signal, names: list[str], *, missing: str = "error") -> Signal:
+    """Keep channels `names` (case-insensitive) in that order: (C, T) -> (len(names), T).
+
+    missing="error": a UserError names the file, the missing channels and the available ones;
+    missing="zeros": absent channels are zero-filled and listed in `meta["padded_channels"]`.
+    """
+    if missing not in ("error", "zeros"):
+        raise UserError(f"missing: must be 'error' or 'zeros', got {missing!r}")
+    index: dict[str, int] = {}
+    for i, name in enumerate(signal.channels):
+        index.setdefault(name.lower(), i)
+    absent = [name for name in names if name.lower() not in index]
+    if absent and missing == "error":
+        raise UserError(f"{signal.path}: missing channel(s) {', '.join(absent)}; "
+                        f"available: {', '.join(signal.channels)}")
+    data = np.zeros((len(names), signal.data.shape[-1]), dtype=np.float32)
+    units = []
+    for row, name in enumerate(names):
+        i = index.get(name.lower())
+        if i is not None:
+            data[row] = signal.data[i]
+        units.append(signal.units[i] if i is not None else "")
+    meta = {**signal.meta, "padded_channels": absent} if absent else dict(signal.meta)
+    return dataclasses.replace(signal, data=data, channels=list(names), units=units, meta=meta)
