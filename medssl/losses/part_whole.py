@@ -1,0 +1,68 @@
+"""3D part-whole objectives (Adam-v2's composability and decomposability on the 2x2x2 octants).
+
+Composability: an MLP maps the 8 concatenated octant embeddings to the whole crop's embedding.
+Decomposability: an MLP maps the whole's embedding to its 8 octant embeddings. Targets are the
+stop-gradient (EMA teacher) embeddings; the distance is 2 - 2 cos, i.e. the squared error of
+L2-normalised vectors, averaged, in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+N_PARTS = 8
+
+
+def octants(x: torch.Tensor) -> torch.Tensor:
+    """Split crops into their 2x2x2 octants: (B, C, D, H, W) -> (B*8, C, D/2, H/2, W/2).
+
+    Row b*8 + k holds octant k of crop b, with k = 4*iz + 2*iy + ix, where iz, iy, ix in {0, 1}
+    pick the first or second half along D, H and W (so k=0 is the low corner, k=7 the high one).
+    D, H and W must be even.
+    """
+    if x.ndim != 5 or any(size % 2 for size in x.shape[2:]):
+        raise ValueError(f"octants: expected (B, C, D, H, W) with even D, H, W, got {tuple(x.shape)}")
+    b, c, d, h, w = x.shape
+    halves = x.reshape(b, c, 2, d // 2, 2, h // 2, 2, w // 2)
+    return halves.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b * N_PARTS, c, d // 2, h // 2, w // 2)
+
+
+def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, n_out))
+
+
+def _distance(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean of 2 - 2 cos over the last dimension, in float32. prediction, target: (..., D)."""
+    with torch.autocast(device_type=prediction.device.type, enabled=False):
+        p = F.normalize(prediction.float(), dim=-1)
+        t = F.normalize(target.detach().float(), dim=-1)
+        return (2 - 2 * (p * t).sum(dim=-1)).mean()
+
+
+class PartWhole(nn.Module):
+    """Compose (8*D -> D) and decompose (D -> 8*D) MLPs with one hidden layer of `hidden` units
+    (default 2*D)."""
+
+    def __init__(self, dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or 2 * dim
+        self.dim = dim
+        self.compose = _mlp(N_PARTS * dim, hidden, dim)
+        self.decompose = _mlp(dim, hidden, N_PARTS * dim)
+
+    def forward(self, parts: torch.Tensor, whole: torch.Tensor, target_parts: torch.Tensor,
+                target_whole: torch.Tensor) -> dict[str, torch.Tensor]:
+        """parts, target_parts: (B, 8, D) octant embeddings (octants() order); whole, target_whole:
+        (B, D). The targets are detached here. Returns {"compose": scalar, "decompose": scalar}."""
+        b = whole.shape[0]
+        expected = {"parts": (b, N_PARTS, self.dim), "target_parts": (b, N_PARTS, self.dim),
+                    "whole": (b, self.dim), "target_whole": (b, self.dim)}
+        given = {"parts": parts, "target_parts": target_parts, "whole": whole, "target_whole": target_whole}
+        for name, shape in expected.items():
+            if given[name].shape != shape:
+                raise ValueError(f"PartWhole: {name} must be {shape}, got {tuple(given[name].shape)}")
+        composed = self.compose(parts.reshape(b, N_PARTS * self.dim))
+        decomposed = self.decompose(whole).reshape(b, N_PARTS, self.dim)
+        return {"compose": _distance(composed, target_whole), "decompose": _distance(decomposed, target_parts)}
