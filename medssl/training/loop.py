@@ -45,6 +45,7 @@ class StepOutput:
 
 Objective = Callable[[nn.Module, Any, torch.Generator], StepOutput]
 Evaluate = Callable[[nn.Module, int], dict[str, float]]
+AfterStep = Callable[[nn.Module, int], None]
 
 
 @dataclass
@@ -70,7 +71,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, objective: Objective, batches: Dataset, *, config: TrainConfig,
                  run_dir: RunDir, checkpointing: Checkpointing, ctx: DistContext = DistContext(),
-                 evaluate: Evaluate | None = None, eval_every: int = 0, best_metric: str | None = None):
+                 evaluate: Evaluate | None = None, eval_every: int = 0, best_metric: str | None = None,
+                 after_step: AfterStep | None = None):
         self.config = config
         self.ctx = ctx
         self.run_dir = run_dir
@@ -81,6 +83,7 @@ class Trainer:
         self.eval_every = eval_every
         self.best_metric = best_metric
         self.best_value = -math.inf
+        self.after_step = after_step  # e.g. an EMA teacher update, called with (model, completed steps)
         self.model = model.to(ctx.device)
         self.trained = (DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
                                                 else None) if ctx.distributed else self.model)
@@ -167,8 +170,10 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-            compute_time += time.perf_counter() - tick
             self.step += 1
+            if self.after_step is not None:
+                self.after_step(self.model, self.step)
+            compute_time += time.perf_counter() - tick
             window_steps += 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:

@@ -1,0 +1,308 @@
+"""3D encoders that are exactly the encoder half of a MONAI segmentation network.
+
+Each `VolumeEncoder` holds the encoder submodules of its MONAI network under the SAME attribute
+names, so `encoder.state_dict()` keys are a subset of the network's keys and pretrained weights go
+into the network without renaming:
+
+| `name`      | MONAI network | encoder submodules (= key prefixes) | strides                  |
+|-------------|---------------|-------------------------------------|--------------------------|
+| `basicunet` | BasicUNet     | conv_0, down_1 .. down_4            | 1, 2, 4, 8, 16           |
+| `segresnet` | SegResNet     | convInit, down_layers               | 1, 2, 4, ... (per stage) |
+| `swinunetr` | SwinUNETR     | swinViT, encoder1 .. encoder4       | 1, 2, 4, 8, 16, 32       |
+
+For SwinUNETR the encoder is the Swin-ViT plus the residual skip blocks `encoder1..4` that
+SwinUNETR applies to the input and to Swin hidden states 0-2 (so its finest map has stride 1 like
+the CNNs'). `encoder10`, the block on the stride-32 state, belongs to the decoder side (MONAI's
+forward calls its output `dec4`): its instance norm fails on the 1x1x1 map of a 32^3 input, in
+training and inference alike, so the full SwinUNETR (and a sliding-window ROI) needs sizes of at
+least 64, while this encoder works from 32.
+The decoders (`decoder1..5`, `out`; `upcat_*`, `final_conv`; `up_layers`, `up_samples`,
+`conv_final`) are never part of an encoder.
+
+Checkpoints (DESIGN.md 3.3): `export_encoder` writes kind "volume-encoder" with the encoder's
+state dict. `load_pretrained_encoder` also reads kind "pretrain-volume", the pretraining task's
+full checkpoint, by this convention: the pretraining model keeps its `VolumeEncoder` as attribute
+`encoder` (so its encoder weights are the keys starting with "encoder.") and its checkpoint `arch`
+is either the `VolumeEncoderConfig` dump itself or a dict whose "encoder" entry is that dump.
+Weights saved from a DDP-wrapped model (every key starting with "module.") are accepted: the
+prefix is stripped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from monai.networks.nets import BasicUNet, SegResNet, SwinUNETR
+from pydantic import PositiveInt, ValidationError, model_validator
+from torch import nn
+
+from medssl.config import StrictModel
+from medssl.errors import UserError
+from medssl.training.checkpoint import LoadReport, load_checkpoint, load_weights, save_checkpoint
+
+ENCODER_KIND = "volume-encoder"
+PRETRAIN_KIND = "pretrain-volume"
+PRETRAIN_PREFIX = "encoder."  # attribute name of the encoder in the pretraining model
+DDP_PREFIX = "module."
+
+
+class VolumeEncoderConfig(StrictModel):
+    """Which MONAI backbone and how big. Defaults are tiny (CPU).
+
+    `width` is the first stage's channels (BasicUNet features[0], SegResNet init_filters,
+    SwinUNETR feature_size); later stages double it. Left unset it is 8, or 12 for swinunetr
+    (MONAI requires a multiple of 12 there).
+    """
+
+    name: Literal["basicunet", "segresnet", "swinunetr"] = "basicunet"
+    in_channels: PositiveInt = 1
+    width: PositiveInt = 8
+    segresnet_blocks: tuple[PositiveInt, ...] = (1, 2, 2, 4)  # residual blocks per stage (SegResNet blocks_down)
+    swin_depths: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = (1, 1, 1, 1)
+    swin_heads: tuple[PositiveInt, PositiveInt, PositiveInt, PositiveInt] = (3, 6, 12, 24)
+    swin_window: PositiveInt = 4  # MONAI's default 7 pads power-of-2 grids: ~5x slower on CPU
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_width(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") == "swinunetr" and "width" not in data:
+            data = {**data, "width": 12}
+        return data
+
+    @model_validator(mode="after")
+    def _check_backbone(self) -> VolumeEncoderConfig:
+        if self.name == "swinunetr":
+            if self.width % 12:
+                raise ValueError(f"width {self.width}: swinunetr needs a multiple of 12 (MONAI SwinUNETR feature_size)")
+            bad = [h for i, h in enumerate(self.swin_heads) if (self.width * 2**i) % h]
+            if bad:
+                raise ValueError(f"swin_heads {self.swin_heads}: stage channels {self.width} x 2^i must be "
+                                 f"divisible by the stage's heads")
+        if self.name == "segresnet":
+            if self.width % 8:
+                raise ValueError(f"width {self.width}: segresnet needs a multiple of 8 (GroupNorm with 8 groups)")
+            if len(self.segresnet_blocks) < 2:
+                raise ValueError("segresnet_blocks: at least 2 stages are needed")
+        return self
+
+
+class VolumeEncoder(nn.Module):
+    """Multi-scale encoder: `forward(x (B, C, D, H, W)) -> [maps fine to coarse]`.
+
+    Map i has shape (B, out_channels[i], D / strides[i], H / strides[i], W / strides[i]); every
+    spatial input size must be a multiple of `size_multiple`. The submodules are shared with the
+    MONAI network given to `__init__` (same objects, same attribute names).
+    """
+
+    parts: ClassVar[tuple[str, ...]]
+    network_class: ClassVar[type[nn.Module]]
+    min_coarse_voxels: ClassVar[int] = 1  # 2 where the coarsest map is instance-normalised
+
+    def __init__(self, network: nn.Module, cfg: VolumeEncoderConfig) -> None:
+        super().__init__()
+        if not isinstance(network, self.network_class):
+            raise UserError(f"model.name: '{cfg.name}' needs a MONAI {self.network_class.__name__}, "
+                            f"got a {type(network).__name__}")
+        for part in self.parts:
+            setattr(self, part, getattr(network, part))
+        self.cfg = cfg
+        self.out_channels, self.strides = self._layout(cfg)
+
+    @staticmethod
+    def _layout(cfg: VolumeEncoderConfig) -> tuple[list[int], list[int]]:
+        raise NotImplementedError
+
+    @property
+    def embed_dim(self) -> int:
+        """Channels of the coarsest map."""
+        return self.out_channels[-1]
+
+    @property
+    def size_multiple(self) -> int:
+        """Every spatial input size must be a multiple of this (the coarsest stride)."""
+        return self.strides[-1]
+
+    def check_input_size(self, spatial: tuple[int, ...] | torch.Size) -> None:
+        """UserError unless each size in `spatial` (D, H, W) is a multiple of `size_multiple` and
+        the coarsest map has at least `min_coarse_voxels` voxels."""
+        spatial = tuple(int(s) for s in spatial)
+        if any(s % self.size_multiple for s in spatial):
+            raise UserError(f"model.name: {self.cfg.name} needs input sizes that are multiples of "
+                            f"{self.size_multiple}, got {spatial} (change data.crop_size)")
+        if math.prod(s // self.size_multiple for s in spatial) < self.min_coarse_voxels:
+            raise UserError(f"model.name: {self.cfg.name} needs at least {self.min_coarse_voxels} voxels in its "
+                            f"stride-{self.size_multiple} map (instance norm), input {spatial} gives fewer "
+                            f"(make data.crop_size larger)")
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.check_input_size(x.shape[2:])
+        return self._features(x)
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class BasicUNetEncoder(VolumeEncoder):
+    """BasicUNet's conv_0 and down_1..down_4: strides 1, 2, 4, 8, 16; channels w, w, 2w, 4w, 8w."""
+
+    parts = ("conv_0", "down_1", "down_2", "down_3", "down_4")
+    network_class = BasicUNet
+    min_coarse_voxels = 2
+
+    @staticmethod
+    def _layout(cfg: VolumeEncoderConfig) -> tuple[list[int], list[int]]:
+        return list(_basicunet_features(cfg.width)[:5]), [1, 2, 4, 8, 16]
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps = [self.conv_0(x)]
+        for part in self.parts[1:]:
+            maps.append(getattr(self, part)(maps[-1]))
+        return maps
+
+
+class SegResNetEncoder(VolumeEncoder):
+    """SegResNet's convInit and down_layers (its `encode` path); map i has stride 2^i, channels w 2^i."""
+
+    parts = ("convInit", "down_layers")
+    network_class = SegResNet
+
+    @staticmethod
+    def _layout(cfg: VolumeEncoderConfig) -> tuple[list[int], list[int]]:
+        stages = range(len(cfg.segresnet_blocks))
+        return [cfg.width * 2**i for i in stages], [2**i for i in stages]
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.convInit(x)
+        maps = []
+        for down in self.down_layers:
+            x = down(x)
+            maps.append(x)
+        return maps
+
+
+class SwinUNETREncoder(VolumeEncoder):
+    """SwinUNETR's swinViT plus encoder1..4, as SwinUNETR.forward uses them.
+
+    Maps: encoder1(x) stride 1 (w), encoder2/3/4 of Swin states 0/1/2 at strides 2/4/8 (w, 2w, 4w),
+    Swin states 3 and 4 at strides 16 and 32 (8w, 16w; layer-normalised, as SwinUNETR uses them).
+    """
+
+    parts = ("swinViT", "encoder1", "encoder2", "encoder3", "encoder4")
+    network_class = SwinUNETR
+
+    @staticmethod
+    def _layout(cfg: VolumeEncoderConfig) -> tuple[list[int], list[int]]:
+        w = cfg.width
+        return [w, w, 2 * w, 4 * w, 8 * w, 16 * w], [1, 2, 4, 8, 16, 32]
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        hidden = self.swinViT(x, True)  # normalize=True, SwinUNETR's default
+        return [self.encoder1(x), self.encoder2(hidden[0]), self.encoder3(hidden[1]), self.encoder4(hidden[2]),
+                hidden[3], hidden[4]]
+
+
+ENCODERS: dict[str, type[VolumeEncoder]] = {
+    "basicunet": BasicUNetEncoder, "segresnet": SegResNetEncoder, "swinunetr": SwinUNETREncoder}
+
+
+def _basicunet_features(width: int) -> tuple[int, ...]:
+    return (width, width, 2 * width, 4 * width, 8 * width, width)
+
+
+def build_segmentation_network(cfg: VolumeEncoderConfig, out_channels: int) -> nn.Module:
+    """The full MONAI network (3D) whose encoder `build_volume_encoder(cfg)` is."""
+    if cfg.name == "basicunet":
+        return BasicUNet(spatial_dims=3, in_channels=cfg.in_channels, out_channels=out_channels,
+                         features=_basicunet_features(cfg.width))
+    if cfg.name == "segresnet":
+        stages = len(cfg.segresnet_blocks)
+        return SegResNet(spatial_dims=3, init_filters=cfg.width, in_channels=cfg.in_channels,
+                         out_channels=out_channels, blocks_down=cfg.segresnet_blocks, blocks_up=(1,) * (stages - 1))
+    return SwinUNETR(in_channels=cfg.in_channels, out_channels=out_channels, feature_size=cfg.width,
+                     depths=cfg.swin_depths, num_heads=cfg.swin_heads, window_size=cfg.swin_window, spatial_dims=3)
+
+
+def network_encoder(network: nn.Module, cfg: VolumeEncoderConfig) -> VolumeEncoder:
+    """The encoder of a MONAI network built by `build_segmentation_network(cfg, ...)`.
+
+    It shares its parameters with `network`: loading into it, or freezing it, acts on the network.
+    """
+    return ENCODERS[cfg.name](network, cfg)
+
+
+def build_volume_encoder(cfg: VolumeEncoderConfig) -> VolumeEncoder:
+    """A fresh encoder (the decoder of the MONAI network it comes from is dropped)."""
+    return network_encoder(build_segmentation_network(cfg, out_channels=1), cfg)
+
+
+def encoder_state(encoder: VolumeEncoder) -> dict[str, torch.Tensor]:
+    """The encoder's state dict; its keys are the MONAI network's key names."""
+    return encoder.state_dict()
+
+
+def export_encoder(path: str | Path, encoder: VolumeEncoder, cfg: VolumeEncoderConfig, preprocessing: dict,
+                   config: dict, step: int) -> None:
+    """Atomically write a "volume-encoder" checkpoint: weights, `arch` = cfg, preprocessing, config."""
+    if cfg != encoder.cfg:
+        raise ValueError(f"export_encoder: cfg {cfg} is not the encoder's {encoder.cfg}")
+    save_checkpoint(path, kind=ENCODER_KIND, step=step, model=encoder_state(encoder), arch=cfg.model_dump(mode="json"),
+                    preprocessing=preprocessing, config=config)
+
+
+@dataclass
+class EncoderLoadReport(LoadReport):
+    """A LoadReport over the encoder's tensors, plus what the checkpoint says about its data."""
+
+    kind: str = ""
+    step: int = 0
+    preprocessing: dict = field(default_factory=dict)
+
+
+def load_pretrained_encoder(network: nn.Module, checkpoint_path: str | Path, *, arch: VolumeEncoderConfig,
+                            min_fraction: float = 1.0) -> EncoderLoadReport:
+    """Load a "volume-encoder" or "pretrain-volume" checkpoint into the encoder part of `network`.
+
+    `network` is the MONAI network of `build_segmentation_network(arch, ...)` (or a VolumeEncoder).
+    Only encoder tensors count: the fraction is over the encoder's keys, the decoder stays as it
+    is. A checkpoint of another architecture, or fewer than `min_fraction` of the encoder's tensors
+    loading, is a UserError and leaves `network` unchanged.
+    """
+    source = str(checkpoint_path)
+    payload = load_checkpoint(checkpoint_path)
+    kind = payload["kind"]
+    if kind not in (ENCODER_KIND, PRETRAIN_KIND):
+        raise UserError(f"{source}: a '{kind}' checkpoint holds no volume encoder "
+                        f"(expected '{ENCODER_KIND}' or '{PRETRAIN_KIND}')")
+    stored = _stored_arch(payload["arch"], kind, source)
+    if stored != arch:
+        raise UserError(f"{source}: checkpoint encoder {stored.model_dump(mode='json')} differs from the "
+                        f"configured model {arch.model_dump(mode='json')}")
+    weights = _strip_prefix(payload["model"], DDP_PREFIX)
+    if kind == PRETRAIN_KIND:
+        weights = {k[len(PRETRAIN_PREFIX):]: v for k, v in weights.items() if k.startswith(PRETRAIN_PREFIX)}
+    encoder = network if isinstance(network, VolumeEncoder) else network_encoder(network, arch)
+    report = load_weights(encoder, weights, min_fraction=min_fraction, source=source)
+    return EncoderLoadReport(loaded=report.loaded, missing=report.missing, unexpected=report.unexpected,
+                             mismatched=report.mismatched, kind=kind, step=payload["step"],
+                             preprocessing=payload["preprocessing"])
+
+
+def _stored_arch(arch: Any, kind: str, source: str) -> VolumeEncoderConfig:
+    if kind == PRETRAIN_KIND and isinstance(arch, dict) and isinstance(arch.get("encoder"), dict):
+        arch = arch["encoder"]
+    try:
+        return VolumeEncoderConfig.model_validate(arch)
+    except ValidationError as err:
+        raise UserError(f"{source}: checkpoint arch {arch!r} is not a volume encoder "
+                        f"({err.error_count()} validation errors)") from None
+
+
+def _strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Remove `prefix` when every key has it (a state dict saved from a DDP-wrapped model)."""
+    if weights and all(k.startswith(prefix) for k in weights):
+        return {k[len(prefix):]: v for k, v in weights.items()}
+    return weights
