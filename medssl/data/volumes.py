@@ -1,0 +1,285 @@
+"""The volume pipeline: MONAI dictionary transforms from manifest entries to fixed-size crops.
+
+Input items are dicts with absolute paths, ``{"image": "/abs/vol.nii.gz", "label": "/abs/seg.nii.gz", ...}``
+(see `manifest_volume_entries`). Output items hold ``"image"``: a float32 `MetaTensor` of shape
+``(1, D, H, W)`` in [0, 1] whose ``.affine`` maps voxel indices to RAS+ world mm after every spatial
+step (orientation, resampling, padding, cropping), and, with ``with_label``, ``"label"``: a
+``(1, D, H, W)`` float32 `MetaTensor` of integral class values on the same grid.
+
+Reading: every file goes through `medssl.data.io.read_volume` wrapped as a MONAI `ImageReader`
+(`VolumeReader`) and handed to `LoadImage` as its runtime reader. So NIfTI, NRRD/MHA and DICOM
+series are read the same way as everywhere else in medssl (MONAI's own ITK reader needs the `itk`
+package, which medssl does not install), each file is read once, and a missing, corrupt or
+truncated file raises `UserError` naming it. MONAI's `Compose` wraps exceptions raised inside a
+transform in a `RuntimeError`; `VolumePipeline` re-raises the `UserError` found in that chain.
+
+Pipeline order: load (channel first) -> Orientationd -> Spacingd (optional; bilinear image, nearest
+label) -> intensity (CT: window (level, width) -> [0, 1] clipped; MR: percentiles -> [0, 1] clipped)
+-> size policy (SpatialPadd to ``crop_size``, or UserError) -> RandSpatialCropd (training) or
+CenterSpatialCropd (evaluation; deterministic, so a PersistentDataset caches the whole pipeline)
+-> EnsureTyped.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from monai.data import Dataset, ImageReader, MetaTensor, PersistentDataset
+from monai.data.utils import pickle_hashing
+from monai.transforms import (CenterSpatialCropd, Compose, EnsureTyped, LoadImage, MapTransform, Orientationd,
+                              RandomizableTrait, RandSpatialCropd, ScaleIntensityRanged,
+                              ScaleIntensityRangePercentilesd, Spacingd, SpatialPadd, Transform)
+
+from medssl.data import io
+from medssl.errors import UserError
+
+if TYPE_CHECKING:
+    from medssl.data.manifest import Manifest
+
+MODALITIES = ("CT", "MR")
+SMALL_VOLUME = ("pad", "error")
+AXES = "LRPAIS"  # pairs of opposite axis codes
+
+
+@dataclass
+class Preprocessing:
+    """How volumes become network inputs; stored in checkpoints (`dataclasses.asdict` is JSON-serialisable).
+
+    Lists (as read back from JSON) are accepted and turned into tuples; bad values raise `UserError`
+    naming the field.
+    """
+
+    modality: str = "CT"  # "CT" -> intensity window; "MR" -> percentile normalisation
+    spacing: tuple[float, float, float] | None = None  # target voxel size in mm; None keeps native spacing
+    window: tuple[float, float] = (40.0, 400.0)  # CT (level, width) in HU -> [0, 1], clipped
+    percentiles: tuple[float, float] = (1.0, 99.0)  # MR (lower, upper) percentiles -> [0, 1], clipped
+    crop_size: tuple[int, int, int] = (64, 64, 64)  # (D, H, W) voxels
+    orientation: str = "RAS"
+    small_volume: str = "pad"  # a volume smaller than crop_size: "pad" (zeros) or "error"
+
+    def __post_init__(self) -> None:
+        self.modality = str(self.modality).upper()
+        self.orientation = str(self.orientation).upper()
+        if self.modality not in MODALITIES:
+            raise UserError(f"preprocessing.modality: {self.modality!r} is not one of {', '.join(MODALITIES)}")
+        if self.small_volume not in SMALL_VOLUME:
+            raise UserError(f"preprocessing.small_volume: {self.small_volume!r} is not one of pad, error")
+        if sorted(AXES.index(c) // 2 for c in self.orientation if c in AXES) != [0, 1, 2]:
+            raise UserError(f"preprocessing.orientation: {self.orientation!r} is not 3 axis codes like RAS or LPS")
+        self.spacing = None if self.spacing is None else _numbers("spacing", self.spacing, 3, float, positive=True)
+        self.crop_size = _numbers("crop_size", self.crop_size, 3, int, positive=True)
+        self.window = _numbers("window", self.window, 2, float)
+        if self.window[1] <= 0:
+            raise UserError(f"preprocessing.window: the width must be positive, got {self.window[1]:g}")
+        self.percentiles = _numbers("percentiles", self.percentiles, 2, float)
+        if not 0.0 <= self.percentiles[0] < self.percentiles[1] <= 100.0:
+            raise UserError(f"preprocessing.percentiles: need 0 <= lower < upper <= 100, got {self.percentiles}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists)."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+
+
+def _numbers(field: str, values: Sequence[Any], n: int, kind: type, *, positive: bool = False) -> tuple:
+    """`values` as a tuple of `n` numbers of type `kind` (exactly representable), else UserError naming the field."""
+    try:
+        out = tuple(kind(v) for v in values)
+        ok = len(out) == n and all(o == v for o, v in zip(out, values)) and (not positive or min(out) > 0)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        what = f"{n} {'positive ' if positive else ''}{kind.__name__} values"
+        raise UserError(f"preprocessing.{field}: expected {what}, got {values!r}")
+    return out
+
+
+class VolumeReader(ImageReader):
+    """A MONAI `ImageReader` backed by `medssl.data.io.read_volume` (NIfTI, NRRD/MHA, DICOM folders).
+
+    `get_data` returns the ``(X, Y, Z)`` array and a meta dict with the RAS affine; errors are
+    `UserError`s naming the file.
+    """
+
+    def __init__(self, *, label: bool = False) -> None:
+        self.label = label
+
+    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+        return True  # read_volume decides, and names the file when it cannot
+
+    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs: Any) -> io.Volume:
+        paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+        if len(paths) != 1:
+            raise UserError(f"{paths[0]}: one file per key expected, got {len(paths)}")
+        return io.read_volume(paths[0], label=self.label)
+
+    def get_data(self, img: io.Volume) -> tuple[np.ndarray, dict]:
+        # tensors rather than numpy arrays: the persistent cache loads with torch.load(weights_only=True)
+        meta = {"affine": torch.as_tensor(img.affine), "original_affine": torch.as_tensor(img.affine),
+                "spatial_shape": torch.as_tensor(img.array.shape), "space": "RAS",
+                "original_channel_dim": float("nan")}
+        return img.array, meta
+
+
+class LoadVolumed(MapTransform):
+    """Load each key's path with `VolumeReader` into a channel-first ``(1, X, Y, Z)`` float32 `MetaTensor`.
+
+    The key ``"label"`` is read as a label map (values checked integral by `io.read_volume`).
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        super().__init__(keys)
+        self._load = LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            out[key] = self._load(out[key], reader=VolumeReader(label=key == "label"))
+        return out
+
+
+class RequireSize(MapTransform):
+    """Raise `UserError` naming the file and its shape when a spatial size is below `size` (small_volume: error)."""
+
+    def __init__(self, keys: Sequence[str], size: Sequence[int]) -> None:
+        super().__init__(keys)
+        self.size = tuple(size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> Mapping[Hashable, Any]:
+        for key in self.key_iterator(data):
+            shape = tuple(data[key].shape[1:])
+            if any(s < c for s, c in zip(shape, self.size)):
+                name = data[key].meta.get("filename_or_obj", key)
+                raise UserError(f"{name}: volume shape {shape} (after reorientation/resampling) is smaller than "
+                                f"crop_size {self.size}; set small_volume: pad to zero-pad it")
+        return data
+
+
+class VolumePipeline(Compose):
+    """A `Compose` that re-raises a `UserError` from any of its transforms as itself.
+
+    `seed` seeds its random transforms (`Compose.set_random_state`). MONAI re-seeds the transforms
+    inside any newly built `Compose` (also in `Compose.flatten`), so seed the outermost pipeline last.
+    """
+
+    def __init__(self, transforms: Sequence[Callable], *, seed: int | None = None) -> None:
+        super().__init__(list(transforms))
+        if seed is not None:
+            self.set_random_state(seed=seed)
+
+    def __call__(self, input_: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except RuntimeError as err:
+            cause: BaseException | None = err
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
+
+    def deterministic_head(self) -> list[Callable]:
+        """The transforms before the first random one: what a `PersistentDataset` caches."""
+        first = self.get_index_of_first(lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform))
+        return list(self.transforms[:first])
+
+
+def volume_transforms(prep: Preprocessing, *, with_label: bool = False, random_crop: bool = False,
+                      seed: int | None = None) -> VolumePipeline:
+    """The MONAI pipeline for `prep`: entry dict -> ``{"image": (1, D, H, W)[, "label": (1, D, H, W)]}``.
+
+    ``random_crop`` picks RandSpatialCropd (seeded with ``seed``), otherwise a deterministic centre crop.
+    """
+    keys = ["image", "label"] if with_label else ["image"]
+    modes = ["bilinear", "nearest"][: len(keys)]
+    steps: list[Callable] = [LoadVolumed(keys), Orientationd(keys, axcodes=prep.orientation, labels=None)]
+    if prep.spacing is not None:
+        steps.append(Spacingd(keys, pixdim=prep.spacing, mode=modes))
+    if prep.modality == "CT":
+        level, width = prep.window
+        steps.append(ScaleIntensityRanged("image", a_min=level - width / 2, a_max=level + width / 2,
+                                          b_min=0.0, b_max=1.0, clip=True))
+    else:
+        steps.append(ScaleIntensityRangePercentilesd("image", lower=prep.percentiles[0], upper=prep.percentiles[1],
+                                                     b_min=0.0, b_max=1.0, clip=True))
+    if prep.small_volume == "pad":
+        steps.append(SpatialPadd(keys, spatial_size=prep.crop_size, mode="constant"))
+    else:
+        steps.append(RequireSize(keys, prep.crop_size))
+    if random_crop:
+        steps.append(RandSpatialCropd(keys, roi_size=prep.crop_size, random_size=False))
+    else:
+        steps.append(CenterSpatialCropd(keys, roi_size=prep.crop_size))
+    steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=True))
+    return VolumePipeline(steps, seed=seed)
+
+
+def volume_dataset(entries: list[dict], transform: VolumePipeline, *,
+                   cache_dir: str | os.PathLike | None = None) -> Dataset:
+    """A MONAI dataset over `entries` (dicts with absolute paths) applying `transform`.
+
+    With `cache_dir`, a `PersistentDataset` (`CachedVolumes`) stores the output of
+    `transform.deterministic_head()` (everything before the random crop) as one ``.pt`` file per
+    entry. The file name hashes the entry, each file's size and modification time (a replaced file
+    is re-read) and the pickled deterministic transforms with their parameters (a changed
+    preprocessing misses the old cache).
+    """
+    if cache_dir is None:
+        return Dataset(entries, transform)
+    # MONAI's own `hash_transform` goes through `Compose.flatten`, which re-seeds the random crop
+    key = pickle_hashing(transform.deterministic_head()).decode()
+    return CachedVolumes(entries, transform, cache_dir=Path(cache_dir), track_meta=True,
+                         hash_func=functools.partial(_entry_hash, transforms=key))
+
+
+class CachedVolumes(PersistentDataset):
+    """A `PersistentDataset` whose cached `MetaTensor`s keep their affine and meta dict but not their
+    transform trace (`applied_operations` holds numpy arrays and enums that `torch.load(weights_only=True)`
+    refuses, which would make every cache file look corrupt and be recomputed)."""
+
+    def _pre_transform(self, item_transformed: Any) -> Any:
+        item = super()._pre_transform(item_transformed)
+        for value in item.values():
+            if isinstance(value, MetaTensor):
+                value.applied_operations = []
+        return item
+
+
+def _entry_hash(entry: Mapping[str, Any], *, transforms: str) -> bytes:
+    """Cache key of one entry: its content, its files' (size, mtime) and the transforms' hash."""
+    stats = {}
+    for key in ("image", "label"):
+        if isinstance(entry.get(key), (str, os.PathLike)):
+            try:
+                info = os.stat(entry[key])
+                stats[key] = (info.st_size, info.st_mtime_ns)
+            except OSError:
+                stats[key] = None  # the loader reports the missing file
+    return pickle_hashing({"entry": dict(entry), "stats": stats, "transforms": transforms})
+
+
+def manifest_volume_entries(manifest: Manifest, split: str, *, with_label: bool = False) -> list[dict]:
+    """Entries of `split` as dicts with absolute paths: ``image`` (+ ``label``), ``patient_id``, ``study_id``.
+
+    Volume pipelines need every entry to have an image (and a label with `with_label`): entries
+    without one raise `UserError` listing them (``split[i] patient/study``).
+    """
+    keys = ("image", "label") if with_label else ("image",)
+    items, lacking = [], []
+    for i, entry in enumerate(manifest.split(split)):
+        missing = [key for key in keys if not getattr(entry, key)]
+        if missing:
+            lacking.append(f"{split}[{i}] {entry.patient_id}/{entry.study_id or '-'} (no {', '.join(missing)})")
+            continue
+        item = {key: str(manifest.path(getattr(entry, key))) for key in keys}
+        items.append({**item, "patient_id": entry.patient_id, "study_id": entry.study_id or ""})
+    if lacking:
+        raise UserError(f"manifest {manifest.root}: {len(lacking)} entries lack a file the volume pipeline needs: "
+                        + "; ".join(lacking))
+    return items
