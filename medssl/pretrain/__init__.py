@@ -1,0 +1,1 @@
+"""Self-supervised pretraining: views with known geometry, anatomical matchers, batch datasets, tasks."""
