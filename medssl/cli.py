@@ -99,18 +99,35 @@ def manifest_build(
 # ---------------------------------------------------------------------------------------- training
 
 
+def load_config(config: Path, schema, overrides: list[str] | None):
+    from medssl.config import load_config as load
+
+    return load(config, schema, overrides)
+
+
 def _load(config: Path, schema_name: str, overrides: list[str] | None):
     from medssl import config as cfg
 
-    return cfg.load_config(config, getattr(cfg, schema_name), overrides)
+    return load_config(config, getattr(cfg, schema_name), overrides)
+
+
+def _print_summary(run_dir: Path, summary: dict) -> None:
+    if not summary:  # a non-main rank of a distributed run
+        return
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(summary.items()))
+    typer.echo(f"run directory: {run_dir}\n{shown}")
 
 
 @pretrain_app.command("volume")
 def pretrain_volume(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeOpt = False,
                     overrides: OverridesArg = None) -> None:
     """Pretrain a 3D encoder on unlabeled volumes (anatomical consistency, multi-level contrast)."""
-    _load(config, "VolumeTaskConfig", overrides)
-    _not_yet("pretrain volume", 3)
+    from medssl.pretrain.volume import PretrainVolumeConfig, pretrain_volume as run
+
+    cfg = load_config(config, PretrainVolumeConfig, overrides)
+    run_dir = output or Path("runs/pretrain_volume")
+    summary = run(cfg, run_dir, resume=resume)
+    _print_summary(run_dir, summary)
 
 
 @pretrain_app.command("timeseries")
@@ -157,6 +174,18 @@ def ground_infer(
 
 
 # ---------------------------------------------------------------------------------------- tools
+
+
+@bench_app.command("data")
+def bench_data(
+    patients: Annotated[int, typer.Option(help="Patients in the synthetic hospital.")] = 8,
+    size: Annotated[int, typer.Option(help="Volume edge length in voxels.")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Data layer speed: synth, manifest check, volume pipeline (cached / not), signal batches."""
+    from medssl.bench.data import bench_data as run
+
+    run(patients=patients, size=size, seed=seed)
 
 
 @app.command()

@@ -13,6 +13,16 @@ def global_pool(feat: torch.Tensor) -> torch.Tensor:
     return feat.flatten(2).mean(dim=2)
 
 
+def grid_pool(feat: torch.Tensor, cells: int = 2) -> torch.Tensor:
+    """Average over a cells^3 grid and flatten: (B, C, D, H, W) -> (B, C * cells^3).
+
+    A crop embedding for encoders whose last layer is instance-normalised (BasicUNet, SegResNet):
+    there every channel's spatial mean is ~0 whatever the input, so `global_pool` would give all
+    crops the same embedding, while the coarse layout survives the normalisation.
+    """
+    return torch.nn.functional.adaptive_avg_pool3d(feat, cells).flatten(1)
+
+
 class ProjectionHead(nn.Module):
     """MLP Linear -> norm -> GELU -> Linear: (N, in_dim) -> (N, out_dim).
 

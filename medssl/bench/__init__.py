@@ -1,0 +1,1 @@
+"""Benchmarks that print their numbers; `medssl bench NAME` runs them."""
