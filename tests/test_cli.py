@@ -62,3 +62,57 @@ def test_console_script_exits_2_without_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "none.json" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "hospital"
+    main_ok = subprocess.run([sys.executable, "-m", "medssl", "synth", str(out), "--patients", "6", "--size", "48",
+                              "--seed", "3"], capture_output=True, text=True)
+    assert main_ok.returncode == 0, main_ok.stderr
+    return out
+
+
+def test_synth_then_check_exits_0_and_volumes_open_in_nibabel(hospital: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run(["manifest", "check", str(hospital / "manifest.json")], capsys)
+    assert code == 0 and out.strip().endswith(": ok")
+    manifest = json.loads((hospital / "manifest.json").read_text())
+    patients = {e["patient_id"] for split in ("training", "validation", "test") for e in manifest[split]}
+    assert len(patients) == 6
+    entry = manifest["training"][0]
+    image, label = nib.load(hospital / entry["image"]), nib.load(hospital / entry["label"])
+    assert image.shape == label.shape == (48, 48, 48)
+    assert np.allclose(image.affine, label.affine) and np.allclose(np.diag(image.affine)[:3], 400 / 48)
+    assert set(np.unique(np.asarray(label.dataobj))) == set(range(10))
+
+
+def test_check_names_missing_corrupt_and_leaking_patient(hospital: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    manifest = json.loads((hospital / "manifest.json").read_text())
+    for split in ("training", "validation", "test"):
+        for entry in manifest[split]:
+            for key in ("image", "label", "lesion_mask"):
+                entry[key] = str(hospital / entry[key])
+            for ref in entry["signals"]:
+                ref["path"] = str(hospital / ref["path"])
+    corrupt = tmp_path / "corrupt.nii.gz"
+    data = Path(manifest["training"][1]["image"]).read_bytes()
+    corrupt.write_bytes(data[: len(data) // 2])
+    manifest["training"][0]["image"] = str(tmp_path / "missing.nii.gz")
+    manifest["training"][1]["image"] = str(corrupt)
+    leaked = manifest["test"][0]["patient_id"]
+    manifest["training"][2]["patient_id"] = leaked
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(manifest))
+    code, _, err = run(["manifest", "check", str(bad)], capsys)
+    assert code == 2
+    assert "missing.nii.gz" in err and "corrupt.nii.gz" in err and leaked in err
+    assert "Traceback" not in err
+
+
+def test_manifest_build_cli_roundtrip(hospital: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "built.json"
+    code, stdout, _ = run(["manifest", "build", str(hospital), "-o", str(out), "--seed", "1"], capsys)
+    assert code == 0 and "wrote" in stdout
+    code, _, _ = run(["manifest", "check", str(out)], capsys)
+    assert code == 0
