@@ -10,10 +10,11 @@ import yaml
 from medssl.config import (SignalTaskConfig, VolumeTaskConfig, dump_config, load_config, parse_overrides,
                            validate_config)
 from medssl.errors import UserError
+from medssl.pretrain.volume import PretrainVolumeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-SCHEMA_OF = {"pretrain_volume": VolumeTaskConfig, "finetune_seg": VolumeTaskConfig, "ground": VolumeTaskConfig,
+SCHEMA_OF = {"pretrain_volume": PretrainVolumeConfig, "finetune_seg": VolumeTaskConfig, "ground": VolumeTaskConfig,
              "pretrain_timeseries": SignalTaskConfig, "eval_timeseries": SignalTaskConfig}
 
 

@@ -372,6 +372,6 @@ def test_physionet_example_manifest_loads_and_checks_clean(physionet_dir: Path) 
     assert manifest.validation == [] and manifest.test == []
     refs = [entry.signals[0] for entry in manifest.training]
     assert {manifest.path(ref.path).resolve() for ref in refs} == {
-        physionet_dir / name for name in manifest.patients("training")}
+        (physionet_dir / name).resolve() for name in manifest.patients("training")}
     assert [ref.fs for ref in refs] == [125.0, 360.0, 250.0, 1000.0, 250.0]
     assert check_manifest(path) == []

@@ -85,8 +85,10 @@ class Trainer:
         self.best_value = -math.inf
         self.after_step = after_step  # e.g. an EMA teacher update, called with (model, completed steps)
         self.model = model.to(ctx.device)
+        # find_unused_parameters: a backbone may have blocks no active objective reaches (SwinUNETR's side blocks)
         self.trained = (DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
-                                                else None) if ctx.distributed else self.model)
+                                                else None, find_unused_parameters=True)
+                        if ctx.distributed else self.model)
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim <= 1]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
