@@ -188,6 +188,34 @@ def bench_data(
     run(patients=patients, size=size, seed=seed)
 
 
+@bench_app.command("pretrain-volume")
+def bench_pretrain_volume(
+    manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a fresh synthetic hospital).")] = None,
+    steps: Annotated[int, typer.Option(help="Timed steps (after one warm-up step).")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Anchors per step (4 crops each).")] = 2,
+    crop: Annotated[int, typer.Option(help="Crop edge in voxels.")] = 32,
+    model: Annotated[str, typer.Option(help="basicunet | segresnet | swinunetr.")] = "basicunet",
+) -> None:
+    """3D pretraining throughput (crops/s, voxels/s), peak memory, data vs compute time."""
+    from medssl.bench.pretrain_volume import bench_pretrain_volume as run
+
+    run(manifest=manifest, steps=steps, batch_size=batch_size, crop=crop, model=model)
+
+
+@bench_app.command("volume-probe")
+def bench_volume_probe(
+    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat the option).")] = [0, 1, 2],
+    steps: Annotated[int, typer.Option(help="Pretraining steps per seed.")] = 150,
+    batch_size: Annotated[int, typer.Option(help="Anchors per step.")] = 4,
+    manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a synthetic hospital).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/bench_volume_probe"),
+) -> None:
+    """Organ probe of the pretrained encoder vs the same encoder at random init, over seeds."""
+    from medssl.bench.pretrain_volume import probe_vs_random_init
+
+    probe_vs_random_init(seeds=tuple(seeds), steps=steps, batch_size=batch_size, manifest=manifest, out=output)
+
+
 @app.command()
 def demo(output: Annotated[Path, typer.Option("--output", "-o", help="Demo output folder.")] = Path("demo_out"),
          ) -> None:
