@@ -222,7 +222,8 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
                                                   config=config.model_dump(mode="json")),
                       evaluate=(lambda m, step: probe(m.encoder)) if probe else None,
                       eval_every=config.probe.every, best_metric="probe_dice" if probe else None,
-                      after_step=lambda m, step: m.update_teacher(step))
+                      after_step=lambda m, step: m.update_teacher(step),
+                      find_unused_parameters=config.model.name == "swinunetr")
     if resume:
         trainer.resume()
     initial_probe = probe(model.encoder) if probe and trainer.step == 0 else {}

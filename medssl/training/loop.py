@@ -72,7 +72,7 @@ class Trainer:
     def __init__(self, model: nn.Module, objective: Objective, batches: Dataset, *, config: TrainConfig,
                  run_dir: RunDir, checkpointing: Checkpointing, ctx: DistContext = DistContext(),
                  evaluate: Evaluate | None = None, eval_every: int = 0, best_metric: str | None = None,
-                 after_step: AfterStep | None = None):
+                 after_step: AfterStep | None = None, find_unused_parameters: bool = False):
         self.config = config
         self.ctx = ctx
         self.run_dir = run_dir
@@ -85,9 +85,9 @@ class Trainer:
         self.best_value = -math.inf
         self.after_step = after_step  # e.g. an EMA teacher update, called with (model, completed steps)
         self.model = model.to(ctx.device)
-        # find_unused_parameters: a backbone may have blocks no active objective reaches (SwinUNETR's side blocks)
+        # find_unused_parameters: for models with blocks no active objective reaches (SwinUNETR's side blocks)
         self.trained = (DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
-                                                else None, find_unused_parameters=True)
+                                                else None, find_unused_parameters=find_unused_parameters)
                         if ctx.distributed else self.model)
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim <= 1]
