@@ -61,6 +61,7 @@ class ViewsConfig(StrictModel):
 class HeadsConfig(StrictModel):
     proj_dim: PositiveInt = 64
     hidden: PositiveInt = 128
+    norm: Literal["batch", "layer"] = "batch"  # batch: centres the crop embeddings of a step (SimCLR's choice)
 
 
 class TeacherConfig(StrictModel):
@@ -115,7 +116,7 @@ class VolumePretrainModel(nn.Module):
                             f"{config.model.name} encoder ({strides})")
         self.dense_level = strides.index(config.views.feature_stride)
         dim = config.heads.proj_dim
-        self.projector = ProjectionHead(self.encoder.embed_dim * 8, config.heads.hidden, dim)
+        self.projector = ProjectionHead(self.encoder.embed_dim * 8, config.heads.hidden, dim, norm=config.heads.norm)
         if self.active & {"voxel", "region"}:
             self.dense = nn.Conv3d(self.encoder.out_channels[self.dense_level], dim, kernel_size=1)
         if "part_whole" in self.active:
