@@ -14,7 +14,8 @@ import typer
 
 from medssl.errors import UserError
 
-app = typer.Typer(help=__doc__.splitlines()[0], no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(help="medssl: self-supervised pretraining on hospital data (3D volumes, physiological signals) "
+                       "and the heads that use it. Every command has --help.", no_args_is_help=True, pretty_exceptions_enable=False,
                   add_completion=False)
 manifest_app = typer.Typer(help="Build and check data manifests.", no_args_is_help=True)
 pretrain_app = typer.Typer(help="Self-supervised pretraining.", no_args_is_help=True)
