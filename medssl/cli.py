@@ -134,9 +134,12 @@ def pretrain_volume(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeO
 @pretrain_app.command("timeseries")
 def pretrain_timeseries(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeOpt = False,
                         overrides: OverridesArg = None) -> None:
-    """Pretrain a signal encoder with four-level hierarchical contrast."""
-    _load(config, "SignalTaskConfig", overrides)
-    _not_yet("pretrain timeseries", 4)
+    """Pretrain a signal encoder with four-level hierarchical contrast (observation, sample, trial, patient)."""
+    from medssl.pretrain.timeseries import PretrainTimeseriesConfig, pretrain_timeseries as run
+
+    cfg = load_config(config, PretrainTimeseriesConfig, overrides)
+    run_dir = output or Path("runs/pretrain_timeseries")
+    _print_summary(run_dir, run(cfg, run_dir, resume=resume))
 
 
 @finetune_app.command("seg")
@@ -150,9 +153,11 @@ def finetune_seg(config: ConfigOpt, pretrained: PretrainedOpt = None, output: Ru
 @eval_app.command("timeseries")
 def eval_timeseries(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
                     overrides: OverridesArg = None) -> None:
-    """Classify signals with a linear probe and fine-tuning at several label fractions."""
-    _load(config, "SignalTaskConfig", overrides)
-    _not_yet("eval timeseries", 4)
+    """Classify signals with a linear probe and fine-tuning at label fractions drawn per patient."""
+    from medssl.downstream.ts_classification import EvalTimeseriesConfig, eval_timeseries as run
+
+    cfg = load_config(config, EvalTimeseriesConfig, overrides)
+    run(cfg, output or Path("runs/eval_timeseries"), pretrained=pretrained)
 
 
 @ground_app.command("train")
@@ -215,6 +220,44 @@ def bench_volume_probe(
     from medssl.bench.pretrain_volume import probe_vs_random_init
 
     probe_vs_random_init(seeds=tuple(seeds), steps=steps, batch_size=batch_size, manifest=manifest, out=output)
+
+
+@bench_app.command("ts-throughput")
+def bench_ts_throughput(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pretraining config.")] = Path(
+        "configs/pretrain_timeseries.yaml"),
+    steps: Annotated[int, typer.Option(help="Timed steps.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps.")] = 3,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Signal pretraining step: one pair of views for all levels vs re-encoding per level (ratio)."""
+    from medssl.bench.timeseries import throughput
+    from medssl.pretrain.timeseries import PretrainTimeseriesConfig
+
+    throughput(load_config(config, PretrainTimeseriesConfig, overrides), steps=steps, warmup=warmup, device=device,
+               threads=threads)
+
+
+@bench_app.command("ts-label-efficiency")
+def bench_ts_label_efficiency(
+    pretrain_config: Annotated[Path, typer.Option("--pretrain-config", help="Pretraining config.")] = Path(
+        "configs/pretrain_timeseries.yaml"),
+    eval_config: Annotated[Path, typer.Option("--eval-config", help="Evaluation config.")] = Path(
+        "configs/eval_timeseries.yaml"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/ts_label_efficiency"),
+    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat the option).")] = [0, 1, 2],
+    pretrain_set: Annotated[Optional[list[str]], typer.Option(help="Override for the pretraining config.")] = None,
+    eval_set: Annotated[Optional[list[str]], typer.Option(help="Override for the evaluation config.")] = None,
+) -> None:
+    """Four-level vs two-level (TS2Vec-like) vs scratch at 100/10/1 % labels, over seeds."""
+    from medssl.bench.timeseries import label_efficiency
+    from medssl.downstream.ts_classification import EvalTimeseriesConfig
+    from medssl.pretrain.timeseries import PretrainTimeseriesConfig
+
+    label_efficiency(load_config(pretrain_config, PretrainTimeseriesConfig, pretrain_set),
+                     load_config(eval_config, EvalTimeseriesConfig, eval_set), output, seeds=tuple(seeds))
 
 
 @app.command()

@@ -10,12 +10,15 @@ import yaml
 from medssl.config import (SignalTaskConfig, VolumeTaskConfig, dump_config, load_config, parse_overrides,
                            validate_config)
 from medssl.errors import UserError
+from medssl.downstream.ts_classification import EvalTimeseriesConfig
+from medssl.pretrain.timeseries import PretrainTimeseriesConfig
 from medssl.pretrain.volume import PretrainVolumeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SCHEMA_OF = {"pretrain_volume": PretrainVolumeConfig, "finetune_seg": VolumeTaskConfig, "ground": VolumeTaskConfig,
-             "pretrain_timeseries": SignalTaskConfig, "eval_timeseries": SignalTaskConfig}
+             "pretrain_timeseries": PretrainTimeseriesConfig, "pretrain_timeseries_physionet": PretrainTimeseriesConfig,
+             "eval_timeseries": EvalTimeseriesConfig}
 
 
 def write(tmp_path: Path, tree: dict) -> Path:

@@ -1,0 +1,280 @@
+"""Time-series benchmarks: step throughput of one pair of views vs per-level re-encoding; label efficiency.
+
+`throughput`: a full pretraining step (views, encoder, four-level loss, backward, AdamW step) on the
+same encoder and the same batch, in two implementations:
+- ours: one pair of views, both encoded in ONE batched call, every level on the same outputs;
+- per-level (the reference code's structure): for each active level, the two views are encoded again
+  (two encoder calls per level, 8 for four levels) and only that level's loss is computed on them.
+Each implementation runs in its own fresh Python process so that its peak memory is its own: on a GPU
+`torch.cuda.max_memory_allocated`; on a CPU the growth of the process's peak resident set size
+(`resource.getrusage(RUSAGE_SELF).ru_maxrss`) over the step loop. Both also report the bytes of
+tensors saved for backward in one step (`torch.autograd.graph.saved_tensors_hooks`), which does not
+depend on the allocator. Inputs are random signals with the config's window, channels and
+patient x trial x sample batch layout (the speed of a step does not depend on the signal values).
+
+`label_efficiency`: four-level pretraining vs two-level (observation + sample, TS2Vec-like) vs
+scratch, evaluated with `eval_timeseries` at every label fraction, for several seeds, with the same
+pretraining steps for both pretrained variants and the same fine-tuning budget for all three.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medssl.atomic import atomic_path
+from medssl.bench.report import print_table
+from medssl.config import TrainConfig
+from medssl.losses.hierarchical import LEVELS, HierarchicalContrast, HierarchyConfig, LevelConfig
+from medssl.pretrain.timeseries import (HierarchicalObjective, PretrainTimeseriesConfig, TimeseriesPretrainer,
+                                        ViewConfig, make_views, pretrain_timeseries, window_samples)
+from medssl.seeding import torch_generator
+from medssl.training.loop import StepOutput
+
+if TYPE_CHECKING:  # scikit-learn (imported by the evaluation) is only needed by label_efficiency
+    from medssl.downstream.ts_classification import EvalTimeseriesConfig
+
+IMPLEMENTATIONS = ("one_pair", "per_level")
+
+
+# ------------------------------------------------------------------------------------------------ throughput
+
+
+class PerLevelObjective:
+    """The reference structure: each active level encodes the two views itself (2 encoder calls per level)."""
+
+    def __init__(self, views: ViewConfig, objectives: HierarchyConfig):
+        self.views = views
+        off = LevelConfig(weight=0.0)
+        self.levels = {level: HierarchicalContrast(objectives.model_copy(
+            update={other: getattr(objectives, level) if other == level else off for other in LEVELS}))
+            for level in objectives.active}
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepOutput:
+        views = make_views(batch["x"], self.views, generator)
+        x_a, x_b = views.x.chunk(2)
+        m_a, m_b = views.mask.chunk(2)
+        total, terms = 0.0, {}
+        for level, loss_fn in self.levels.items():
+            z_a, z_b = views.aligned(torch.cat([model(x_a, m_a), model(x_b, m_b)]))
+            loss, level_terms = loss_fn(z_a, z_b, batch["sample"], batch["trial"], batch["patient"])
+            total = total + loss
+            terms[level] = level_terms[level]
+        return StepOutput(loss=total, terms=terms, items=batch["x"].shape[0])
+
+
+def random_batch(config: PretrainTimeseriesConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Random windows (B, C, W) with patient-major IDs: P patients x R trials x S windows."""
+    p, r, s = config.sampler.patients, config.sampler.trials, config.samples_per_trial
+    window, _ = window_samples(config.data)
+    g = torch_generator(seed, 0)
+    index = torch.arange(p * r * s)
+    return {"x": torch.randn(p * r * s, config.model.in_channels, window, generator=g),
+            "sample": index, "trial": index // s, "patient": index // (r * s)}
+
+
+def _measure(implementation: str, config_json: str, steps: int, warmup: int, device: str, seed: int,
+             threads: int | None) -> dict[str, float]:
+    """Run `steps` timed training steps of one implementation in this (fresh) process."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    config = PretrainTimeseriesConfig.model_validate_json(config_json)
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model = TimeseriesPretrainer(config.model, config.objectives).to(dev)
+    objective = (HierarchicalObjective(config.views) if implementation == "one_pair"
+                 else PerLevelObjective(config.views, config.objectives))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr)
+    batch = {k: v.to(dev) for k, v in random_batch(config, seed).items()}
+    calls = []
+    model.encoder.register_forward_hook(lambda *args: calls.append(1))
+
+    def step(i: int) -> None:
+        out = objective(model, batch, torch_generator(seed, i, device=dev))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(warmup):
+        step(i)
+    saved = _saved_bytes(lambda: objective(model, batch, torch_generator(seed, 0, device=dev)))
+    optimizer.zero_grad(set_to_none=True)
+    calls.clear()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tick = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - tick
+    if dev.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+    else:  # ru_maxrss is in KiB on Linux, bytes on macOS
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+        peak = grown / 2**20 if sys.platform == "darwin" else grown / 2**10
+    return {"windows_per_s": batch["x"].shape[0] * steps / seconds, "step_ms": 1000 * seconds / steps,
+            "torch_threads": torch.get_num_threads(),
+            "peak_mib": peak, "saved_for_backward_mib": saved / 2**20, "encoder_calls_per_step": len(calls) / steps}
+
+
+def _saved_bytes(forward) -> int:
+    """Bytes of the distinct tensors autograd saves for backward during `forward()`."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(storages.values())
+
+
+def _in_fresh_process(args: list) -> dict[str, float]:
+    """`_measure(*args)` in a new Python process (its own peak memory; no multiprocessing main-module re-import)."""
+    code = ("import json, sys; from medssl.bench.timeseries import _measure; "
+            "print(json.dumps(_measure(*json.loads(sys.argv[1]))))")
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"throughput measurement of {args[0]} failed (exit {done.returncode}); see its error above")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def throughput(config: PretrainTimeseriesConfig, *, steps: int = 20, warmup: int = 3, device: str | None = None,
+               seed: int = 0, threads: int | None = None) -> dict[str, float]:
+    """Windows/s and peak memory of a pretraining step: one pair of views vs per-level re-encoding.
+
+    Each implementation runs in a fresh Python process on `device` (default: cuda if available, else cpu)
+    with `threads` CPU threads (default: torch's; 1 gives steadier numbers on a shared CPU).
+    Prints a table and the ratios; returns flat figures, e.g. `one_pair_windows_per_s`,
+    `per_level_peak_mib`, `speedup` (windows/s ours / per-level), `memory_ratio` (peak per-level / ours),
+    `peak_memory` (how peak memory was measured).
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results: dict[str, Any] = {"device": device, "batch": config.train.batch_size,
+                               "window": window_samples(config.data)[0], "levels": ",".join(config.objectives.active),
+                               "peak_memory": ("torch.cuda.max_memory_allocated" if device.startswith("cuda")
+                                               else "growth of ru_maxrss (peak RSS) over the timed steps")}
+    for implementation in IMPLEMENTATIONS:
+        args = [implementation, config.model_dump_json(), steps, warmup, device, seed, threads]
+        results.update({f"{implementation}_{k}": v for k, v in _in_fresh_process(args).items()})
+    results["speedup"] = results["one_pair_windows_per_s"] / results["per_level_windows_per_s"]
+    results["memory_ratio"] = results["per_level_peak_mib"] / max(results["one_pair_peak_mib"], 1e-9)
+    results["saved_ratio"] = results["per_level_saved_for_backward_mib"] / results["one_pair_saved_for_backward_mib"]
+    rows = [[name, results[f"{name}_encoder_calls_per_step"], results[f"{name}_windows_per_s"],
+             results[f"{name}_step_ms"], results[f"{name}_peak_mib"], results[f"{name}_saved_for_backward_mib"]]
+            for name in IMPLEMENTATIONS]
+    print_table(f"time-series pretraining step on {device}: batch {results['batch']} x window {results['window']}, "
+                f"levels {results['levels']}", ["implementation", "encoder calls", "windows/s", "ms/step",
+                                                "peak MiB", "saved for backward MiB"], rows)
+    print(f"one pair of views vs per-level: {results['speedup']:.2f}x windows/s, per-level needs "
+          f"{results['memory_ratio']:.2f}x peak memory ({results['peak_memory']}) and "
+          f"{results['saved_ratio']:.2f}x activation memory")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ label efficiency
+
+
+METHODS = ("four-level", "two-level", "scratch")
+TABLE_METRICS = ("patient_auroc", "patient_accuracy", "patient_macro_f1", "patient_auprc", "window_auroc")
+PRINTED = {"patient_auroc": "patient AUROC", "patient_macro_f1": "patient F1", "window_auroc": "window AUROC"}  # + CSV
+
+
+def two_level(objectives: HierarchyConfig) -> HierarchyConfig:
+    """Observation + sample only (TS2Vec-like), each with the weight the four levels share on average."""
+    weight = sum(getattr(objectives, level).weight for level in LEVELS) / 2
+    return objectives.model_copy(update={
+        "observation": objectives.observation.model_copy(update={"weight": weight}),
+        "sample": objectives.sample.model_copy(update={"weight": weight}),
+        "trial": LevelConfig(weight=0.0), "patient": LevelConfig(weight=0.0)})
+
+
+def label_efficiency(pretrain: PretrainTimeseriesConfig, evaluation: EvalTimeseriesConfig, out_dir: Path, *,
+                     seeds: Sequence[int] = (0, 1, 2)) -> list[dict[str, Any]]:
+    """Four-level vs two-level pretraining vs scratch at every label fraction of `evaluation.eval`, per seed.
+
+    The evaluation uses the pretraining config's data and model sections (so preprocessing matches);
+    pretraining steps are `pretrain.train.steps` for both pretrained variants, fine-tuning steps
+    `evaluation.train.steps` for all. Runs go to out_dir/<method>/seed<k>/{pretrain,eval}; writes
+    out_dir/ts_label_efficiency_runs.csv (one row per method, seed, mode, fraction) and
+    out_dir/ts_label_efficiency.csv (mean and std over seeds), prints the table, returns the summary rows.
+    """
+    from medssl.downstream.ts_classification import eval_timeseries, fraction_key
+
+    out_dir = Path(out_dir)
+    evaluation = evaluation.model_copy(update={"data": pretrain.data, "model": pretrain.model})
+    runs: list[dict[str, Any]] = []
+    for seed in seeds:
+        for method in METHODS:
+            base = out_dir / method / f"seed{seed}"
+            checkpoint = None
+            if method != "scratch":
+                objectives = pretrain.objectives if method == "four-level" else two_level(pretrain.objectives)
+                config = pretrain.model_copy(update={"objectives": objectives,
+                                                     "train": _seeded(pretrain.train, seed)})
+                pretrain_timeseries(config, base / "pretrain", resume=False)
+                checkpoint = base / "pretrain" / "checkpoints" / "last.pt"
+            summary = eval_timeseries(evaluation.model_copy(update={"train": _seeded(evaluation.train, seed)}),
+                                      base / "eval", pretrained=checkpoint, quiet=True)
+            for mode in evaluation.eval.modes:
+                for fraction in evaluation.eval.fractions:
+                    key = fraction_key(fraction)
+                    runs.append({"method": method, "seed": seed, "mode": mode, "fraction": fraction,
+                                 "patients": summary[f"{key}_patients"],
+                                 **{m: summary[f"{mode}_{key}_{m}"] for m in TABLE_METRICS}})
+    rows = _aggregate(runs)
+    _write_csv(out_dir / "ts_label_efficiency_runs.csv", runs)
+    _write_csv(out_dir / "ts_label_efficiency.csv", rows)
+    print_table(f"label efficiency on {evaluation.data.manifest.parent.name}: mean ± std over {len(seeds)} seed(s)",
+                ["mode", "labels", "patients", "method", *PRINTED.values()], [
+                    [r["mode"], f"{r['fraction']:.0%}", r["patients"], r["method"],
+                     *(f"{r[f'{m}_mean']:.3f}±{r[f'{m}_std']:.3f}" for m in PRINTED)] for r in rows])
+    return rows
+
+
+def _seeded(train: TrainConfig, seed: int) -> TrainConfig:
+    return train.model_copy(update={"seed": seed})
+
+
+def _aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std (ddof 1; 0 for one seed) over seeds per (mode, fraction, method); NaN runs left out."""
+    rows = []
+    keys = dict.fromkeys((r["mode"], r["fraction"], r["method"]) for r in runs)
+    for mode, fraction, method in sorted(keys, key=lambda k: (k[0], -k[1], METHODS.index(k[2]))):
+        group = [r for r in runs if (r["mode"], r["fraction"], r["method"]) == (mode, fraction, method)]
+        row: dict[str, Any] = {"mode": mode, "fraction": fraction, "method": method, "seeds": len(group),
+                               "patients": group[0]["patients"]}
+        for metric in TABLE_METRICS:
+            values = np.array([r[metric] for r in group], dtype=float)
+            values = values[np.isfinite(values)]
+            row[f"{metric}_mean"] = float(values.mean()) if len(values) else math.nan
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

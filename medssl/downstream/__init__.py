@@ -1,0 +1,1 @@
+"""Downstream heads fed by the pretrained encoders: segmentation, grounding, time-series classification."""

@@ -1,0 +1,85 @@
+"""TS2Vec-style dilated convolutional encoder for multichannel signals.
+
+Input projection (a 1x1 convolution, i.e. a per-timestamp linear map) followed by `depth` residual
+blocks of two dilated `Conv1d` (dilation 2^i in block i, GELU before each convolution, "same"
+padding); the last block maps to `out_dim`. The output keeps the time axis: one representation per
+timestamp. Timestamp masking (TS2Vec) zeroes the projected input at masked timestamps.
+
+Sizes: the defaults are tiny (CPU tests and demos). The paper-size setting of TS2Vec / COMET is
+`TSEncoderConfig(hidden=64, out_dim=320, depth=10, kernel=3)` (10 residual blocks, 320-d).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import PositiveInt, field_validator
+from torch import nn
+
+from medssl.config import StrictModel
+
+
+class TSEncoderConfig(StrictModel):
+    """Architecture arguments (stored in checkpoints as `arch`)."""
+
+    in_channels: PositiveInt = 2
+    hidden: PositiveInt = 32
+    out_dim: PositiveInt = 64
+    depth: PositiveInt = 6
+    kernel: PositiveInt = 3
+
+    @field_validator("kernel")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError("must be odd so that 'same' padding keeps the length")
+        return value
+
+
+class DilatedBlock(nn.Module):
+    """GELU -> Conv1d(dilation) -> GELU -> Conv1d(dilation), plus a residual (1x1 projection when widths differ).
+
+    (B, C_in, T) -> (B, C_out, T).
+    """
+
+    def __init__(self, c_in: int, c_out: int, *, kernel: int, dilation: int):
+        super().__init__()
+        padding = (kernel - 1) * dilation // 2
+        self.conv1 = nn.Conv1d(c_in, c_out, kernel, padding=padding, dilation=dilation)
+        self.conv2 = nn.Conv1d(c_out, c_out, kernel, padding=padding, dilation=dilation)
+        self.project = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.project is None else self.project(x)
+        return self.conv2(F.gelu(self.conv1(F.gelu(x)))) + residual
+
+
+class TSEncoder(nn.Module):
+    """(B, C, T) signals -> (B, T, D) per-timestamp representations (D = out_dim)."""
+
+    def __init__(self, config: TSEncoderConfig | None = None):
+        super().__init__()
+        self.config = config = config or TSEncoderConfig()
+        self.input = nn.Conv1d(config.in_channels, config.hidden, 1)
+        widths = [config.hidden] * config.depth + [config.out_dim]
+        self.blocks = nn.Sequential(*(DilatedBlock(widths[i], widths[i + 1], kernel=config.kernel, dilation=2**i)
+                                      for i in range(config.depth)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, T); mask: (B, T) bool, True = masked timestamp (zeroed after the input projection)."""
+        if x.ndim != 3 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"TSEncoder: expected (B, {self.config.in_channels}, T), got {tuple(x.shape)}")
+        h = self.input(x)
+        if mask is not None:
+            h = h.masked_fill(mask[:, None, :], 0.0)
+        return self.blocks(h).transpose(1, 2)
+
+    @property
+    def receptive_field(self) -> int:
+        """Timestamps that one output timestamp sees: 1 + 2 (kernel - 1) (2^depth - 1)."""
+        return 1 + 2 * (self.config.kernel - 1) * (2**self.config.depth - 1)
+
+
+def pool(z: torch.Tensor) -> torch.Tensor:
+    """Max over time: (B, T, D) -> (B, D), the window-level representation."""
+    return z.max(dim=1).values

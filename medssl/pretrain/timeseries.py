@@ -1,0 +1,297 @@
+"""Four-level hierarchical contrastive pretraining of the time-series encoder (COMET, done once per step).
+
+Data: the manifest's training split -> `load_recordings` (resampled to `data.fs`, channels selected by
+name) -> `WindowDataset` (windows of `data.window_seconds`) -> `HierarchicalBatchSampler` (P patients
+x R trials x S windows per micro-batch, re-drawn every epoch). Micro-batch i is a pure function of
+(seed, rank, i): epoch i // len(sampler), batch i % len(sampler), so `--resume` replays it exactly.
+
+Views (on the device, from the step's generator): two crops of length `crop x window` with a common
+random shift (so that they overlap by at least `2 crop - 1` of the window), per-window random start,
+optional Gaussian jitter (relative to each window channel's std), and `mask_spans` masked spans of
+`mask_span_fraction` of the view's length per view (TS2Vec timestamp masking, in the encoder's
+latent space). Both views go through the encoder in ONE batched call (2B windows); the overlapping
+timestamps feed every level of `medssl.losses.hierarchical.HierarchicalContrast`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
+from rich.console import Console
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+from medssl.config import SignalDataConfig, StrictModel, TrainConfig, dump_config
+from medssl.data.manifest import Manifest, load_manifest
+from medssl.data.timeseries import HierarchicalBatchSampler, WindowDataset, load_recordings
+from medssl.errors import UserError
+from medssl.losses.hierarchical import HierarchicalContrast, HierarchyConfig
+from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, pool
+from medssl.seeding import derive_seed
+from medssl.training.distributed import init_distributed
+from medssl.training.loop import Checkpointing, StepOutput, Trainer
+from medssl.training.rundir import RunDir, prepare_run_dir
+
+KIND = "pretrain-timeseries"
+
+
+class ViewConfig(StrictModel):
+    """How the two views of a window are made."""
+
+    crop: float = Field(0.8, gt=0.5, le=1.0)  # view length / window length (1.0: no crop, views differ by masks)
+    mask_spans: NonNegativeInt = 5  # masked spans per view
+    mask_span_fraction: float = Field(0.1, ge=0.0, le=1.0)  # length of each span / view length
+    jitter: NonNegativeFloat = 0.0  # Gaussian noise std relative to each window channel's std
+
+
+class SamplerConfig(StrictModel):
+    """Batch composition: `patients` x `trials` x (train.batch_size / (patients x trials)) windows."""
+
+    patients: PositiveInt = 4
+    trials: PositiveInt = 2
+    batches_per_epoch: PositiveInt | None = None  # None: windows // batch_size
+
+
+class PretrainTimeseriesConfig(StrictModel):
+    """`medssl pretrain timeseries` (configs/pretrain_timeseries.yaml)."""
+
+    data: SignalDataConfig
+    train: TrainConfig
+    model: TSEncoderConfig = TSEncoderConfig()
+    objectives: HierarchyConfig = HierarchyConfig()
+    views: ViewConfig = ViewConfig()
+    sampler: SamplerConfig = SamplerConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PretrainTimeseriesConfig:
+        group = self.sampler.patients * self.sampler.trials
+        if self.train.batch_size % group:
+            raise ValueError(f"train.batch_size {self.train.batch_size} is not a multiple of sampler.patients x "
+                             f"sampler.trials = {group}")
+        check_channels(self.data, self.model)
+        return self
+
+    @property
+    def samples_per_trial(self) -> int:
+        return self.train.batch_size // (self.sampler.patients * self.sampler.trials)
+
+
+def check_channels(data: SignalDataConfig, model: TSEncoderConfig) -> None:
+    """model.in_channels must match the number of selected channels (when the config names them)."""
+    if data.channels is not None and len(data.channels) != model.in_channels:
+        raise ValueError(f"model.in_channels is {model.in_channels} but data.channels names "
+                         f"{len(data.channels)} channels ({', '.join(data.channels)})")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def window_samples(data: SignalDataConfig) -> tuple[int, int | None]:
+    """(window, stride) in samples at `data.fs`; stride None = non-overlapping."""
+    window = round(data.window_seconds * data.fs)
+    if window < 2:
+        raise UserError(f"data.window_seconds: {data.window_seconds} s at {data.fs:g} Hz is {window} sample(s); "
+                        "need at least 2")
+    stride = None if data.stride_seconds is None else max(1, round(data.stride_seconds * data.fs))
+    return window, stride
+
+
+def preprocessing(data: SignalDataConfig) -> dict[str, Any]:
+    """What a downstream user must apply to match the encoder (stored in checkpoints)."""
+    window, stride = window_samples(data)
+    return {"fs": data.fs, "channels": data.channels, "missing_channels": data.missing_channels,
+            "window_seconds": data.window_seconds, "window": window, "stride": stride, "nan": data.nan,
+            "flat": data.flat}
+
+
+def signal_windows(data: SignalDataConfig, splits: str | Sequence[str], *,
+                   manifest: Manifest | None = None) -> tuple[WindowDataset, list[str]]:
+    """The windows of one or more manifest splits and the notes to report (skipped records, dropped windows, ...)."""
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    manifest = manifest or load_manifest(data.manifest)
+    recordings = [rec for split in splits for rec in load_recordings(manifest, split, fs=data.fs, channels=data.channels,
+                                                                      missing_channels=data.missing_channels)]
+    name = "+".join(splits)
+    if not recordings:
+        raise UserError(f"{data.manifest}: split {name} has no signal recordings")
+    window, stride = window_samples(data)
+    windows = WindowDataset(recordings, window=window, stride=stride, nan=data.nan, flat=data.flat)
+    return windows, dataset_notes(windows, name)
+
+
+def dataset_notes(windows: WindowDataset, split: str) -> list[str]:
+    """One line per thing the user must know: skipped recordings, windows dropped for NaN, flat
+    channels, single-trial patients (the trial level has no trial-specific positive for them)."""
+    notes = [f"{split}: skipped {line}" for line in windows.skipped]
+    if windows.dropped_nan:
+        notes.append(f"{split}: {windows.dropped_nan} window(s) containing NaN dropped (data.nan: mask)")
+    flat: dict[str, list[str]] = {}
+    for patient, trial, channel in windows.flat_channels:
+        flat.setdefault(f"{patient}/{trial}", []).append(channel)
+    notes += [f"{split}: flat-lined (or zero-filled) channel(s) {', '.join(channels)} in {trial}"
+              for trial, channels in flat.items()]
+    trials = torch.bincount(windows.trial_patient, minlength=len(windows.patient_ids))
+    single = [windows.patient_ids[i] for i in torch.nonzero(trials == 1).flatten().tolist()]
+    if single:
+        notes.append(f"{split}: {len(single)} of {len(trials)} patient(s) have one trial only "
+                     f"({', '.join(single[:5])}{', ...' if len(single) > 5 else ''}): the trial level is skipped "
+                     "for them (counted as trial_skipped_patients in metrics.jsonl)")
+    return notes
+
+
+class HierarchicalBatches(Dataset):
+    """Item i = micro-batch i: {"x": (B, C, W), "sample", "trial", "patient", "label": (B,)}.
+
+    Batch i comes from the sampler's epoch i // len(sampler) (re-drawn per epoch), position i % len.
+    """
+
+    def __init__(self, windows: WindowDataset, *, patients: int, trials: int, samples: int,
+                 batches_per_epoch: int | None, seed: int, rank: int = 0):
+        self.windows = windows
+        self.sampler = HierarchicalBatchSampler(windows, patients=patients, trials=trials, samples=samples,
+                                                batches_per_epoch=batches_per_epoch, seed=derive_seed(seed, rank))
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def indices(self, i: int) -> list[int]:
+        """Window indices of micro-batch i."""
+        epoch, position = divmod(i, len(self.sampler))
+        if self._epoch is None or self._epoch[0] != epoch:
+            self.sampler.set_epoch(epoch)
+            self._epoch = (epoch, list(self.sampler))
+        return self._epoch[1][position]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return default_collate([self.windows[k] for k in self.indices(i)])
+
+
+# ------------------------------------------------------------------------------------------------ views
+
+
+@dataclass
+class Views:
+    """Two views of B windows stacked: `x` (2B, C, L) (view a first), `mask` (2B, L) bool (True = masked).
+
+    Timestamps `start_a + k` of view a and `start_b + k` of view b (k < `overlap`) are the same sample.
+    """
+
+    x: torch.Tensor
+    mask: torch.Tensor
+    start_a: int
+    start_b: int
+    overlap: int
+
+    def aligned(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder output (2B, L, D) -> the overlapping timestamps of each view, (B, overlap, D) twice."""
+        z_a, z_b = z.chunk(2)
+        return (z_a[:, self.start_a:self.start_a + self.overlap], z_b[:, self.start_b:self.start_b + self.overlap])
+
+
+def _randint(low: int, high: int, size: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Uniform integers in [low, high] (inclusive) on the generator's device."""
+    return torch.randint(low, high + 1, size, generator=generator, device=generator.device)
+
+
+def span_mask(batch: int, length: int, *, spans: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """(batch, length) bool with `spans` random spans of round(fraction x length) timestamps masked per row."""
+    span = round(fraction * length)
+    t = torch.arange(length, device=generator.device)
+    if spans == 0 or span == 0:
+        return torch.zeros(batch, length, dtype=torch.bool, device=generator.device)
+    starts = _randint(0, length - span, (batch, spans, 1), generator)
+    return ((t >= starts) & (t < starts + span)).any(dim=1)
+
+
+def make_views(x: torch.Tensor, config: ViewConfig, generator: torch.Generator) -> Views:
+    """Two cropped, jittered, masked views of the windows x (B, C, W)."""
+    batch, channels, width = x.shape
+    length = max(1, round(config.crop * width))
+    slack = width - length
+    shift = int(_randint(-slack, slack, (1,), generator))  # view b starts `shift` samples after view a
+    start = _randint(max(0, -shift), slack - max(0, shift), (batch, 1, 1), generator)
+    t = torch.arange(length, device=x.device)
+    crops = [x.gather(2, (start + offset + t).expand(batch, channels, length)) for offset in (0, shift)]
+    stacked = torch.cat(crops)
+    if config.jitter > 0:
+        noise = torch.randn(stacked.shape, generator=generator, device=generator.device, dtype=stacked.dtype)
+        stacked = stacked + config.jitter * stacked.std(dim=2, keepdim=True) * noise
+    mask = span_mask(2 * batch, length, spans=config.mask_spans, fraction=config.mask_span_fraction,
+                     generator=generator)
+    return Views(stacked, mask, start_a=max(0, shift), start_b=max(0, -shift), overlap=length - abs(shift))
+
+
+# ------------------------------------------------------------------------------------------------ model and objective
+
+
+class TimeseriesPretrainer(nn.Module):
+    """The trained module: `encoder` (its forward is the encoder's) and `loss` (DBPM statistics as buffers)."""
+
+    def __init__(self, model: TSEncoderConfig, objectives: HierarchyConfig):
+        super().__init__()
+        self.encoder = TSEncoder(model)
+        self.loss = HierarchicalContrast(objectives)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encoder(x, mask)
+
+
+class HierarchicalObjective:
+    """objective(model, batch, generator) -> StepOutput: one pair of views, one encoder call, all levels."""
+
+    def __init__(self, views: ViewConfig):
+        self.views = views
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepOutput:
+        core = getattr(model, "module", model)  # DistributedDataParallel wraps the module
+        views = make_views(batch["x"], self.views, generator)
+        z_a, z_b = views.aligned(model(views.x, views.mask))
+        loss, terms = core.loss(z_a, z_b, batch["sample"], batch["trial"], batch["patient"])
+        return StepOutput(loss=loss, terms=terms, items=batch["x"].shape[0], embeddings=pool(z_a).detach())
+
+
+# ------------------------------------------------------------------------------------------------ the task
+
+
+def pretrain_timeseries(config: PretrainTimeseriesConfig, run_dir: Path, *, resume: bool) -> dict[str, Any]:
+    """Train the encoder; writes config.yaml, metrics.jsonl, tb/, checkpoints/last.pt, summary.json in run_dir.
+
+    Returns the summary (the trainer's final metrics plus the data counts and notes).
+    """
+    run_dir = Path(run_dir)
+    ctx = init_distributed()
+    if ctx.is_main:
+        prepare_run_dir(run_dir, resume=resume)
+    windows, notes = signal_windows(config.data, "training")
+    if len(windows.channels) != config.model.in_channels:
+        raise UserError(f"model.in_channels: {config.model.in_channels}, but the recordings have "
+                        f"{len(windows.channels)} channels ({', '.join(windows.channels)})")
+    console = Console(stderr=True)
+    for note in notes if ctx.is_main else []:
+        console.print(f"warning: {note}", markup=False, highlight=False)
+    batches = HierarchicalBatches(windows, patients=config.sampler.patients, trials=config.sampler.trials,
+                                  samples=config.samples_per_trial, batches_per_epoch=config.sampler.batches_per_epoch,
+                                  seed=config.train.seed, rank=ctx.rank)
+    torch.manual_seed(config.train.seed)
+    rundir = RunDir(run_dir, enabled=ctx.is_main)
+    rundir.write_config(dump_config(config))
+    trainer = Trainer(TimeseriesPretrainer(config.model, config.objectives), HierarchicalObjective(config.views),
+                      batches, config=config.train, run_dir=rundir,
+                      checkpointing=Checkpointing(kind=KIND, arch=config.model.model_dump(),
+                                                  preprocessing=preprocessing(config.data),
+                                                  config=config.model_dump(mode="json")), ctx=ctx)
+    if resume:
+        trainer.resume()
+    last = trainer.fit()
+    summary = {"steps": trainer.step, **{f"final_{k}": v for k, v in last.items()},
+               "windows": len(windows), "patients": len(windows.patient_ids), "trials": len(windows.trial_ids),
+               "batches_per_epoch": len(batches.sampler), "notes": notes}
+    rundir.write_summary(summary)
+    return summary

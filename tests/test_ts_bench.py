@@ -1,0 +1,69 @@
+"""Time-series benchmarks: the per-level baseline computes the same loss with 8 encoder calls; harness smoke tests."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from medssl.bench.timeseries import PerLevelObjective, label_efficiency, random_batch, throughput, two_level
+from medssl.config import load_config
+from medssl.data.synthetic import make_hospital
+from medssl.downstream.ts_classification import EvalTimeseriesConfig
+from medssl.pretrain.timeseries import HierarchicalObjective, PretrainTimeseriesConfig, TimeseriesPretrainer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny(*overrides: str) -> PretrainTimeseriesConfig:
+    return load_config(CONFIGS / "pretrain_timeseries_tiny.yaml", PretrainTimeseriesConfig, list(overrides))
+
+
+def test_per_level_baseline_gives_the_same_loss_with_eight_encoder_calls() -> None:
+    config = tiny()
+    torch.manual_seed(0)
+    model = TimeseriesPretrainer(config.model, config.objectives)
+    calls = []
+    model.encoder.register_forward_hook(lambda *args: calls.append(1))
+    batch = random_batch(config, seed=0)
+    ours = HierarchicalObjective(config.views)(model, batch, torch.Generator().manual_seed(5))
+    assert len(calls) == 1
+    calls.clear()
+    theirs = PerLevelObjective(config.views, config.objectives)(model, batch, torch.Generator().manual_seed(5))
+    assert len(calls) == 8
+    assert theirs.loss.item() == pytest.approx(ours.loss.item(), rel=1e-5)
+    for level in ("observation", "sample", "trial", "patient"):
+        assert theirs.terms[level].item() == pytest.approx(ours.terms[level].item(), rel=1e-5)
+
+
+def test_two_level_keeps_the_total_weight() -> None:
+    objectives = tiny().objectives
+    two = two_level(objectives)
+    assert two.active == ["observation", "sample"] and two.observation.weight == two.sample.weight == 0.5
+    assert objectives.active == ["observation", "sample", "trial", "patient"]  # the original is untouched
+
+
+@pytest.mark.slow  # two fresh Python processes
+def test_throughput_reports_both_implementations_and_their_ratio(capsys) -> None:
+    result = throughput(tiny("train.batch_size=8"), steps=2, warmup=1, device="cpu", threads=1)
+    assert result["one_pair_encoder_calls_per_step"] == 1 and result["per_level_encoder_calls_per_step"] == 8
+    assert result["per_level_saved_for_backward_mib"] > 2 * result["one_pair_saved_for_backward_mib"]
+    assert result["speedup"] == pytest.approx(result["one_pair_windows_per_s"] / result["per_level_windows_per_s"])
+    assert "windows/s" in capsys.readouterr().out
+
+
+def test_label_efficiency_writes_one_row_per_method(tmp_path: Path, capsys) -> None:
+    manifest = make_hospital(tmp_path / "hospital", patients=6, size=16, seed=2, signal_seconds=6.0)
+    pretrain = tiny(f"data.manifest={manifest}", "train.steps=2", "train.batch_size=8")
+    evaluation = load_config(CONFIGS / "eval_timeseries_tiny.yaml", EvalTimeseriesConfig,
+                             [f"data.manifest={manifest}", "train.steps=2", "eval.fractions=[1.0]",
+                              "eval.modes=[probe]", "eval.bootstrap=0"])
+    rows = label_efficiency(pretrain, evaluation, tmp_path / "bench", seeds=(0,))
+    assert [r["method"] for r in rows] == ["four-level", "two-level", "scratch"]
+    with open(tmp_path / "bench" / "ts_label_efficiency.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 3 and {"patient_auroc_mean", "patient_auroc_std"} <= set(table[0])
+    assert (tmp_path / "bench" / "two-level" / "seed0" / "pretrain" / "checkpoints" / "last.pt").exists()
+    assert "label efficiency" in capsys.readouterr().out
