@@ -56,3 +56,12 @@ def test_float32_under_low_precision_inputs_and_shape_errors() -> None:
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     with pytest.raises(ValueError, match="positives must be"):
         info_nce(torch.randn(2, 3), torch.randn(4, 3), torch.ones(2, 2, dtype=torch.bool), tau=0.1)
+
+
+def test_leading_dims_are_independent_problems() -> None:
+    g = torch.Generator().manual_seed(3)
+    z_a, z_b = torch.randn(5, 7, 8, generator=g), torch.randn(5, 7, 8, generator=g)
+    looped = torch.stack([pair_views(a, b, tau=0.2) for a, b in zip(z_a, z_b)]).mean()
+    assert pair_views(z_a, z_b, tau=0.2).item() == pytest.approx(looped.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="expected"):
+        info_nce(torch.randn(2, 3, 4), torch.randn(3, 3, 4), torch.ones(3, 3, dtype=torch.bool), tau=0.1)

@@ -13,38 +13,41 @@ def info_nce(anchors: torch.Tensor, candidates: torch.Tensor, positives: torch.T
              exclude: torch.Tensor | None = None, decoupled: bool = False) -> torch.Tensor:
     """Mean over anchors of `-mean_{j in pos(i)} log( exp(s_ij/tau) / sum_{k in den(i)} exp(s_ik/tau) )`.
 
-    anchors: (N, D); candidates: (M, D); s is their cosine similarity.
-    positives: (N, M) bool, the positive pairs (several per anchor allowed).
-    exclude: (N, M) bool, pairs that are neither positive nor negative (the anchor itself, false
+    anchors: (..., N, D); candidates: (..., M, D) with the same leading dims (a batch of independent
+    problems, e.g. the timestamps of each window); s is their cosine similarity.
+    positives: (..., N, M) bool (leading dims may be omitted: broadcast), several per anchor allowed.
+    exclude: (..., N, M) bool, pairs that are neither positive nor negative (the anchor itself, false
         negatives such as the same anatomy in another patient).
-    decoupled: drop the positives from the denominator (DCL): den(i) = negatives of i plus j itself
-        is replaced by negatives only, which makes the loss less sensitive to batch size.
-    Anchors with no positive (or, decoupled, no negative) are left out; with none left the result
-    is a zero that still carries a gradient.
+    decoupled: drop the positives from the denominator (DCL): den(i) holds the negatives only,
+        which makes the loss less sensitive to batch size.
+    Anchors with no positive (or, decoupled, no negative) are left out; the mean runs over the usable
+    anchors of every problem. With none left the result is a zero that still carries a gradient.
     """
-    if anchors.ndim != 2 or candidates.ndim != 2 or anchors.shape[1] != candidates.shape[1]:
-        raise ValueError(f"info_nce: expected (N, D) and (M, D), got {tuple(anchors.shape)} and "
+    if (anchors.ndim < 2 or anchors.ndim != candidates.ndim or anchors.shape[:-2] != candidates.shape[:-2]
+            or anchors.shape[-1] != candidates.shape[-1]):
+        raise ValueError(f"info_nce: expected (..., N, D) and (..., M, D), got {tuple(anchors.shape)} and "
                          f"{tuple(candidates.shape)}")
-    if positives.shape != (anchors.shape[0], candidates.shape[0]):
-        raise ValueError(f"info_nce: positives must be {(anchors.shape[0], candidates.shape[0])}, "
+    if positives.shape[-2:] != (anchors.shape[-2], candidates.shape[-2]):
+        raise ValueError(f"info_nce: positives must be (..., {anchors.shape[-2]}, {candidates.shape[-2]}), "
                          f"got {tuple(positives.shape)}")
     with torch.autocast(device_type=anchors.device.type, enabled=False):
-        a = F.normalize(anchors.float(), dim=1)
-        c = F.normalize(candidates.float(), dim=1)
-        logits = a @ c.T / tau
+        a = F.normalize(anchors.float(), dim=-1)
+        c = F.normalize(candidates.float(), dim=-1)
+        logits = a @ c.transpose(-1, -2) / tau
         valid = torch.ones_like(positives, dtype=torch.bool) if exclude is None else ~exclude
-        pos = positives & valid
+        valid = torch.broadcast_to(valid, logits.shape)
+        pos = torch.broadcast_to(positives, logits.shape) & valid
         neg = valid & ~pos
         if decoupled:
-            denominator = torch.logsumexp(logits.masked_fill(~neg, float("-inf")), dim=1, keepdim=True)
-            usable = pos.any(dim=1) & neg.any(dim=1)
+            denominator = torch.logsumexp(logits.masked_fill(~neg, float("-inf")), dim=-1, keepdim=True)
+            usable = pos.any(dim=-1) & neg.any(dim=-1)
         else:
-            denominator = torch.logsumexp(logits.masked_fill(~valid, float("-inf")), dim=1, keepdim=True)
-            usable = pos.any(dim=1)
+            denominator = torch.logsumexp(logits.masked_fill(~valid, float("-inf")), dim=-1, keepdim=True)
+            usable = pos.any(dim=-1)
         if not usable.any():
             return logits.sum() * 0.0
         log_prob = (logits - denominator).masked_fill(~pos, 0.0)
-        per_anchor = -log_prob.sum(dim=1) / pos.sum(dim=1).clamp_min(1)
+        per_anchor = -log_prob.sum(dim=-1) / pos.sum(dim=-1).clamp_min(1)
         return per_anchor[usable].mean()
 
 
@@ -56,14 +59,15 @@ def same_id_mask(ids_a: torch.Tensor, ids_b: torch.Tensor | None = None) -> torc
 
 def pair_views(z_a: torch.Tensor, z_b: torch.Tensor, ids: torch.Tensor | None = None, *, tau: float,
                decoupled: bool = False) -> torch.Tensor:
-    """Symmetric contrast of two views of N items: z_a, z_b (N, D); ids (N,) or None.
+    """Symmetric contrast of two views of N items: z_a, z_b (..., N, D); ids (N,) or None.
 
     Both views are pooled into 2N candidates; the anchor itself is excluded. Without ids, the
     other view of the same item is the one positive (NT-Xent / SimCLR). With ids, every other
     embedding with the same id is positive (supervised-contrastive style): e.g. trial or patient ids.
+    Leading dims are independent problems (e.g. the timestamps of each window: TS2Vec's temporal loss).
     """
-    z = torch.cat([z_a, z_b], dim=0)
-    n = z_a.shape[0]
+    z = torch.cat([z_a, z_b], dim=-2)
+    n = z_a.shape[-2]
     item = torch.arange(n, device=z.device).repeat(2) if ids is None else ids.repeat(2)
     eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     return info_nce(z, z, same_id_mask(item) & ~eye, tau=tau, exclude=eye, decoupled=decoupled)

@@ -96,8 +96,8 @@ class HierarchyConfig(StrictModel):
 
 
 def observation_loss(z_a: torch.Tensor, z_b: torch.Tensor, *, tau: float, decoupled: bool = False) -> torch.Tensor:
-    """TS2Vec temporal contrast, mean over the B windows: z_a, z_b (B, T, D) -> scalar."""
-    return torch.stack([pair_views(a, b, tau=tau, decoupled=decoupled) for a, b in zip(z_a, z_b)]).mean()
+    """TS2Vec temporal contrast, mean over the B windows: z_a, z_b (B, T, D) -> scalar (one batched call)."""
+    return pair_views(z_a, z_b, tau=tau, decoupled=decoupled)
 
 
 def window_masks(sample: torch.Tensor, group: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
