@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 COMMANDS = [
     ["synth"], ["manifest", "check"], ["manifest", "build"], ["pretrain", "volume"], ["pretrain", "timeseries"],
     ["finetune", "seg"], ["eval", "timeseries"], ["ground", "train"], ["ground", "infer"], ["bench"], ["demo"],
-    ["app"],
+    ["app"], ["bench", "data"], ["bench", "pretrain-volume"], ["bench", "volume-probe"], ["bench", "ts-throughput"],
+    ["bench", "ts-label-efficiency"],
 ]
 
 
