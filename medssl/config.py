@@ -79,18 +79,10 @@ class TrainConfig(StrictModel):
 
 
 class VolumeTaskConfig(StrictModel):
-    """A task on volumes: pretraining, segmentation fine-tuning, grounding."""
+    """The generic volume task (data + train + free model/objectives sections), validated by
+    commands whose own schema has not been written yet (report grounding)."""
 
     data: VolumeDataConfig
-    train: TrainConfig
-    model: dict[str, Any] = Field(default_factory=dict)
-    objectives: dict[str, Any] = Field(default_factory=dict)
-
-
-class SignalTaskConfig(StrictModel):
-    """A task on physiological signals: pretraining, classification probes."""
-
-    data: SignalDataConfig
     train: TrainConfig
     model: dict[str, Any] = Field(default_factory=dict)
     objectives: dict[str, Any] = Field(default_factory=dict)

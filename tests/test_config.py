@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medssl.config import (SignalTaskConfig, VolumeTaskConfig, dump_config, load_config, parse_overrides,
+from medssl.config import (VolumeTaskConfig, dump_config, load_config, parse_overrides,
                            validate_config)
 from medssl.errors import UserError
 from medssl.downstream.ts_classification import EvalTimeseriesConfig
@@ -49,7 +49,7 @@ def test_overrides_are_typed_and_nested(tmp_path: Path) -> None:
 
 def test_relative_manifest_resolves_against_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    config = load_config(write(tmp_path, BASE), SignalTaskConfig)
+    config = load_config(write(tmp_path, BASE), VolumeTaskConfig)
     assert config.data.manifest == tmp_path / "m.json"
 
 
@@ -71,16 +71,16 @@ def test_bad_values_name_the_key(tmp_path: Path, override: list[str], needle: st
 
 def test_missing_required_key_and_bad_files(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="missing key 'train.batch_size'"):
-        validate_config({"data": {"manifest": "m"}, "train": {"steps": 1}}, SignalTaskConfig)
+        validate_config({"data": {"manifest": "m"}, "train": {"steps": 1}}, VolumeTaskConfig)
     with pytest.raises(UserError, match="config file not found"):
-        load_config(tmp_path / "nope.yaml", SignalTaskConfig)
+        load_config(tmp_path / "nope.yaml", VolumeTaskConfig)
     bad = tmp_path / "bad.yaml"
     bad.write_text("data: [unclosed\n")
     with pytest.raises(UserError, match=r"bad\.yaml: invalid YAML"):
-        load_config(bad, SignalTaskConfig)
+        load_config(bad, VolumeTaskConfig)
     bad.write_text("- a list\n")
     with pytest.raises(UserError, match="must be a YAML mapping"):
-        load_config(bad, SignalTaskConfig)
+        load_config(bad, VolumeTaskConfig)
 
 
 def test_dump_roundtrips(tmp_path: Path) -> None:
