@@ -1,12 +1,15 @@
 """`medssl demo`: the main job end to end on the embedded default data, in minutes on a CPU.
 
 Steps: write the synthetic hospital, check its manifest, pretrain a tiny 3D encoder on it (with
-the frozen-feature organ probe against its random initialisation), and print a summary. Every
-step writes under the output folder; results are on *synthetic* data and labelled so.
+the frozen-feature organ probe against its random initialisation), pretrain a signal encoder on its
+ECG/PPG with four-level contrast and classify the patient condition with a linear probe on
+held-out patients, and print a summary. Every step writes under the output folder; results are on
+*synthetic* data and labelled so.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +61,24 @@ def _pretrain_volume(manifest: Path, run_dir: Path) -> dict[str, Any]:
     return pretrain_volume(config, run_dir)
 
 
+def _timeseries(manifest: Path, pretrain_dir: Path, eval_dir: Path) -> dict[str, Any]:
+    from medssl.downstream.ts_classification import EvalTimeseriesConfig, eval_timeseries
+    from medssl.pretrain.timeseries import PretrainTimeseriesConfig, pretrain_timeseries
+
+    data = {"manifest": str(manifest), "fs": 125.0, "channels": ["ECG", "PPG"], "window_seconds": 4.0,
+            "stride_seconds": 2.0}
+    pretrain = validate_config({"data": data, "train": {"steps": 60, "batch_size": 32, "seed": 0, "warmup_steps": 6,
+                                                        "log_every": 10, "checkpoint_every": 60}},
+                               PretrainTimeseriesConfig, source="demo pretrain timeseries config")
+    summary = pretrain_timeseries(pretrain, pretrain_dir, resume=False)
+    evaluation = validate_config({"data": data, "train": {"steps": 30, "batch_size": 32, "seed": 0},
+                                  "eval": {"fractions": [1.0], "modes": ["probe"], "test_splits": ["validation", "test"],
+                                           "bootstrap": 200}},
+                                 EvalTimeseriesConfig, source="demo eval timeseries config")
+    scores = eval_timeseries(evaluation, eval_dir, pretrained=pretrain_dir / "checkpoints" / "last.pt")
+    return {"final_loss": summary["final_loss"], **scores}
+
+
 def run_demo(out: str | Path) -> dict[str, dict[str, Any]]:
     """Run every built step under `out` and print the summary; returns each step's results."""
     out = Path(out)
@@ -67,13 +88,12 @@ def run_demo(out: str | Path) -> dict[str, dict[str, Any]]:
     results["synth"] = _step("1. synthetic hospital", lambda: _synth(out))
     manifest = results["synth"]["manifest"]
     results["check"] = _step("2. manifest check", lambda: _check(manifest))
-    pretrain_dir = out / "pretrain_volume"
-    if pretrain_dir.exists():
-        import shutil
-
-        shutil.rmtree(pretrain_dir)  # a previous demo's run: the demo always starts fresh
+    for run in ("pretrain_volume", "pretrain_timeseries", "eval_timeseries"):
+        shutil.rmtree(out / run, ignore_errors=True)  # a previous demo's runs: the demo always starts fresh
     results["pretrain_volume"] = _step("3. 3D pretraining (anatomical consistency, multi-level contrast)",
-                                       lambda: _pretrain_volume(manifest, pretrain_dir))
+                                       lambda: _pretrain_volume(manifest, out / "pretrain_volume"))
+    results["timeseries"] = _step("4. signal pretraining (four levels) and patient-level condition probe",
+                                  lambda: _timeseries(manifest, out / "pretrain_timeseries", out / "eval_timeseries"))
     _print_summary(out, results)
     return results
 
@@ -88,6 +108,11 @@ def _print_summary(out: Path, results: dict[str, dict[str, Any]]) -> None:
     table.add_row("3D pretraining",
                   f"loss {pre['final_loss']:.3f}; organ probe Dice {pre['final_probe_dice']:.3f} "
                   f"(random init {pre['init_probe_dice']:.3f})", f"{pre['seconds']:.1f}")
+    ts = results["timeseries"]
+    auroc = ts.get("probe_frac100_patient_auroc")
+    table.add_row("signal pretraining + probe",
+                  f"loss {ts['final_loss']:.3f}; condition probe patient AUROC "
+                  f"{'n/a' if auroc is None else f'{auroc:.3f}'} (held-out patients)", f"{ts['seconds']:.1f}")
     console.print(table)
     console.print(f"outputs under {out}; pretrained encoder: {out / 'pretrain_volume' / 'encoder.pt'}")
     console.print(f"training curves: tensorboard --logdir {out}")

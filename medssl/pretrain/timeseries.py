@@ -289,9 +289,5 @@ def pretrain_timeseries(config: PretrainTimeseriesConfig, run_dir: Path, *, resu
                                                   config=config.model_dump(mode="json")), ctx=ctx)
     if resume:
         trainer.resume()
-    last = trainer.fit()
-    summary = {"steps": trainer.step, **{f"final_{k}": v for k, v in last.items()},
-               "windows": len(windows), "patients": len(windows.patient_ids), "trials": len(windows.trial_ids),
-               "batches_per_epoch": len(batches.sampler), "notes": notes}
-    rundir.write_summary(summary)
-    return summary
+    return trainer.fit({"windows": len(windows), "patients": len(windows.patient_ids),
+                        "trials": len(windows.trial_ids), "batches_per_epoch": len(batches.sampler), "notes": notes})

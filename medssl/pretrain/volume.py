@@ -228,18 +228,9 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
     if resume:
         trainer.resume()
     initial_probe = probe(model.encoder) if probe and trainer.step == 0 else {}
-    trainer.fit()
-    if ctx.is_main:
-        export_encoder(run_dir / "encoder.pt", model.encoder, config.model, prep.to_dict(),
-                       config.model_dump(mode="json"), trainer.step)
-        summary = {**_read_summary(run_dir), **{f"init_{k}": v for k, v in initial_probe.items()}}
-        run.write_summary(summary)
-        return summary
-    return {}
-
-
-def _read_summary(run_dir: Path) -> dict:
-    import json
-
-    path = run_dir / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    summary = trainer.fit({f"init_{k}": v for k, v in initial_probe.items()})
+    if not ctx.is_main:
+        return {}
+    export_encoder(run_dir / "encoder.pt", model.encoder, config.model, prep.to_dict(), config.model_dump(mode="json"),
+                   trainer.step)
+    return summary

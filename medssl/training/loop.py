@@ -131,8 +131,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def fit(self) -> dict[str, float]:
-        """Train to `config.steps`; return the last logged metrics (also written to summary.json)."""
+    def fit(self, extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Train to `config.steps`; write and return summary.json: `steps`, the last logged metrics as
+        `final_*`, `best_<metric>` when a best metric is tracked, plus `extra_summary`."""
         cfg = self.config
         accum = cfg.grad_accum
         loader = DataLoader(self.batches, batch_size=None, sampler=range(self.step * accum, cfg.steps * accum),
@@ -194,12 +195,12 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save(self.run_dir.last_checkpoint)
         bar.close()
-        summary = {"steps": self.step, **{f"final_{k}": v for k, v in last.items()}}
+        summary = {"steps": self.step, **{f"final_{k}": v for k, v in last.items()}, **(extra_summary or {})}
         if self.best_metric:
             summary[f"best_{self.best_metric}"] = self.best_value
         self.run_dir.write_summary(summary)
         self.run_dir.close()
-        return last
+        return summary
 
     def _maybe_evaluate(self, *, force: bool) -> dict[str, float]:
         if self.evaluate is None or not self.eval_every or not (force or self.step % self.eval_every == 0):
