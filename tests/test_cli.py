@@ -59,7 +59,7 @@ def test_config_errors_exit_2_naming_the_key(tmp_path: Path, capsys: pytest.Capt
 
 def test_console_script_exits_2_without_traceback(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "medssl", "manifest", "check", str(tmp_path / "none.json")],
-                          capture_output=True, text=True, cwd=tmp_path)
+                          capture_output=True, encoding="utf-8", errors="replace", cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "none.json" in proc.stderr
@@ -69,7 +69,7 @@ def test_console_script_exits_2_without_traceback(tmp_path: Path) -> None:
 def hospital(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "hospital"
     main_ok = subprocess.run([sys.executable, "-m", "medssl", "synth", str(out), "--patients", "6", "--size", "48",
-                              "--seed", "3"], capture_output=True, text=True)
+                              "--seed", "3"], capture_output=True, encoding="utf-8", errors="replace")
     assert main_ok.returncode == 0, main_ok.stderr
     return out
 

@@ -152,7 +152,7 @@ def _in_fresh_process(args: list) -> dict[str, float]:
     """`_measure(*args)` in a new Python process (its own peak memory; no multiprocessing main-module re-import)."""
     code = ("import json, sys; from medssl.bench.timeseries import _measure; "
             "print(json.dumps(_measure(*json.loads(sys.argv[1]))))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], stdout=subprocess.PIPE, text=True)
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], stdout=subprocess.PIPE, encoding="utf-8")
     if done.returncode != 0:
         raise RuntimeError(f"throughput measurement of {args[0]} failed (exit {done.returncode}); see its error above")
     return json.loads(done.stdout.strip().splitlines()[-1])
