@@ -34,10 +34,6 @@ PretrainedOpt = Annotated[Optional[Path], typer.Option("--pretrained", help="Pre
 OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Config overrides: dotted.key=value ...")]
 
 
-def _not_yet(command: str, issue: int) -> None:
-    raise UserError(f"'medssl {command}' is not implemented yet (tracked in issue #{issue})")
-
-
 # ---------------------------------------------------------------------------------------- data
 
 
@@ -50,12 +46,22 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed; the output is deterministic per seed.")] = 0,
     trials: Annotated[int, typer.Option(help="Signal recording sessions (trials) per study.")] = 2,
     signal_seconds: Annotated[float, typer.Option(help="Length of each signal trial in seconds.")] = 20.0,
+    cohort: Annotated[str, typer.Option(help="hospital (CT torso, signals) or mni152 (brain tissue MR from "
+                                             "nilearn's MNI152 template; --patients subjects).")] = "hospital",
 ) -> None:
-    """Write the synthetic hospital: CT volumes, organ labels, lesions, reports, ECG/PPG, manifest."""
-    from medssl.data.synthetic import make_hospital
+    """Write a synthetic cohort: the hospital (CT volumes, organ labels, lesions, reports, ECG/PPG) or the
+    MNI152 brain-tissue cohort, with a manifest."""
+    if cohort == "hospital":
+        from medssl.data.synthetic import make_hospital
 
-    manifest = make_hospital(out, patients=patients, studies=studies, size=size, seed=seed, trials=trials,
-                             signal_seconds=signal_seconds, progress=True)
+        manifest = make_hospital(out, patients=patients, studies=studies, size=size, seed=seed, trials=trials,
+                                 signal_seconds=signal_seconds, progress=True)
+    elif cohort == "mni152":
+        from medssl.data.mni_cohort import make_mni_cohort
+
+        manifest = make_mni_cohort(out, subjects=patients, studies=studies, size=size, seed=seed, progress=True)
+    else:
+        raise UserError(f"--cohort: {cohort!r} is not one of hospital, mni152")
     typer.echo(f"wrote {manifest}")
 
 
@@ -146,8 +152,11 @@ def pretrain_timeseries(config: ConfigOpt, output: RunDirOpt = None, resume: Res
 def finetune_seg(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
                  overrides: OverridesArg = None) -> None:
     """Fine-tune a 3D segmentation network, from scratch or from a pretrained encoder."""
-    _load(config, "VolumeTaskConfig", overrides)
-    _not_yet("finetune seg", 5)
+    from medssl.downstream.segmentation import FinetuneSegConfig, finetune_seg as run
+
+    cfg = load_config(config, FinetuneSegConfig, overrides)
+    run_dir = output or Path("runs/finetune_seg")
+    _print_summary(run_dir, run(cfg, run_dir, pretrained=pretrained))
 
 
 @eval_app.command("timeseries")
@@ -258,6 +267,34 @@ def bench_ts_label_efficiency(
 
     label_efficiency(load_config(pretrain_config, PretrainTimeseriesConfig, pretrain_set),
                      load_config(eval_config, EvalTimeseriesConfig, eval_set), output, seeds=tuple(seeds))
+
+
+@bench_app.command("label-efficiency")
+def bench_label_efficiency(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/label_efficiency"),
+    cohorts: Annotated[list[str], typer.Option("--cohort", help="hospital and/or mni152 (repeat).")] = [
+        "hospital", "mni152"],
+    counts: Annotated[list[int], typer.Option("--count", help="Labelled training volumes (repeat).")] = [1, 2, 4, 8],
+    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat).")] = [0, 1, 2],
+    steps: Annotated[Optional[int], typer.Option(help="Fine-tuning steps (default: the config's).")] = None,
+    pretrain_steps: Annotated[Optional[int], typer.Option(help="Pretraining steps (default: the config's).")] = None,
+) -> None:
+    """Segmentation Dice vs number of labelled volumes, from scratch and pretrained, same budget; CSV + PNG."""
+    from medssl.bench.label_efficiency import label_efficiency
+
+    label_efficiency(output, cohorts=tuple(cohorts), counts=tuple(counts), seeds=tuple(seeds), steps=steps,
+                     pretrain_steps=pretrain_steps)
+
+
+@bench_app.command("seg-inference")
+def bench_seg_inference(
+    size: Annotated[int, typer.Option(help="Volume edge in voxels.")] = 64,
+    volumes: Annotated[int, typer.Option(help="Timed volumes.")] = 5,
+) -> None:
+    """Sliding-window inference speed (volumes/s) and peak memory of the fine-tuning network."""
+    from medssl.bench.label_efficiency import inference_speed
+
+    inference_speed(size=size, volumes=volumes)
 
 
 @app.command()

@@ -10,13 +10,14 @@ import yaml
 from medssl.config import (VolumeTaskConfig, dump_config, load_config, parse_overrides,
                            validate_config)
 from medssl.errors import UserError
+from medssl.downstream.segmentation import FinetuneSegConfig
 from medssl.downstream.ts_classification import EvalTimeseriesConfig
 from medssl.pretrain.timeseries import PretrainTimeseriesConfig
 from medssl.pretrain.volume import PretrainVolumeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-SCHEMA_OF = {"pretrain_volume": PretrainVolumeConfig, "finetune_seg": VolumeTaskConfig, "ground": VolumeTaskConfig,
+SCHEMA_OF = {"pretrain_volume": PretrainVolumeConfig, "finetune_seg": FinetuneSegConfig, "ground": VolumeTaskConfig,
              "pretrain_timeseries": PretrainTimeseriesConfig, "pretrain_timeseries_physionet": PretrainTimeseriesConfig,
              "eval_timeseries": EvalTimeseriesConfig}
 

@@ -3,7 +3,6 @@ the persistent cache and reading errors, on tiny NIfTI volumes with a flipped, a
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from pathlib import Path

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +59,7 @@ from scipy.spatial.transform import Rotation
 
 from medssl.atomic import atomic_dir, write_json, write_text
 from medssl.data import io
+from medssl.data.cohort import check_int_arguments, check_replaceable
 from medssl.errors import UserError
 
 ORGANS: dict[int, str] = {0: "background", 1: "body", 2: "lung_left", 3: "lung_right", 4: "heart", 5: "liver",
@@ -656,31 +656,12 @@ def _split(conditions: list[int], seed: int) -> dict[str, list[int]]:
 
 def _check_arguments(patients: int, studies: int, size: int, seed: int, trials: int, signal_seconds: float,
                      fs: float) -> None:
-    for name, value, low, high in (("patients", patients, 1, None), ("studies", studies, 1, None),
-                                   ("size", size, 16, 256), ("seed", seed, 0, None), ("trials", trials, 1, None)):
-        if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low
-                or (high is not None and value > high)):
-            bound = f"between {low} and {high}" if high else f">= {low}"
-            raise UserError(f"{name}: must be an integer {bound}, got {value!r}")
+    check_int_arguments((("patients", patients, 1, None), ("studies", studies, 1, None), ("size", size, 16, 256),
+                         ("seed", seed, 0, None), ("trials", trials, 1, None)))
     if not (isinstance(signal_seconds, (int, float)) and np.isfinite(signal_seconds) and signal_seconds >= 1):
         raise UserError(f"signal_seconds: must be at least 1 second, got {signal_seconds!r}")
     if not (isinstance(fs, (int, float)) and np.isfinite(fs) and fs >= 100):
         raise UserError(f"fs: must be at least 100 Hz (the QRS complex needs it), got {fs!r}")
-
-
-def _check_target(out: Path) -> None:
-    """Refuse to replace anything but a previous synthetic hospital."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    try:
-        previous = json.loads((out / "manifest.json").read_text()).get("name") == MANIFEST_NAME
-    except (OSError, ValueError, AttributeError):
-        previous = False
-    if not previous:
-        raise UserError(f"{out}: folder is not empty and is not a previous synthetic hospital (no manifest.json "
-                        f"named {MANIFEST_NAME!r}); choose a new or empty folder")
 
 
 def make_hospital(out_dir: str | Path, *, patients: int = 8, studies: int = 2, size: int = 64, seed: int = 0,
@@ -693,7 +674,7 @@ def make_hospital(out_dir: str | Path, *, patients: int = 8, studies: int = 2, s
     """
     _check_arguments(patients, studies, size, seed, trials, signal_seconds, fs)
     out = Path(out_dir)
-    _check_target(out)
+    check_replaceable(out, MANIFEST_NAME, "synthetic hospital")
     plan = _Plan(int(seed), int(studies), int(size), int(trials), float(signal_seconds), float(fs),
                  max(3, len(str(patients))))
     conditions = [_condition(plan.seed, k) for k in range(patients)]

@@ -1,0 +1,271 @@
+"""Segmentation fine-tuning (medssl.downstream.segmentation): learning, geometry of the predictions,
+pretrained encoders, freezing, layer-wise LR, per-patient label selection and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from medssl.config import load_config
+from medssl.data import io
+from medssl.data.synthetic import make_hospital
+from medssl.data.volumes import Preprocessing
+from medssl.downstream.segmentation import (FinetuneSegConfig, build_network, encoder_stages, finetune_seg,
+                                            layerwise_param_groups, resolve_preprocessing, select_labelled)
+from medssl.errors import UserError
+from medssl.models.volume_encoders import (VolumeEncoderConfig, build_segmentation_network, export_encoder,
+                                          network_encoder)
+from medssl.training.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "finetune_seg_tiny.yaml"
+# a fast network for CPU tests: SegResNet with 3 one-block stages on 16^3 crops
+FAST = ["model.name=segresnet", "model.width=8", "model.segresnet_blocks=[1,1,1]", "data.crop_size=[16,16,16]",
+        "train.lr=0.01"]
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads wait on each other (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+def _flip_x(path: str, *, label: bool) -> None:
+    """Rewrite a volume in LAS orientation with the same world geometry (array flipped, affine adjusted)."""
+    volume = io.read_volume(path, label=label)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = volume.array.shape[0] - 1
+    io.write_volume(path, np.ascontiguousarray(volume.array[::-1]), volume.affine @ flip)
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory) -> Path:
+    """4 patients x 2 studies at 32^3 (train P001, P004; validation P002; test P003); the first test
+    volume and its label map are stored in LAS orientation."""
+    manifest = make_hospital(tmp_path_factory.mktemp("seg") / "hospital", patients=4, studies=2, size=32, seed=0)
+    entry = json.loads(manifest.read_text())["test"][0]
+    _flip_x(str(manifest.parent / entry["image"]), label=False)
+    _flip_x(str(manifest.parent / entry["label"]), label=True)
+    return manifest
+
+
+def _config(manifest: Path, *overrides: str) -> FinetuneSegConfig:
+    return load_config(TINY, FinetuneSegConfig, [f"data.manifest={manifest}", *FAST, *overrides])
+
+
+def _checkpoint(path: Path, cfg: FinetuneSegConfig, *, seed: int = 123, window=(40.0, 400.0)) -> dict:
+    """A "volume-encoder" checkpoint of cfg.model with weights drawn by `seed`; returns its weights."""
+    torch.manual_seed(seed)
+    encoder = network_encoder(build_segmentation_network(cfg.model, 2), cfg.model)
+    prep = Preprocessing(crop_size=cfg.data.crop_size, spacing=cfg.data.spacing, window=window)
+    export_encoder(path, encoder, cfg.model, prep.to_dict(), {}, step=7)
+    return {k: v.clone() for k, v in encoder.state_dict().items()}
+
+
+def _encoder_weights(weights: dict, cfg: FinetuneSegConfig) -> dict:
+    parts = network_encoder(build_segmentation_network(cfg.model, 10), cfg.model).parts
+    return {k: v for k, v in weights.items() if k.split(".")[0] in parts}
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def test_finetune_learns_and_writes_the_run_directory(hospital, tmp_path):
+    cfg = _config(hospital, "train.steps=40", "seg.eval_every=20", "data.spacing=[15.0,15.0,15.0]")
+    run = tmp_path / "run"
+    summary = finetune_seg(cfg, run)
+
+    # the body class is learnt well above chance (chance: predict body everywhere)
+    truth = [io.read_volume(hospital.parent / e["label"], label=True).array
+             for e in json.loads(hospital.read_text())["test"]]
+    chance = max(2 * (t == 1).sum() / ((t == 1).sum() + t.size) for t in truth)
+    assert chance < 0.5
+    assert summary["test_dice_body"] > 0.6 > chance + 0.1
+    assert 0.0 <= summary["test_dice_mean"] <= 1.0 and summary["test_hd95_body"] > 0
+    assert summary["labelled_volumes"] == 4 and summary["test_cases"] == 2 and summary["pretrained"] is None
+
+    # predictions: on the input's grid, with the input's affine (the first one is LAS, resampled to 15 mm inside)
+    rows = list(csv.DictReader((run / "test_cases.csv").open()))
+    assert [r["case"] for r in rows] == ["P003_S1", "P003_S2"]
+    for row in rows:
+        image = nib.load(row["image"])
+        pred = nib.load(run / "predictions" / f"{row['case']}.nii.gz")
+        assert nib.aff2axcodes(image.affine) == (("L", "A", "S") if row["case"] == "P003_S1" else ("R", "A", "S"))
+        np.testing.assert_allclose(pred.affine, image.affine, atol=1e-5)
+        assert pred.shape == image.shape and pred.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(pred.dataobj))) <= set(range(10))
+        assert float(row["dice_body"]) > 0.6  # aligned with the label map, LAS case included
+
+    # run directory (DESIGN 3.2)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5, 41, 5))
+    assert {"loss", "dice", "ce"} <= set(records[0]) and "val_dice_mean" in records[3]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert json.loads((run / "summary.json").read_text())["test_dice_mean"] == summary["test_dice_mean"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt", kind="finetune-seg")["step"] == 40
+    assert load_checkpoint(run / "checkpoints" / "best.pt", kind="finetune-seg")["step"] in (20, 40)
+    assert any((run / "tb").iterdir()) and (run / "config.yaml").is_file()
+    assert (run / "test_overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pretrained_encoder_is_loaded_whole(hospital, tmp_path):
+    cfg = _config(hospital)
+    stored = _checkpoint(tmp_path / "encoder.pt", cfg)
+    scratch, none = build_network(cfg, 10, None)
+    network, report = build_network(cfg, 10, tmp_path / "encoder.pt")
+    assert none is None and report.fraction == 1.0 and not report.missing and report.step == 7
+    encoder = _encoder_weights(network.state_dict(), cfg)
+    assert encoder.keys() == stored.keys()
+    for key, value in encoder.items():
+        assert torch.equal(value, stored[key])
+    changed = [k for k, v in _encoder_weights(scratch.state_dict(), cfg).items() if v.ndim > 1]
+    assert changed and all(not torch.equal(scratch.state_dict()[k], stored[k]) for k in changed)
+    decoder = [k for k in network.state_dict() if k not in encoder]
+    assert decoder and all(torch.equal(network.state_dict()[k], scratch.state_dict()[k]) for k in decoder)
+
+
+@pytest.mark.parametrize("steps, frozen", [(3, True), (5, False)])
+def test_freeze_encoder_for_n_steps(hospital, tmp_path, capsys, steps, frozen):
+    cfg = _config(hospital, f"train.steps={steps}", "train.log_every=1", "seg.freeze_encoder_steps=3",
+                  "seg.eval_every=0", "seg.overlay_cases=0", "seg.labelled_volumes=1")
+    stored = _checkpoint(tmp_path / "encoder.pt", cfg, window=(50.0, 350.0))
+    summary = finetune_seg(cfg, tmp_path / "run", pretrained=tmp_path / "encoder.pt")
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    encoder = _encoder_weights(last, cfg)
+    same = [torch.equal(encoder[k], stored[k]) for k in encoder]
+    assert all(same) if frozen else not any(same)
+    initial = build_network(cfg, 10, tmp_path / "encoder.pt")[0].state_dict()
+    assert any(not torch.equal(last[k], initial[k]) for k in last if k not in encoder)  # the decoder trained
+    # the checkpoint's preprocessing wins, with a warning naming both windows
+    assert summary["encoder_loaded_fraction"] == 1.0
+    assert len(summary["warnings"]) == 1 and "data.window" in summary["warnings"][0]
+    assert "[40.0, 400.0]" in summary["warnings"][0] and "[50.0, 350.0]" in summary["warnings"][0]
+    assert "warning: data.window" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["preprocessing"]["window"] == [50.0, 350.0]
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def test_labelled_volumes_are_chosen_per_patient():
+    entries = [{"image": f"{p}_{s}", "patient_id": p} for p in ("A", "B", "C", "D", "E") for s in ("S1", "S2")]
+    three = select_labelled(entries, 3, seed=0)
+    assert len({e["patient_id"] for e in three}) == 3
+    assert all(e["image"].endswith("S1") for e in three)
+    seven = select_labelled(entries, 7, seed=0)
+    assert {e["patient_id"] for e in seven} == set("ABCDE") and seven[:3] == three  # nested
+    assert select_labelled(entries, 3, seed=0) == three  # deterministic
+    assert any(select_labelled(entries, 3, seed=s) != three for s in range(1, 5))
+    assert select_labelled(entries, None, seed=0) == entries
+    with pytest.raises(UserError, match="seg.labelled_volumes: 11 labelled volumes asked for"):
+        select_labelled(entries, 11, seed=0)
+
+
+def test_preprocessing_mismatch_warns_with_both_values(hospital):
+    from medssl.data.manifest import load_manifest
+
+    cfg = _config(hospital)
+    stored = Preprocessing(crop_size=(32, 32, 32), window=(50.0, 350.0), percentiles=(2.0, 98.0)).to_dict()
+    prep, notes = resolve_preprocessing(cfg.data, load_manifest(hospital), stored, "CKPT")
+    assert prep.crop_size == (32, 32, 32) and prep.window == (50.0, 350.0)
+    assert len(notes) == 2  # percentiles do not matter for CT
+    assert any("data.crop_size" in n and "[16, 16, 16]" in n and "[32, 32, 32]" in n and "CKPT" in n for n in notes)
+    assert resolve_preprocessing(cfg.data, load_manifest(hospital), None, "-")[1] == []
+
+
+def test_layerwise_lr_decay_groups():
+    cfg = VolumeEncoderConfig(width=4)
+    network = build_segmentation_network(cfg, 3)
+    encoder = network_encoder(network, cfg)
+    groups = layerwise_param_groups(network, encoder, lr=1.0, weight_decay=0.1, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert len(lr_of) == sum(1 for _ in network.parameters())  # every parameter once
+    assert groups[0]["lr"] == 1.0
+    stages = encoder_stages(encoder)
+    assert [type(s).__name__ for s in stages][:1] == ["TwoConv"] and len(stages) == 5
+    for i, stage in enumerate(stages):
+        assert {lr_of[id(p)] for p in stage.parameters()} == {0.5 ** (5 - i)}
+    assert {lr_of[id(p)] for p in network.final_conv.parameters()} == {1.0}
+    assert all(g["weight_decay"] == (0.1 if g["params"][0].ndim > 1 else 0.0) for g in groups)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _copy(hospital: Path, tmp_path: Path) -> tuple[Path, dict]:
+    folder = shutil.copytree(hospital.parent, tmp_path / "copy")
+    manifest = folder / "manifest.json"
+    return manifest, json.loads(manifest.read_text())["training"][0]
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("undeclared", r"label value\(s\) \[12\] are not classes of"),
+    ("empty", "label map is empty"),
+    ("affine", "label map affine differs from the image's by up to 5 mm"),
+])
+def test_bad_label_maps_are_refused_before_writing(hospital, tmp_path, problem, message):
+    manifest, entry = _copy(hospital, tmp_path)
+    path = manifest.parent / entry["label"]
+    label = io.read_volume(path, label=True)
+    array, affine = label.array.copy(), label.affine.copy()
+    if problem == "undeclared":
+        array[0, 0, 0] = 12
+    elif problem == "empty":
+        array[:] = 0
+    else:
+        affine[0, 3] += 5.0
+    io.write_volume(path, array, affine)
+    with pytest.raises(UserError, match=message) as err:
+        finetune_seg(_config(manifest), tmp_path / "run")
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unfit_checkpoints_are_refused(hospital, tmp_path):
+    cfg = _config(hospital)
+    weights = _checkpoint(tmp_path / "encoder.pt", cfg)
+    missing = sorted(weights)[:2]
+    payload = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    payload["model"] = {k: v for k, v in weights.items() if k not in missing}
+    torch.save(payload, tmp_path / "partial.pt")
+    with pytest.raises(UserError, match="only .* of the network's tensors load, 100% required") as err:
+        finetune_seg(cfg, tmp_path / "run", pretrained=tmp_path / "partial.pt")
+    assert str(tmp_path / "partial.pt") in str(err.value) and missing[0] in str(err.value)
+    other = _config(hospital, "model.width=16")
+    with pytest.raises(UserError, match="checkpoint encoder .* differs from the configured model"):
+        finetune_seg(other, tmp_path / "run", pretrained=tmp_path / "encoder.pt")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="run directory is not empty"):
+        finetune_seg(cfg, tmp_path / "run")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["keep.txt"]
+
+
+def test_config_errors_name_the_field(hospital):
+    with pytest.raises(UserError, match="seg.eval_every 7 must be a multiple of train.log_every 5"):
+        _config(hospital, "seg.eval_every=7")
+    with pytest.raises(UserError, match="seg.layer_decay"):
+        _config(hospital, "seg.layer_decay=0")
+    with pytest.raises(UserError, match="unknown key 'seg.freeze'"):
+        _config(hospital, "seg.freeze=3")
+
+
+def test_inference_speed_reports_throughput_and_memory(capsys):
+    from medssl.bench.label_efficiency import inference_speed
+
+    figures = inference_speed(TINY, size=32, classes=3, volumes=2, overrides=FAST)
+    assert figures["volumes_per_s"] > 0 and figures["seconds_per_volume"] == pytest.approx(1 / figures["volumes_per_s"])
+    assert figures["peak_rss_mib"] > 0 and figures["inference_rss_increase_mib"] >= 0
+    printed = " ".join(capsys.readouterr().out.split())  # rich may wrap long lines
+    assert "sliding-window inference (segresnet width 8, ROI (16, 16, 16)" in printed
