@@ -32,13 +32,7 @@ FAST = ["model.name=segresnet", "model.width=8", "model.segresnet_blocks=[1,1,1]
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads wait on each other (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _flip_x(path: str, *, label: bool) -> None:
     """Rewrite a volume in LAS orientation with the same world geometry (array flipped, affine adjusted)."""

@@ -240,8 +240,10 @@ def inference_speed(config: str | Path = FINETUNE_CONFIG, *, size: int = 64, cla
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - tick
+    # the kernel's peak (ru_maxrss) and current (statm) counters are updated at different times and can
+    # disagree by a fraction of a MiB, so a peak that did not move reads as a tiny negative increase
     figures = {"volumes_per_s": volumes / seconds, "seconds_per_volume": seconds / volumes,
-               "peak_rss_mib": peak_rss_mib(), "inference_rss_increase_mib": peak_rss_mib() - before}
+               "peak_rss_mib": peak_rss_mib(), "inference_rss_increase_mib": max(0.0, peak_rss_mib() - before)}
     if device.type == "cuda":
         figures["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print_table(f"sliding-window inference ({cfg.model.name} width {cfg.model.width}, ROI {cfg.data.crop_size}, "
