@@ -112,12 +112,6 @@ def load_config(config: Path, schema, overrides: list[str] | None):
     return load(config, schema, overrides)
 
 
-def _load(config: Path, schema_name: str, overrides: list[str] | None):
-    from medssl import config as cfg
-
-    return load_config(config, getattr(cfg, schema_name), overrides)
-
-
 def _print_summary(run_dir: Path, summary: dict) -> None:
     if not summary:  # a non-main rank of a distributed run
         return
@@ -173,7 +167,9 @@ def eval_timeseries(config: ConfigOpt, pretrained: PretrainedOpt = None, output:
 def ground_train(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
                  overrides: OverridesArg = None) -> None:
     """Train report grounding: report phrases to 3D attention maps."""
-    _load(config, "VolumeTaskConfig", overrides)
+    from medssl.config import VolumeTaskConfig
+
+    load_config(config, VolumeTaskConfig, overrides)
     raise UserError("'medssl ground train' is not implemented yet (no issue filed for grounding so far)")
 
 
