@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from medssl.errors import UserError
+from medssl.errors import UserError, one_line
 
 app = typer.Typer(help="medssl: self-supervised pretraining on hospital data (3D volumes, physiological signals) "
                        "and the heads that use it. Every command has --help.", no_args_is_help=True, pretty_exceptions_enable=False,
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="medssl")
     except UserError as err:
-        message = " ".join(str(err).split())
+        message = one_line(err)
         typer.echo(f"error: {message}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:

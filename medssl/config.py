@@ -14,7 +14,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
                       PositiveInt, ValidationError, field_validator)
 
-from medssl.errors import UserError
+from medssl.errors import UserError, one_line, validation_message
 
 Triple = tuple[float, float, float]
 IntTriple = tuple[PositiveInt, PositiveInt, PositiveInt]
@@ -105,7 +105,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         try:
             parsed[key] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
-            raise UserError(f"override {key}: value {raw!r} is not valid YAML ({_one_line(err)})") from None
+            raise UserError(f"override {key}: value {raw!r} is not valid YAML ({one_line(err)})") from None
     return parsed
 
 
@@ -137,7 +137,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: invalid YAML ({_one_line(err)})") from None
+        raise UserError(f"{path}: invalid YAML ({one_line(err)})") from None
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
@@ -150,7 +150,7 @@ def validate_config(tree: dict[str, Any], schema: type[ConfigT], *, source: str 
     try:
         return schema.model_validate(tree)
     except ValidationError as err:
-        raise UserError(f"{source}: " + "; ".join(_describe(e) for e in err.errors())) from None
+        raise UserError(f"{source}: {validation_message(err)}") from None
 
 
 def load_config(path: str | os.PathLike, schema: type[ConfigT], overrides: list[str] | None = None) -> ConfigT:
@@ -164,17 +164,6 @@ def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "<root>"
-    if error["type"] == "extra_forbidden":
-        return f"unknown key '{key}'"
-    if error["type"] == "missing":
-        return f"missing key '{key}'"
-    return f"field '{key}': {error['msg']} (got {error.get('input')!r})"
-
-
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())
 
 
 def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:

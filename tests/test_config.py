@@ -58,7 +58,7 @@ def test_relative_manifest_resolves_against_cwd(tmp_path: Path, monkeypatch: pyt
     (["train.stepz=3"], "unknown key 'train.stepz'"),
     (["train.steps=abc"], "field 'train.steps'"),
     (["train.steps=-1"], "field 'train.steps'"),
-    (["data.window=[40, -5]"], "field 'data.window.1'"),
+    (["data.window=[40, -5]"], "field 'data.window[1]'"),
     (["data.small_volume=crop"], "field 'data.small_volume'"),
     (["nonsense"], "override 'nonsense'"),
     (["train.steps.x=1"], "train.steps is a value"),

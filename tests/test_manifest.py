@@ -181,7 +181,7 @@ def test_write_manifest_stores_paths_relative_to_its_folder(hospital: Path, tmp_
 
 
 def test_write_manifest_refuses_an_invalid_dict(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"m\.json: .*training\[0\]\.patient_id: missing required key"):
+    with pytest.raises(UserError, match=r"m\.json: .*missing key 'training\[0\]\.patient_id'"):
         write_manifest({"name": "x", "modality": {}, "training": [{"image": "a.nii.gz"}]}, tmp_path / "m.json")
     assert list(tmp_path.iterdir()) == []
 
@@ -223,15 +223,15 @@ def test_load_manifest_keeps_extra_keys_and_allows_no_labels(tmp_path: Path) -> 
 @pytest.mark.parametrize("text, expected", [
     ('{"name": "x",\n  "training": [}', r"not valid JSON \(line 2, column 16"),
     ("[1, 2]", "top level must be a JSON object"),
-    ('{"name": "x", "modality": {}}', r"training: missing required key"),
+    ('{"name": "x", "modality": {}}', r"missing key 'training'"),
     ('{"name": "x", "modality": {}, "training": [{"image": "a.nii.gz"}]}',
-     r"training\[0\]\.patient_id: missing required key"),
+     r"missing key 'training\[0\]\.patient_id'"),
     ('{"name": "x", "modality": {}, "training": [{"patient_id": 3}]}',
-     r"training\[0\]\.patient_id: Input should be a valid string \(got int 3\)"),
+     r"field 'training\[0\]\.patient_id': Input should be a valid string \(got int 3\)"),
     ('{"name": "x", "modality": {}, "training": [{"patient_id": "a", '
      '"signals": [{"path": "a", "format": "wav", "trial_id": "T1"}]}]}',
-     r"training\[0\]\.signals\[0\]\.format: .*must be one of wfdb"),
-    ('{"name": "x", "modality": {}, "labels": {"liver": "1"}, "training": []}', r"labels: .*'liver' is not an integer"),
+     r"field 'training\[0\]\.signals\[0\]\.format': .*must be one of wfdb"),
+    ('{"name": "x", "modality": {}, "labels": {"liver": "1"}, "training": []}', r"field 'labels': .*'liver' is not an integer"),
 ])
 def test_load_manifest_errors_name_the_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "bad.json"
@@ -327,7 +327,7 @@ BAD_CASES = {
     "duplicate image": (_duplicate_image, "vol/P002_S1.nii.gz",
                         r"image listed 2 times: training\[\d\], training\[\d\]"),
     "schema error": (lambda root, data: entry_of(data, "P002_S1").pop("patient_id"),
-                     "manifest.json", r"training\[\d\]\.patient_id: missing required key"),
+                     "manifest.json", r"missing key 'training\[\d\]\.patient_id'"),
     "labels missing": (lambda root, data: data.pop("labels"), "manifest.json",
                        "labels: missing, but 5 entries have a label map"),
     "no image no signals": (lambda root, data: data["training"].append({"patient_id": "P005"}),

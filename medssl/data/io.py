@@ -33,7 +33,7 @@ from pyedflib import highlevel as edf
 from scipy.signal import resample_poly
 
 from medssl.atomic import atomic_path
-from medssl.errors import UserError
+from medssl.errors import UserError, one_line
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -42,9 +42,6 @@ _SIGNAL_SUFFIXES = {".hea": "wfdb", ".edf": "edf", ".bdf": "edf", ".csv": "csv",
 _TIME_COLUMNS = ("time", "t")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(f"{type(err).__name__}: {err}".split())
 
 
 @contextlib.contextmanager
@@ -55,7 +52,7 @@ def _reading(path: Path, what: str) -> Iterator[None]:
     except UserError:
         raise
     except Exception as err:  # the libraries raise many types (OSError, EOFError, zlib.error, ValueError, ...)
-        raise UserError(f"{path}: cannot read {what} ({_one_line(err)})") from err
+        raise UserError(f"{path}: cannot read {what} ({one_line(err, with_type=True)})") from err
 
 
 def _existing(path: str | os.PathLike) -> Path:
@@ -345,7 +342,7 @@ def write_wfdb(path: str | os.PathLike, signal: Signal) -> None:
                         p_signal=np.asarray(signal.data, dtype=np.float64).T, fmt=["16"] * len(signal.channels),
                         comments=comments, write_dir=tmp)
         except Exception as err:  # wfdb raises ValueError/TypeError for names, units and shapes
-            raise UserError(f"{path}: cannot write WFDB record ({_one_line(err)})") from err
+            raise UserError(f"{path}: cannot write WFDB record ({one_line(err, with_type=True)})") from err
         for suffix in (".dat", ".hea"):
             os.replace(Path(tmp, path.name + suffix), path.parent / (path.name + suffix))
 

@@ -40,7 +40,7 @@ from rich.progress import track
 
 from medssl.atomic import write_json
 from medssl.data import io
-from medssl.errors import UserError
+from medssl.errors import UserError, describe_error, validation_message
 
 SPLITS = ("training", "validation", "test")
 MASK_KEYS = ("label", "lesion_mask")  # volumes that must share the image's grid
@@ -143,25 +143,6 @@ def _validated_labels(labels: Any) -> dict[str, str] | None:
 # ------------------------------------------------------------------------------------------- load / write
 
 
-def _location(loc: tuple) -> str:
-    """pydantic location ('training', 3, 'patient_id') -> 'training[3].patient_id'."""
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top level)"
-
-
-def _describe(error: dict) -> str:
-    """One pydantic error as 'key: what is wrong'."""
-    if error["type"] == "missing":
-        what = "missing required key"
-    elif error["type"] == "extra_forbidden":
-        what = "unknown key"
-    else:
-        got = error["input"]
-        shown = repr(got) if len(repr(got)) <= 40 else repr(got)[:37] + "..."
-        what = f"{error['msg']} (got {type(got).__name__} {shown})"
-    return f"{_location(error['loc'])}: {what}"
 
 
 def _read_json(path: Path) -> dict:
@@ -192,7 +173,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     try:
         return Manifest.model_validate({**data, "root": _folder(path)})
     except ValidationError as err:
-        raise UserError(f"{path}: " + "; ".join(_describe(e) for e in err.errors())) from None
+        raise UserError(f"{path}: " + validation_message(err)) from None
 
 
 def _relative(value: str | None, folder: Path) -> str | None:
@@ -211,7 +192,7 @@ def write_manifest(manifest: dict | Manifest, path: str | os.PathLike) -> None:
         Manifest.model_validate(data)
     except ValidationError as err:
         raise UserError(f"{path}: manifest to write is invalid: "
-                        + "; ".join(_describe(e) for e in err.errors())) from None
+                        + validation_message(err)) from None
     out = copy.deepcopy(data)
     folder = _folder(path)
     for name in SPLITS:
@@ -304,7 +285,7 @@ def _dataset_json_labels(path: Path, warnings: list[str]) -> dict[str, str] | No
     except UserError as err:
         problem = str(err)
     except ValidationError as err:
-        problem = f"{path}: " + "; ".join(_describe(e) for e in err.errors())
+        problem = f"{path}: " + validation_message(err)
     warnings.append(f"{problem}; label names taken from the label maps instead")
     return None
 
@@ -521,7 +502,7 @@ def _schema(path: Path, data: dict) -> tuple[list[_Located], set[int] | None, li
         Manifest.model_validate(data)
         problems = []
     except ValidationError as err:
-        problems = [Problem(str(path), _describe(e)) for e in err.errors()]
+        problems = [Problem(str(path), describe_error(e)) for e in err.errors()]
     located = []
     for split in SPLITS:
         items = data.get(split)

@@ -32,7 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from medssl.errors import UserError
+from medssl.errors import UserError, one_line
 
 MatcherName = Literal["body_box", "registration"]
 DEFAULT_THRESHOLD = 0.05
@@ -236,7 +236,7 @@ class RegistrationMatcher(Matcher):
         try:
             method.Execute(fixed, moving)
         except RuntimeError as err:
-            raise UserError(f"{name}: affine registration to the reference failed ({' '.join(str(err).split())})")
+            raise UserError(f"{name}: affine registration to the reference failed ({one_line(err)})")
         transform = sitk.AffineTransform(transform)
         matrix = np.array(transform.GetMatrix()).reshape(3, 3)
         centre = np.array(transform.GetCenter())
