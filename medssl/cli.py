@@ -123,7 +123,8 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
 def pretrain_volume(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeOpt = False,
                     overrides: OverridesArg = None) -> None:
     """Pretrain a 3D encoder on unlabeled volumes (anatomical consistency, multi-level contrast)."""
-    from medssl.pretrain.volume import PretrainVolumeConfig, pretrain_volume as run
+    from medssl.pretrain.volume import PretrainVolumeConfig
+    from medssl.pretrain.volume import pretrain_volume as run
 
     cfg = load_config(config, PretrainVolumeConfig, overrides)
     run_dir = output or Path("runs/pretrain_volume")
@@ -135,7 +136,8 @@ def pretrain_volume(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeO
 def pretrain_timeseries(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeOpt = False,
                         overrides: OverridesArg = None) -> None:
     """Pretrain a signal encoder with four-level hierarchical contrast (observation, sample, trial, patient)."""
-    from medssl.pretrain.timeseries import PretrainTimeseriesConfig, pretrain_timeseries as run
+    from medssl.pretrain.timeseries import PretrainTimeseriesConfig
+    from medssl.pretrain.timeseries import pretrain_timeseries as run
 
     cfg = load_config(config, PretrainTimeseriesConfig, overrides)
     run_dir = output or Path("runs/pretrain_timeseries")
@@ -146,7 +148,8 @@ def pretrain_timeseries(config: ConfigOpt, output: RunDirOpt = None, resume: Res
 def finetune_seg(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
                  overrides: OverridesArg = None) -> None:
     """Fine-tune a 3D segmentation network, from scratch or from a pretrained encoder."""
-    from medssl.downstream.segmentation import FinetuneSegConfig, finetune_seg as run
+    from medssl.downstream.segmentation import FinetuneSegConfig
+    from medssl.downstream.segmentation import finetune_seg as run
 
     cfg = load_config(config, FinetuneSegConfig, overrides)
     run_dir = output or Path("runs/finetune_seg")
@@ -157,7 +160,8 @@ def finetune_seg(config: ConfigOpt, pretrained: PretrainedOpt = None, output: Ru
 def eval_timeseries(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
                     overrides: OverridesArg = None) -> None:
     """Classify signals with a linear probe and fine-tuning at label fractions drawn per patient."""
-    from medssl.downstream.ts_classification import EvalTimeseriesConfig, eval_timeseries as run
+    from medssl.downstream.ts_classification import EvalTimeseriesConfig
+    from medssl.downstream.ts_classification import eval_timeseries as run
 
     cfg = load_config(config, EvalTimeseriesConfig, overrides)
     run(cfg, output or Path("runs/eval_timeseries"), pretrained=pretrained)
@@ -167,10 +171,7 @@ def eval_timeseries(config: ConfigOpt, pretrained: PretrainedOpt = None, output:
 def ground_train(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
                  overrides: OverridesArg = None) -> None:
     """Train report grounding: report phrases to 3D attention maps."""
-    from medssl.config import VolumeTaskConfig
-
-    load_config(config, VolumeTaskConfig, overrides)
-    raise UserError("'medssl ground train' is not implemented yet (no issue filed for grounding so far)")
+    raise UserError("'medssl ground train' is not implemented yet in this version of medssl")
 
 
 @ground_app.command("infer")
@@ -181,7 +182,7 @@ def ground_infer(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output map (.nii.gz).")],
 ) -> None:
     """Write the 3D map of one phrase over one volume, in the volume's space."""
-    raise UserError("'medssl ground infer' is not implemented yet (no issue filed for grounding so far)")
+    raise UserError("'medssl ground infer' is not implemented yet in this version of medssl")
 
 
 # ---------------------------------------------------------------------------------------- tools
@@ -308,7 +309,7 @@ def app_command(
     port: Annotated[int, typer.Option(help="Port of the Streamlit server.")] = 8501,
 ) -> None:
     """Open the attention-map viewer (Streamlit) on a run directory."""
-    raise UserError("'medssl app' is not implemented yet (no issue filed for the viewer so far)")
+    raise UserError("'medssl app' is not implemented yet in this version of medssl")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,7 @@
 """YAML configs with dotted `key=value` overrides, validated into typed pydantic objects.
 
-Every training config has `data.manifest`, `train.steps`, `train.batch_size` and `train.seed`.
+Every training config has `data.manifest`, `train.steps`, `train.batch_size` and `train.seed`
+(`data` sections are defined with the preprocessing they carry, in `medssl.data.preprocessing`).
 Unknown keys and wrong types are user errors that name the dotted key.
 """
 
@@ -8,57 +9,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat,
-                      PositiveInt, ValidationError, field_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
 
 from medssl.errors import UserError, one_line, validation_message
-
-Triple = tuple[float, float, float]
-IntTriple = tuple[PositiveInt, PositiveInt, PositiveInt]
 
 
 class StrictModel(BaseModel):
     """A config section: unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DataConfig(StrictModel):
-    """Where the data comes from. A relative `manifest` is resolved against the current directory."""
-
-    manifest: Path
-    cache_dir: Path | None = None
-
-    @field_validator("manifest", "cache_dir")
-    @classmethod
-    def _absolute(cls, value: Path | None) -> Path | None:
-        return None if value is None else Path(os.path.abspath(Path(value).expanduser()))
-
-
-class VolumeDataConfig(DataConfig):
-    """Volume preprocessing (stored in checkpoints so downstream use matches pretraining)."""
-
-    modality: Literal["CT", "MR"] | None = None  # None: taken from the manifest's modality "0"
-    spacing: Triple | None = None  # target voxel size in mm; None keeps the native spacing
-    window: tuple[float, PositiveFloat] = (40.0, 400.0)  # CT (level, width) in HU
-    percentiles: tuple[float, float] = (1.0, 99.0)  # MR normalisation
-    crop_size: IntTriple = (64, 64, 64)
-    small_volume: Literal["pad", "error"] = "pad"
-
-
-class SignalDataConfig(DataConfig):
-    """Signal preprocessing: every record is resampled to `fs` and reduced to `channels`."""
-
-    fs: PositiveFloat = 125.0
-    channels: list[str] | None = None  # None: every record must have the same channels
-    missing_channels: Literal["error", "zeros"] = "error"
-    window_seconds: PositiveFloat = 4.0
-    stride_seconds: PositiveFloat | None = None  # None: non-overlapping windows
-    nan: Literal["error", "mask"] = "error"
-    flat: Literal["error", "keep"] = "keep"
 
 
 class TrainConfig(StrictModel):
@@ -76,16 +46,6 @@ class TrainConfig(StrictModel):
     log_every: PositiveInt = 10
     checkpoint_every: PositiveInt = 100
     num_workers: NonNegativeInt = 0
-
-
-class VolumeTaskConfig(StrictModel):
-    """The generic volume task (data + train + free model/objectives sections), validated by
-    commands whose own schema has not been written yet (report grounding)."""
-
-    data: VolumeDataConfig
-    train: TrainConfig
-    model: dict[str, Any] = Field(default_factory=dict)
-    objectives: dict[str, Any] = Field(default_factory=dict)
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

@@ -63,7 +63,10 @@ def _pretrain_volume(manifest: Path, run_dir: Path) -> dict[str, Any]:
 
 
 def _timeseries(manifest: Path, pretrain_dir: Path, eval_dir: Path) -> dict[str, Any]:
-    from medssl.downstream.ts_classification import EvalTimeseriesConfig, eval_timeseries
+    from medssl.downstream.ts_classification import (
+        EvalTimeseriesConfig,
+        eval_timeseries,
+    )
     from medssl.pretrain.timeseries import PretrainTimeseriesConfig, pretrain_timeseries
 
     data = {"manifest": str(manifest), "fs": 125.0, "channels": ["ECG", "PPG"], "window_seconds": 4.0,

@@ -23,18 +23,19 @@ def one_line(err: BaseException, *, with_type: bool = False) -> str:
     return " ".join(text.split())
 
 
-def location(loc: tuple[Any, ...]) -> str:
-    """A pydantic location as the key the user wrote: ('training', 3, 'patient_id') -> 'training[3].patient_id'."""
-    text = ""
+def location(loc: tuple[Any, ...], prefix: str = "") -> str:
+    """A pydantic location as the key the user wrote: ('training', 3, 'patient_id') -> 'training[3].patient_id';
+    `prefix` names the section that was validated alone (e.g. "data")."""
+    text = prefix
     for part in loc:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "(top level)"
 
 
-def describe_error(error: dict[str, Any]) -> str:
+def describe_error(error: dict[str, Any], prefix: str = "") -> str:
     """One pydantic error (an item of `ValidationError.errors()`) as 'unknown key ...', 'missing key ...'
     or "field '...': what is wrong (got <type> <value>)"."""
-    key = location(error["loc"])
+    key = location(error["loc"], prefix)
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}'"
     if error["type"] == "missing":
@@ -45,6 +46,6 @@ def describe_error(error: dict[str, Any]) -> str:
     return f"field '{key}': {message} (got {type(got).__name__} {shown})"
 
 
-def validation_message(err: ValidationError) -> str:
-    """Every error of a pydantic validation on one line, separated by '; '."""
-    return "; ".join(describe_error(e) for e in err.errors())
+def validation_message(err: ValidationError, prefix: str = "") -> str:
+    """Every error of a pydantic validation on one line, separated by '; '; keys start with `prefix`."""
+    return "; ".join(describe_error(e, prefix) for e in err.errors())

@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from pydantic import Field
 
-from medssl.config import (VolumeTaskConfig, dump_config, load_config, parse_overrides,
-                           validate_config)
-from medssl.errors import UserError
+from medssl.config import (
+    StrictModel,
+    TrainConfig,
+    dump_config,
+    load_config,
+    parse_overrides,
+    validate_config,
+)
+from medssl.data.preprocessing import VolumeDataConfig
 from medssl.downstream.segmentation import FinetuneSegConfig
 from medssl.downstream.ts_classification import EvalTimeseriesConfig
+from medssl.errors import UserError
 from medssl.pretrain.timeseries import PretrainTimeseriesConfig
 from medssl.pretrain.volume import PretrainVolumeConfig
+
+
+class VolumeTaskConfig(StrictModel):
+    """A volume task's data and train sections plus a free-form section: the schema these tests load."""
+
+    data: VolumeDataConfig
+    train: TrainConfig
+    model: dict[str, Any] = Field(default_factory=dict)
+
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -60,6 +78,8 @@ def test_relative_manifest_resolves_against_cwd(tmp_path: Path, monkeypatch: pyt
     (["train.steps=-1"], "field 'train.steps'"),
     (["data.window=[40, -5]"], "field 'data.window[1]'"),
     (["data.small_volume=crop"], "field 'data.small_volume'"),
+    (["data.percentiles=[99, 1]"], "field 'data.percentiles': need 0 <= lower < upper <= 100"),
+    (["data.modality=XR"], "field 'data.modality'"),
     (["nonsense"], "override 'nonsense'"),
     (["train.steps.x=1"], "train.steps is a value"),
 ])

@@ -15,9 +15,13 @@ from medssl.bench.label_efficiency import label_efficiency, summarise
 from medssl.data import io
 from medssl.data.manifest import check_manifest, load_manifest
 from medssl.data.mni_cohort import FOV_MM, MANIFEST_NAME, TISSUES, make_mni_cohort
-from medssl.data.volumes import Preprocessing
+from medssl.data.preprocessing import VolumePreprocessing
 from medssl.errors import UserError
-from medssl.models.volume_encoders import VolumeEncoderConfig, build_volume_encoder, export_encoder
+from medssl.models.volume_encoders import (
+    VolumeEncoderConfig,
+    build_volume_encoder,
+    export_encoder,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +115,7 @@ def test_label_efficiency_bench_on_the_mni_cohort(cohort, tmp_path, capsys):
     model = VolumeEncoderConfig(name="segresnet", width=8, segresnet_blocks=(1, 1, 1))
     torch.manual_seed(0)
     export_encoder(tmp_path / "encoder.pt", build_volume_encoder(model), model,
-                   Preprocessing(modality="MR", crop_size=(16, 16, 16)).to_dict(), {}, step=1)
+                   VolumePreprocessing(modality="MR", crop_size=(16, 16, 16)).to_dict(), {}, step=1)
     overrides = ["model.name=segresnet", "model.width=8", "model.segresnet_blocks=[1,1,1]",
                  "data.crop_size=[16,16,16]", "train.log_every=1", "seg.eval_every=0", "seg.overlay_cases=0"]
     out = tmp_path / "bench"

@@ -14,11 +14,19 @@ import pytest
 import torch
 
 from medssl.config import load_config
+from medssl.data.preprocessing import VolumePreprocessing
 from medssl.data.synthetic import make_hospital
-from medssl.data.volumes import Preprocessing
 from medssl.errors import UserError
-from medssl.models.volume_encoders import VolumeEncoderConfig, build_segmentation_network, load_pretrained_encoder
-from medssl.pretrain.volume import PretrainVolumeConfig, VolumePretrainModel, pretrain_volume
+from medssl.models.volume_encoders import (
+    VolumeEncoderConfig,
+    build_segmentation_network,
+    load_pretrained_encoder,
+)
+from medssl.pretrain.volume import (
+    PretrainVolumeConfig,
+    VolumePretrainModel,
+    pretrain_volume,
+)
 from medssl.pretrain.volume_batches import VolumePretrainBatches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +67,7 @@ def test_every_objective_with_every_backbone(hospital: Path, backbone: str) -> N
                   "views.feature_stride=4")
     torch.manual_seed(0)
     model = VolumePretrainModel(config)
-    batches = VolumePretrainBatches.from_manifest(hospital, "training", Preprocessing(crop_size=(32, 32, 32)),
+    batches = VolumePretrainBatches.from_manifest(hospital, "training", VolumePreprocessing(crop_size=(32, 32, 32)),
                                                   batch_size=2, points=8, stride=4)
     out = model(batches[0], torch.Generator().manual_seed(0))
     assert {"voxel", "region", "crop", "patient", "part_whole.compose", "part_whole.decompose"} <= set(out.terms)

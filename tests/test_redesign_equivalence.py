@@ -61,7 +61,10 @@ def test_finetune_seg_from_an_encoder_written_before_the_redesign(hospital: Path
 
 
 def test_eval_timeseries_from_a_checkpoint_written_before_the_redesign(hospital: Path, tmp_path: Path) -> None:
-    from medssl.downstream.ts_classification import EvalTimeseriesConfig, eval_timeseries
+    from medssl.downstream.ts_classification import (
+        EvalTimeseriesConfig,
+        eval_timeseries,
+    )
 
     config = load_config(REPO / "configs" / "eval_timeseries_tiny.yaml", EvalTimeseriesConfig,
                          [f"data.manifest={hospital}", "eval.modes=[probe]", "eval.fractions=[1.0]",

@@ -15,13 +15,24 @@ import torch
 
 from medssl.config import load_config
 from medssl.data import io
+from medssl.data.preprocessing import VolumePreprocessing
 from medssl.data.synthetic import make_hospital
-from medssl.data.volumes import Preprocessing
-from medssl.downstream.segmentation import (FinetuneSegConfig, build_network, encoder_stages, finetune_seg,
-                                            layerwise_param_groups, resolve_preprocessing, select_labelled)
+from medssl.downstream.segmentation import (
+    FinetuneSegConfig,
+    build_network,
+    encoder_stages,
+    finetune_seg,
+    layerwise_param_groups,
+    resolve_preprocessing,
+    select_labelled,
+)
 from medssl.errors import UserError
-from medssl.models.volume_encoders import (VolumeEncoderConfig, build_segmentation_network, export_encoder,
-                                          network_encoder)
+from medssl.models.volume_encoders import (
+    VolumeEncoderConfig,
+    build_segmentation_network,
+    export_encoder,
+    network_encoder,
+)
 from medssl.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +72,7 @@ def _checkpoint(path: Path, cfg: FinetuneSegConfig, *, seed: int = 123, window=(
     """A "volume-encoder" checkpoint of cfg.model with weights drawn by `seed`; returns its weights."""
     torch.manual_seed(seed)
     encoder = network_encoder(build_segmentation_network(cfg.model, 2), cfg.model)
-    prep = Preprocessing(crop_size=cfg.data.crop_size, spacing=cfg.data.spacing, window=window)
+    prep = VolumePreprocessing(crop_size=cfg.data.crop_size, spacing=cfg.data.spacing, window=window)
     export_encoder(path, encoder, cfg.model, prep.to_dict(), {}, step=7)
     return {k: v.clone() for k, v in encoder.state_dict().items()}
 
@@ -169,7 +180,7 @@ def test_preprocessing_mismatch_warns_with_both_values(hospital):
     from medssl.data.manifest import load_manifest
 
     cfg = _config(hospital)
-    stored = Preprocessing(crop_size=(32, 32, 32), window=(50.0, 350.0), percentiles=(2.0, 98.0)).to_dict()
+    stored = VolumePreprocessing(crop_size=(32, 32, 32), window=(50.0, 350.0), percentiles=(2.0, 98.0)).to_dict()
     prep, notes = resolve_preprocessing(cfg.data, load_manifest(hospital), stored, "CKPT")
     assert prep.crop_size == (32, 32, 32) and prep.window == (50.0, 350.0)
     assert len(notes) == 2  # percentiles do not matter for CT

@@ -12,9 +12,16 @@ import pytest
 from medssl.config import load_config
 from medssl.data.manifest import load_manifest
 from medssl.data.synthetic import make_hospital
-from medssl.downstream.ts_classification import (EvalTimeseriesConfig, check_patient_independent,
-                                                 classification_metrics, draw_patients, eval_timeseries,
-                                                 evaluate_predictions, fraction_key, patient_probabilities)
+from medssl.downstream.ts_classification import (
+    EvalTimeseriesConfig,
+    check_patient_independent,
+    classification_metrics,
+    draw_patients,
+    eval_timeseries,
+    evaluate_predictions,
+    fraction_key,
+    patient_probabilities,
+)
 from medssl.errors import UserError
 from medssl.pretrain.timeseries import PretrainTimeseriesConfig, pretrain_timeseries
 

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from medssl.losses.contrastive import info_nce, pair_views
-from medssl.losses.hierarchical import (HierarchicalContrast, HierarchyConfig, LevelConfig, observation_loss,
-                                        weighted_info_nce, window_masks)
+from medssl.losses.hierarchical import (
+    HierarchicalContrast,
+    HierarchyConfig,
+    LevelConfig,
+    observation_loss,
+    weighted_info_nce,
+    window_masks,
+)
 from medssl.models.ts_encoder import pool
 
 OFF = LevelConfig(weight=0.0)

@@ -12,9 +12,16 @@ import torch
 from medssl.config import load_config
 from medssl.data.synthetic import make_hospital
 from medssl.errors import UserError
-from medssl.pretrain.timeseries import (HierarchicalBatches, HierarchicalObjective, PretrainTimeseriesConfig,
-                                        TimeseriesPretrainer, ViewConfig, make_views, pretrain_timeseries,
-                                        signal_windows)
+from medssl.pretrain.timeseries import (
+    HierarchicalBatches,
+    HierarchicalObjective,
+    PretrainTimeseriesConfig,
+    TimeseriesPretrainer,
+    ViewConfig,
+    make_views,
+    pretrain_timeseries,
+    signal_windows,
+)
 from medssl.training.checkpoint import load_checkpoint
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain_timeseries_tiny.yaml"

@@ -12,12 +12,22 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch.utils.data import DataLoader
 
+from medssl.data.preprocessing import VolumePreprocessing
 from medssl.data.synthetic import make_hospital
-from medssl.data.volumes import Preprocessing
 from medssl.errors import UserError
 from medssl.pretrain.matchers import BodyBoxMatcher, Matcher, body_mask, build_matcher
-from medssl.pretrain.views import (CropGeometry, cell_centres, corresponding_points, crop_to_feature, extract_crop,
-                                   feature_to_crop, intensity_jitter, region_map, sample_crop, sample_overlapping)
+from medssl.pretrain.views import (
+    CropGeometry,
+    cell_centres,
+    corresponding_points,
+    crop_to_feature,
+    extract_crop,
+    feature_to_crop,
+    intensity_jitter,
+    region_map,
+    sample_crop,
+    sample_overlapping,
+)
 from medssl.pretrain.volume_batches import VolumePretrainBatches
 
 N = 48
@@ -251,7 +261,7 @@ def test_intensity_jitter_is_deterministic_per_generator():
 # ----------------------------------------------------------------------------------------------- batches
 
 CROP = 24
-PREP = Preprocessing(crop_size=(CROP,) * 3)
+PREP = VolumePreprocessing(crop_size=(CROP,) * 3)
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +343,7 @@ def test_small_volumes_are_padded_or_refused(hospital):
         VolumePretrainBatches([small], ["P1"], ["S1"], batch_size=1, crop_size=32, names=["/x/small.nii.gz"],
                               small_volume="error")
     with pytest.raises(UserError, match=r"P\d+_S\d\.nii\.gz"):
-        VolumePretrainBatches.from_manifest(hospital, "training", Preprocessing(crop_size=(48,) * 3,
+        VolumePretrainBatches.from_manifest(hospital, "training", VolumePreprocessing(crop_size=(48,) * 3,
                                                                                  small_volume="error"), batch_size=1)
 
 

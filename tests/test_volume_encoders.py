@@ -12,8 +12,15 @@ from medssl.config import validate_config
 from medssl.errors import UserError
 from medssl.models.ema import EMATeacher, ema_momentum
 from medssl.models.heads import ProjectionHead, global_pool
-from medssl.models.volume_encoders import (VolumeEncoderConfig, build_segmentation_network, build_volume_encoder,
-                                           encoder_state, export_encoder, load_pretrained_encoder, network_encoder)
+from medssl.models.volume_encoders import (
+    VolumeEncoderConfig,
+    build_segmentation_network,
+    build_volume_encoder,
+    encoder_state,
+    export_encoder,
+    load_pretrained_encoder,
+    network_encoder,
+)
 from medssl.training.checkpoint import save_checkpoint
 
 NAMES = ("basicunet", "segresnet", "swinunetr")

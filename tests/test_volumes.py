@@ -14,7 +14,12 @@ import torch
 from monai.data import DataLoader, MetaTensor
 
 from medssl.data import io
-from medssl.data.volumes import Preprocessing, manifest_volume_entries, volume_dataset, volume_transforms
+from medssl.data.preprocessing import VolumePreprocessing
+from medssl.data.volumes import (
+    manifest_volume_entries,
+    volume_dataset,
+    volume_transforms,
+)
 from medssl.errors import UserError
 
 SHAPE = (20, 24, 16)
@@ -47,7 +52,7 @@ def world(affine: torch.Tensor | np.ndarray, ijk: np.ndarray) -> np.ndarray:
 
 
 def test_output_shapes_types_and_range(cube: dict) -> None:
-    out = volume_transforms(Preprocessing(crop_size=(16, 16, 8)), with_label=True)(cube)
+    out = volume_transforms(VolumePreprocessing(crop_size=(16, 16, 8)), with_label=True)(cube)
     image, label = out["image"], out["label"]
     assert isinstance(image, MetaTensor) and image.shape == (1, 16, 16, 8) and image.dtype == torch.float32
     assert label.shape == (1, 16, 16, 8) and set(label.unique().tolist()) <= {0.0, 1.0}
@@ -61,14 +66,14 @@ def test_ct_window_maps_level_to_half(tmp_path: Path) -> None:
     image = np.zeros(SHAPE, dtype=np.float32)
     image[: len(values), 0, 0] = values
     entry = {"image": write(tmp_path, "ct.nii.gz", image, RAS)}
-    out = volume_transforms(Preprocessing(window=(level, width), crop_size=SHAPE))(entry)["image"]
+    out = volume_transforms(VolumePreprocessing(window=(level, width), crop_size=SHAPE))(entry)["image"]
     np.testing.assert_allclose(out[0, : len(values), 0, 0].numpy(), [0.0, 0.5, 1.0, 0.0, 1.0, 0.75], atol=1e-6)
 
 
 def test_mr_percentiles_map_to_unit_range(tmp_path: Path) -> None:
     image = np.random.default_rng(0).gamma(2.0, 100.0, size=SHAPE).astype(np.float32)
     entry = {"image": write(tmp_path, "mr.nii.gz", image, RAS)}
-    out = volume_transforms(Preprocessing(modality="MR", percentiles=(2.0, 98.0), crop_size=SHAPE))(entry)["image"]
+    out = volume_transforms(VolumePreprocessing(modality="MR", percentiles=(2.0, 98.0), crop_size=SHAPE))(entry)["image"]
     low, high = np.percentile(image, [2.0, 98.0])
     np.testing.assert_allclose(out[0].numpy(), np.clip((image - low) / (high - low), 0, 1), atol=1e-5)
     assert out.min() == 0.0 and out.max() == 1.0
@@ -79,7 +84,7 @@ def test_orientation_to_ras_flips_x_and_keeps_world_positions(tmp_path: Path) ->
     ramp = np.broadcast_to(np.arange(SHAPE[0], dtype=np.float32)[:, None, None] * 10.0, SHAPE)
     entry = {"image": write(tmp_path, "ramp.nii.gz", np.ascontiguousarray(ramp))}
     assert "".join(nib.aff2axcodes(FLIPPED)) == "LAS"
-    out = volume_transforms(Preprocessing(window=(100.0, 400.0), crop_size=SHAPE))(entry)["image"]
+    out = volume_transforms(VolumePreprocessing(window=(100.0, 400.0), crop_size=SHAPE))(entry)["image"]
     assert "".join(nib.aff2axcodes(out.affine.numpy())) == "RAS"
     expected = (ramp[::-1] + 100.0) / 400.0  # HU -100..300 -> 0..1
     np.testing.assert_allclose(out[0].numpy(), expected, atol=1e-6)
@@ -91,16 +96,16 @@ def test_orientation_to_ras_flips_x_and_keeps_world_positions(tmp_path: Path) ->
 
 def test_spacing_gives_expected_shape_and_affine(cube: dict) -> None:
     prep = dict(spacing=(4.0, 3.0, 5.0), small_volume="error")  # 20x24x16 at 2x1.5x2.5 mm -> 10x12x8
-    out = volume_transforms(Preprocessing(crop_size=(10, 12, 8), **prep), with_label=True)(cube)
+    out = volume_transforms(VolumePreprocessing(crop_size=(10, 12, 8), **prep), with_label=True)(cube)
     assert out["image"].shape == out["label"].shape == (1, 10, 12, 8)
     np.testing.assert_allclose(nib.affines.voxel_sizes(out["image"].affine.numpy()), (4.0, 3.0, 5.0))
     with pytest.raises(UserError, match=r"img\.nii\.gz: volume shape \(10, 12, 8\)") as err:
-        volume_transforms(Preprocessing(crop_size=(11, 12, 8), **prep))(cube)
+        volume_transforms(VolumePreprocessing(crop_size=(11, 12, 8), **prep))(cube)
     assert cube["image"] in str(err.value)
 
 
 def test_label_stays_aligned_with_image_after_resampling(cube: dict) -> None:
-    prep = Preprocessing(spacing=(1.0, 1.5, 1.25), crop_size=(39, 24, 31))  # x and z: (n - 1) * 2 + 1 voxels
+    prep = VolumePreprocessing(spacing=(1.0, 1.5, 1.25), crop_size=(39, 24, 31))  # x and z: (n - 1) * 2 + 1 voxels
     out = volume_transforms(prep, with_label=True)(cube)
     image, label = out["image"][0].numpy(), out["label"][0].numpy()
     assert label.shape == (39, 24, 31)
@@ -117,8 +122,8 @@ def test_label_stays_aligned_with_image_after_resampling(cube: dict) -> None:
 
 
 def test_random_crop_is_seeded_and_a_subblock_of_the_full_volume(cube: dict) -> None:
-    full = volume_transforms(Preprocessing(crop_size=SHAPE), with_label=True)(cube)
-    prep = Preprocessing(crop_size=(8, 8, 8))
+    full = volume_transforms(VolumePreprocessing(crop_size=SHAPE), with_label=True)(cube)
+    prep = VolumePreprocessing(crop_size=(8, 8, 8))
     crops = [volume_transforms(prep, with_label=True, random_crop=True, seed=seed)(cube) for seed in (0, 0, 1)]
     assert torch.equal(crops[0]["image"], crops[1]["image"])
     origins = set()
@@ -135,16 +140,16 @@ def test_random_crop_is_seeded_and_a_subblock_of_the_full_volume(cube: dict) -> 
 
 
 def test_small_volume_pad_or_error(cube: dict) -> None:
-    out = volume_transforms(Preprocessing(crop_size=(24, 24, 24)), with_label=True)(cube)
+    out = volume_transforms(VolumePreprocessing(crop_size=(24, 24, 24)), with_label=True)(cube)
     image = out["image"][0]
     assert image.shape == (24, 24, 24)
     assert image[:2].abs().sum() == 0 and image[..., :4].abs().sum() == 0 and image[..., -4:].abs().sum() == 0
-    oriented = volume_transforms(Preprocessing(crop_size=SHAPE))(cube)["image"]
+    oriented = volume_transforms(VolumePreprocessing(crop_size=SHAPE))(cube)["image"]
     assert torch.equal(image[2:22, :, 4:20], oriented[0])
     origin = world(oriented.affine, np.zeros((1, 3)))
     np.testing.assert_allclose(world(out["image"].affine, np.array([[2.0, 0, 4]])), origin)  # padding keeps geometry
     with pytest.raises(UserError, match=r"volume shape \(20, 24, 16\) .* smaller than crop_size \(24, 24, 24\)") as err:
-        volume_transforms(Preprocessing(crop_size=(24, 24, 24), small_volume="error"))(cube)
+        volume_transforms(VolumePreprocessing(crop_size=(24, 24, 24), small_volume="error"))(cube)
     assert cube["image"] in str(err.value)
 
 
@@ -155,7 +160,7 @@ def test_persistent_cache_writes_files_and_replays_identically(cube: dict, tmp_p
     real_read = io.read_volume
     monkeypatch.setattr(io, "read_volume", lambda path, **kw: reads.append(str(path)) or real_read(path, **kw))
     cache = tmp_path / "cache"
-    prep = Preprocessing(spacing=(2.0, 2.0, 2.0), crop_size=(16, 16, 16))
+    prep = VolumePreprocessing(spacing=(2.0, 2.0, 2.0), crop_size=(16, 16, 16))
 
     def run() -> list[dict]:  # the resampled volumes are cached, the random crop is drawn after the cache
         pipeline = volume_transforms(prep, with_label=True, random_crop=True, seed=0)
@@ -173,7 +178,7 @@ def test_persistent_cache_writes_files_and_replays_identically(cube: dict, tmp_p
     os.utime(other["image"], ns=(1, 1))
     third = run()
     assert reads[4:] == [other["image"], other["label"]] and torch.all(third[1]["image"] == 1.0)
-    prep = Preprocessing(spacing=(2.0, 2.0, 2.0), crop_size=(16, 16, 16), window=(0.0, 100.0))
+    prep = VolumePreprocessing(spacing=(2.0, 2.0, 2.0), crop_size=(16, 16, 16), window=(0.0, 100.0))
     run()
     assert len(list(cache.glob("*.pt"))) == 5
     batch = next(iter(DataLoader(volume_dataset(entries, volume_transforms(prep), cache_dir=cache), batch_size=2)))
@@ -190,7 +195,7 @@ def test_unreadable_files_raise_user_error_naming_them(cube: dict, tmp_path: Pat
              (dict(cube, label=bad_label), bad_label)]
     for entry, named in cases:
         for cache_dir in (None, tmp_path / "cache"):
-            dataset = volume_dataset([entry], volume_transforms(Preprocessing(crop_size=(8, 8, 8)),
+            dataset = volume_dataset([entry], volume_transforms(VolumePreprocessing(crop_size=(8, 8, 8)),
                                                                 with_label="label" in entry), cache_dir=cache_dir)
             with pytest.raises(UserError) as err:
                 dataset[0]
@@ -199,15 +204,15 @@ def test_unreadable_files_raise_user_error_naming_them(cube: dict, tmp_path: Pat
 
 
 def test_preprocessing_validates_and_round_trips_through_json() -> None:
-    prep = Preprocessing(modality="mr", spacing=[1, 1, 2], crop_size=[32, 32, 16])
+    prep = VolumePreprocessing(modality="mr", spacing=[1, 1, 2], crop_size=[32, 32, 16])
     assert prep.modality == "MR" and prep.spacing == (1.0, 1.0, 2.0)
-    assert Preprocessing(**json.loads(json.dumps(prep.to_dict()))) == prep
+    assert VolumePreprocessing(**json.loads(json.dumps(prep.to_dict()))) == prep
     bad = [dict(modality="XR"), dict(crop_size=(0, 8, 8)), dict(crop_size=(8.5, 8, 8)), dict(window=(40, -1)),
            dict(window=(40,)), dict(percentiles=(99, 1)), dict(small_volume="crop"), dict(spacing=(1, 1)),
            dict(spacing=("a", 1, 1)), dict(orientation="RAR"), dict(orientation="RASL")]
     for kwargs in bad:
         with pytest.raises(UserError, match=rf"preprocessing\.{next(iter(kwargs))}"):
-            Preprocessing(**kwargs)
+            VolumePreprocessing.from_dict(kwargs)
 
 
 def test_manifest_volume_entries(cube: dict, tmp_path: Path) -> None:

@@ -23,9 +23,18 @@ def _timed(fn):
 def bench_data(*, patients: int = 8, size: int = 64, seed: int = 0) -> dict[str, float]:
     """Run the data benchmark and print its table; returns the figures."""
     from medssl.data.manifest import check_manifest, load_manifest
+    from medssl.data.preprocessing import VolumePreprocessing
     from medssl.data.synthetic import make_hospital
-    from medssl.data.timeseries import HierarchicalBatchSampler, WindowDataset, load_recordings
-    from medssl.data.volumes import Preprocessing, manifest_volume_entries, volume_dataset, volume_transforms
+    from medssl.data.timeseries import (
+        HierarchicalBatchSampler,
+        WindowDataset,
+        load_recordings,
+    )
+    from medssl.data.volumes import (
+        manifest_volume_entries,
+        volume_dataset,
+        volume_transforms,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -34,7 +43,7 @@ def bench_data(*, patients: int = 8, size: int = 64, seed: int = 0) -> dict[str,
         problems, check_s = _timed(lambda: check_manifest(manifest_path))
         manifest = load_manifest(manifest_path)
         entries = manifest_volume_entries(manifest, "training")
-        prep = Preprocessing(crop_size=(size, size, size))
+        prep = VolumePreprocessing(crop_size=(size, size, size))
         transform = volume_transforms(prep)
         _, plain_s = _timed(lambda: [item for item in volume_dataset(entries, transform)])
         cached = volume_dataset(entries, transform, cache_dir=tmp / "cache")

@@ -46,7 +46,7 @@ def bench_pretrain_volume(*, manifest: Path | None = None, steps: int = 10, batc
                           model: str = "basicunet", size: int = 64) -> dict[str, float]:
     """Time `steps` training steps of the default objectives; print and return the figures."""
     from medssl.data.manifest import load_manifest
-    from medssl.pretrain.volume import VolumePretrainModel, preprocessing
+    from medssl.pretrain.volume import VolumePretrainModel
     from medssl.pretrain.volume_batches import VolumePretrainBatches
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -54,7 +54,7 @@ def bench_pretrain_volume(*, manifest: Path | None = None, steps: int = 10, batc
         config = _config(_hospital(manifest, Path(tmp), size), steps=steps, batch_size=batch_size, seed=0, crop=crop,
                          model=model, probe=False)
         loaded = load_manifest(config.data.manifest)
-        batches = VolumePretrainBatches.from_manifest(loaded, "training", preprocessing(config.data, loaded),
+        batches = VolumePretrainBatches.from_manifest(loaded, "training", config.data.preprocessing(loaded.modality.get("0")),
                                                       batch_size=batch_size, points=config.views.points,
                                                       stride=config.views.feature_stride)
     torch.manual_seed(0)

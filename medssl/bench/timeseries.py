@@ -37,9 +37,20 @@ from torch import nn
 from medssl.atomic import atomic_path
 from medssl.bench.report import print_table
 from medssl.config import TrainConfig
-from medssl.losses.hierarchical import LEVELS, HierarchicalContrast, HierarchyConfig, LevelConfig
-from medssl.pretrain.timeseries import (HierarchicalObjective, PretrainTimeseriesConfig, TimeseriesPretrainer,
-                                        ViewConfig, make_views, pretrain_timeseries, window_samples)
+from medssl.losses.hierarchical import (
+    LEVELS,
+    HierarchicalContrast,
+    HierarchyConfig,
+    LevelConfig,
+)
+from medssl.pretrain.timeseries import (
+    HierarchicalObjective,
+    PretrainTimeseriesConfig,
+    TimeseriesPretrainer,
+    ViewConfig,
+    make_views,
+    pretrain_timeseries,
+)
 from medssl.seeding import torch_generator
 from medssl.training.loop import StepOutput
 
@@ -78,7 +89,7 @@ class PerLevelObjective:
 def random_batch(config: PretrainTimeseriesConfig, seed: int) -> dict[str, torch.Tensor]:
     """Random windows (B, C, W) with patient-major IDs: P patients x R trials x S windows."""
     p, r, s = config.sampler.patients, config.sampler.trials, config.samples_per_trial
-    window, _ = window_samples(config.data)
+    window, _ = config.data.window_samples()
     g = torch_generator(seed, 0)
     index = torch.arange(p * r * s)
     return {"x": torch.randn(p * r * s, config.model.in_channels, window, generator=g),
@@ -170,7 +181,7 @@ def throughput(config: PretrainTimeseriesConfig, *, steps: int = 20, warmup: int
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     results: dict[str, Any] = {"device": device, "batch": config.train.batch_size,
-                               "window": window_samples(config.data)[0], "levels": ",".join(config.objectives.active),
+                               "window": config.data.window_samples()[0], "levels": ",".join(config.objectives.active),
                                "peak_memory": ("torch.cuda.max_memory_allocated" if device.startswith("cuda")
                                                else "growth of ru_maxrss (peak RSS) over the timed steps")}
     for implementation in IMPLEMENTATIONS:

@@ -24,6 +24,7 @@ from medssl.seeding import torch_generator
 
 if TYPE_CHECKING:
     from medssl.data.manifest import Entry, Manifest
+    from medssl.data.preprocessing import SignalDataConfig
 
 NAN_POLICIES = ("error", "mask")
 SHORT_POLICIES = ("error", "skip")
@@ -279,3 +280,41 @@ def _draw(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
     if k <= n:
         return torch.randperm(n, generator=generator)[:k]
     return torch.cat([torch.randperm(n, generator=generator), torch.randint(n, (k - n,), generator=generator)])
+
+
+def signal_windows(data: SignalDataConfig, splits: str | Sequence[str], *,
+                   manifest: Manifest | None = None) -> tuple[WindowDataset, list[str]]:
+    """The windows of one or more manifest splits (preprocessed per `data`) and the notes to report
+    (skipped records, dropped windows, ...)."""
+    from medssl.data.manifest import load_manifest
+
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    manifest = manifest or load_manifest(data.manifest)
+    recordings = [rec for split in splits for rec in load_recordings(manifest, split, fs=data.fs, channels=data.channels,
+                                                                      missing_channels=data.missing_channels)]
+    name = "+".join(splits)
+    if not recordings:
+        raise UserError(f"{data.manifest}: split {name} has no signal recordings")
+    window, stride = data.window_samples()
+    windows = WindowDataset(recordings, window=window, stride=stride, nan=data.nan, flat=data.flat)
+    return windows, dataset_notes(windows, name)
+
+
+def dataset_notes(windows: WindowDataset, split: str) -> list[str]:
+    """One line per thing the user must know: skipped recordings, windows dropped for NaN, flat
+    channels, single-trial patients (the trial level has no trial-specific positive for them)."""
+    notes = [f"{split}: skipped {line}" for line in windows.skipped]
+    if windows.dropped_nan:
+        notes.append(f"{split}: {windows.dropped_nan} window(s) containing NaN dropped (data.nan: mask)")
+    flat: dict[str, list[str]] = {}
+    for patient, trial, channel in windows.flat_channels:
+        flat.setdefault(f"{patient}/{trial}", []).append(channel)
+    notes += [f"{split}: flat-lined (or zero-filled) channel(s) {', '.join(channels)} in {trial}"
+              for trial, channels in flat.items()]
+    trials = torch.bincount(windows.trial_patient, minlength=len(windows.patient_ids))
+    single = [windows.patient_ids[i] for i in torch.nonzero(trials == 1).flatten().tolist()]
+    if single:
+        notes.append(f"{split}: {len(single)} of {len(trials)} patient(s) have one trial only "
+                     f"({', '.join(single[:5])}{', ...' if len(single) > 5 else ''}): the trial level is skipped "
+                     "for them (counted as trial_skipped_patients in metrics.jsonl)")
+    return notes

@@ -13,6 +13,8 @@ package, which medssl does not install), each file is read once, and a missing, 
 truncated file raises `UserError` naming it. MONAI's `Compose` wraps exceptions raised inside a
 transform in a `RuntimeError`; `VolumePipeline` re-raises the `UserError` found in that chain.
 
+Preprocessing settings come from `medssl.data.preprocessing.VolumePreprocessing`.
+
 Pipeline order: load (channel first) -> Orientationd -> Spacingd (optional; bilinear image, nearest
 label) -> intensity (CT: window (level, width) -> [0, 1] clipped; MR: percentiles -> [0, 1] clipped)
 -> size policy (SpatialPadd to ``crop_size``, or UserError) -> RandSpatialCropd (training) or
@@ -25,7 +27,6 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,72 +34,28 @@ import numpy as np
 import torch
 from monai.data import Dataset, ImageReader, MetaTensor, PersistentDataset
 from monai.data.utils import pickle_hashing
-from monai.transforms import (CenterSpatialCropd, Compose, EnsureTyped, LoadImage, MapTransform, Orientationd,
-                              RandomizableTrait, RandSpatialCropd, ScaleIntensityRanged,
-                              ScaleIntensityRangePercentilesd, Spacingd, SpatialPadd, Transform)
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    EnsureTyped,
+    LoadImage,
+    MapTransform,
+    Orientationd,
+    RandomizableTrait,
+    RandSpatialCropd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SpatialPadd,
+    Transform,
+)
 
 from medssl.data import io
+from medssl.data.preprocessing import VolumePreprocessing
 from medssl.errors import UserError
 
 if TYPE_CHECKING:
     from medssl.data.manifest import Manifest
-
-MODALITIES = ("CT", "MR")
-SMALL_VOLUME = ("pad", "error")
-AXES = "LRPAIS"  # pairs of opposite axis codes
-
-
-@dataclass
-class Preprocessing:
-    """How volumes become network inputs; stored in checkpoints (`dataclasses.asdict` is JSON-serialisable).
-
-    Lists (as read back from JSON) are accepted and turned into tuples; bad values raise `UserError`
-    naming the field.
-    """
-
-    modality: str = "CT"  # "CT" -> intensity window; "MR" -> percentile normalisation
-    spacing: tuple[float, float, float] | None = None  # target voxel size in mm; None keeps native spacing
-    window: tuple[float, float] = (40.0, 400.0)  # CT (level, width) in HU -> [0, 1], clipped
-    percentiles: tuple[float, float] = (1.0, 99.0)  # MR (lower, upper) percentiles -> [0, 1], clipped
-    crop_size: tuple[int, int, int] = (64, 64, 64)  # (D, H, W) voxels
-    orientation: str = "RAS"
-    small_volume: str = "pad"  # a volume smaller than crop_size: "pad" (zeros) or "error"
-
-    def __post_init__(self) -> None:
-        self.modality = str(self.modality).upper()
-        self.orientation = str(self.orientation).upper()
-        if self.modality not in MODALITIES:
-            raise UserError(f"preprocessing.modality: {self.modality!r} is not one of {', '.join(MODALITIES)}")
-        if self.small_volume not in SMALL_VOLUME:
-            raise UserError(f"preprocessing.small_volume: {self.small_volume!r} is not one of pad, error")
-        if sorted(AXES.index(c) // 2 for c in self.orientation if c in AXES) != [0, 1, 2]:
-            raise UserError(f"preprocessing.orientation: {self.orientation!r} is not 3 axis codes like RAS or LPS")
-        self.spacing = None if self.spacing is None else _numbers("spacing", self.spacing, 3, float, positive=True)
-        self.crop_size = _numbers("crop_size", self.crop_size, 3, int, positive=True)
-        self.window = _numbers("window", self.window, 2, float)
-        if self.window[1] <= 0:
-            raise UserError(f"preprocessing.window: the width must be positive, got {self.window[1]:g}")
-        self.percentiles = _numbers("percentiles", self.percentiles, 2, float)
-        if not 0.0 <= self.percentiles[0] < self.percentiles[1] <= 100.0:
-            raise UserError(f"preprocessing.percentiles: need 0 <= lower < upper <= 100, got {self.percentiles}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
-
-
-def _numbers(field: str, values: Sequence[Any], n: int, kind: type, *, positive: bool = False) -> tuple:
-    """`values` as a tuple of `n` numbers of type `kind` (exactly representable), else UserError naming the field."""
-    try:
-        out = tuple(kind(v) for v in values)
-        ok = len(out) == n and all(o == v for o, v in zip(out, values)) and (not positive or min(out) > 0)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        what = f"{n} {'positive ' if positive else ''}{kind.__name__} values"
-        raise UserError(f"preprocessing.{field}: expected {what}, got {values!r}")
-    return out
-
 
 class VolumeReader(ImageReader):
     """A MONAI `ImageReader` backed by `medssl.data.io.read_volume` (NIfTI, NRRD/MHA, DICOM folders).
@@ -190,7 +147,7 @@ class VolumePipeline(Compose):
         return list(self.transforms[:first])
 
 
-def volume_transforms(prep: Preprocessing, *, with_label: bool = False, random_crop: bool = False,
+def volume_transforms(prep: VolumePreprocessing, *, with_label: bool = False, random_crop: bool = False,
                       seed: int | None = None) -> VolumePipeline:
     """The MONAI pipeline for `prep`: entry dict -> ``{"image": (1, D, H, W)[, "label": (1, D, H, W)]}``.
 
@@ -218,6 +175,13 @@ def volume_transforms(prep: Preprocessing, *, with_label: bool = False, random_c
         steps.append(CenterSpatialCropd(keys, roi_size=prep.crop_size))
     steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=True))
     return VolumePipeline(steps, seed=seed)
+
+
+def whole_volume_pipeline(prep: VolumePreprocessing, *, with_label: bool = False) -> VolumePipeline:
+    """The pipeline without its crop: ``{"image"[, "label"]}`` -> whole preprocessed (1, D, H, W) volumes,
+    padded to at least `crop_size` (or refused, per `small_volume`), each carrying its transform trace
+    (so that MONAI's `Invertd` can take predictions back to the input's grid)."""
+    return VolumePipeline(volume_transforms(prep, with_label=with_label, random_crop=True).deterministic_head())
 
 
 def volume_dataset(entries: list[dict], transform: VolumePipeline, *,

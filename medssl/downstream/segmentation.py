@@ -62,27 +62,43 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 from monai.transforms import Invertd
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, confloat, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    confloat,
+    model_validator,
+)
 from torch import nn
 from torch.utils.data import Dataset
 
 from medssl.atomic import atomic_path, write_text
-from medssl.config import StrictModel, TrainConfig, VolumeDataConfig, dump_config
+from medssl.config import StrictModel, TrainConfig, dump_config
 from medssl.data import io
 from medssl.data.manifest import AFFINE_TOLERANCE_MM, Manifest, load_manifest
-from medssl.data.volumes import (Preprocessing, VolumePipeline, manifest_volume_entries, volume_dataset,
-                                 volume_transforms)
+from medssl.data.preprocessing import VolumeDataConfig, VolumePreprocessing
+from medssl.data.volumes import (
+    VolumePipeline,
+    manifest_volume_entries,
+    volume_dataset,
+    whole_volume_pipeline,
+)
 from medssl.errors import UserError
-from medssl.models.volume_encoders import (EncoderLoadReport, VolumeEncoder, VolumeEncoderConfig,
-                                           build_segmentation_network, load_pretrained_encoder, network_encoder)
-from medssl.pretrain.volume import preprocessing as config_preprocessing
+from medssl.models.volume_encoders import (
+    EncoderLoadReport,
+    VolumeEncoder,
+    VolumeEncoderConfig,
+    build_segmentation_network,
+    load_pretrained_encoder,
+    network_encoder,
+)
 from medssl.seeding import numpy_generator
-from medssl.training.checkpoint import load_checkpoint, load_weights
+from medssl.training.checkpoint import Kind, load_checkpoint, load_weights
 from medssl.training.distributed import DistContext
 from medssl.training.loop import Checkpointing, StepOutput, Trainer, warmup_cosine
 from medssl.training.rundir import RunDir, prepare_run_dir
 
-KIND = "finetune-seg"
 _LABELLED_STREAM = 1  # random stream (with train.seed) of the labelled-volume choice
 Split = Literal["training", "validation", "test"]
 
@@ -140,23 +156,18 @@ def class_names(settings: SegSettings, manifest: Manifest, source: str) -> dict[
 
 
 def resolve_preprocessing(data: VolumeDataConfig, manifest: Manifest, stored: dict | None,
-                          source: str) -> tuple[Preprocessing, list[str]]:
+                          source: str) -> tuple[VolumePreprocessing, list[str]]:
     """The preprocessing to use and the warnings: the checkpoint's (`stored`) when given, else the config's.
 
     A warning names each field where the config differs from the checkpoint (fields that matter only:
     the window for CT, the percentiles for MR)."""
-    ours = config_preprocessing(data, manifest)
+    ours = data.preprocessing(manifest.modality.get("0"))
     if stored is None:
         return ours, []
-    theirs = Preprocessing(**stored)
-    skip = {"percentiles"} if theirs.modality == "CT" else {"window"}
-    notes = []
-    for name, value in theirs.to_dict().items():
-        mine = ours.to_dict()[name]
-        if name not in skip and mine != value:
-            field = f"data.{name}" if name in VolumeDataConfig.model_fields else f"preprocessing.{name}"
-            notes.append(f"{field}: the fine-tuning config has {mine!r} but the pretrained checkpoint {source} "
-                         f"was trained with {value!r}; using the checkpoint's {value!r}")
+    theirs = VolumePreprocessing.from_dict(stored, where=source)
+    notes = [f"data.{name}: the fine-tuning config has {mine!r} but the pretrained checkpoint {source} "
+             f"was trained with {value!r}; using the checkpoint's {value!r}"
+             for name, (mine, value) in ours.differences(theirs).items()]
     return theirs, notes
 
 
@@ -199,12 +210,6 @@ def check_labelled(image_path: str | Path, label_path: str | Path, classes: dict
     if values <= {0}:
         raise UserError(f"{label_path}: label map is empty (every voxel 0)")
     return image, label
-
-
-def whole_volume_pipeline(prep: Preprocessing, *, with_label: bool) -> VolumePipeline:
-    """The volume pipeline without its crop: ``{"image"[, "label"]}`` -> whole preprocessed (1, D, H, W)
-    volumes, padded to at least `crop_size`, each carrying its transform trace (invertible)."""
-    return VolumePipeline(volume_transforms(prep, with_label=with_label, random_crop=True).deterministic_head())
 
 
 @dataclass
@@ -276,7 +281,7 @@ class SegBatches(Dataset):
         return {"image": torch.stack(images).float(), "label": torch.stack(labels).long()}
 
 
-def load_training_volumes(entries: list[dict], prep: Preprocessing, cache_dir: Path | None
+def load_training_volumes(entries: list[dict], prep: VolumePreprocessing, cache_dir: Path | None
                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Whole preprocessed images and label maps, (1, D, H, W) each (cached with `cache_dir`)."""
     data = volume_dataset(entries, whole_volume_pipeline(prep, with_label=True), cache_dir=cache_dir)
@@ -343,7 +348,7 @@ class EncoderFreeze:
 class Predictor:
     """Sliding-window inference, inverted back to the input's grid; `pipeline` preprocesses the cases."""
 
-    def __init__(self, prep: Preprocessing, settings: SegSettings, device: torch.device):
+    def __init__(self, prep: VolumePreprocessing, settings: SegSettings, device: torch.device):
         self.prep, self.settings, self.device = prep, settings, device
         self.pipeline = whole_volume_pipeline(prep, with_label=False)
         self.invert = Invertd(keys="pred", transform=self.pipeline, orig_keys="image", nearest_interp=False)
@@ -471,7 +476,7 @@ class Prepared:
     network: nn.Module
     encoder: VolumeEncoder
     report: EncoderLoadReport | None
-    prep: Preprocessing
+    prep: VolumePreprocessing
     warnings: list[str]
     train_entries: list[dict]
     images: list[torch.Tensor]  # (1, D, H, W) whole preprocessed training volumes
@@ -522,7 +527,7 @@ def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir) -> None:
                       SegBatches(ready.images, ready.labels, crop=ready.prep.crop_size, size=cfg.batch_size,
                                  seed=cfg.seed),
                       config=cfg, run_dir=run, ctx=DistContext(device=ready.device),
-                      checkpointing=Checkpointing(kind=KIND, arch=arch, preprocessing=ready.prep.to_dict(),
+                      checkpointing=Checkpointing(kind=Kind.FINETUNE_SEG, arch=arch, preprocessing=ready.prep.to_dict(),
                                                   config=config.model_dump(mode="json")),
                       evaluate=validate if ready.val_cases else None, eval_every=s.eval_every or cfg.steps,
                       best_metric="val_dice_mean" if ready.val_cases else None, after_step=freeze)
@@ -540,7 +545,7 @@ def score_test_split(config: FinetuneSegConfig, ready: Prepared, run: RunDir) ->
     """Test the best (else last) checkpoint; write predictions, test_cases.csv and the overlay PNG;
     returns the test metrics (flat keys)."""
     tested = run.best_checkpoint if run.best_checkpoint.exists() else run.last_checkpoint
-    payload = load_checkpoint(tested, kind=KIND)
+    payload = load_checkpoint(tested, kind=Kind.FINETUNE_SEG)
     load_weights(ready.network, payload["model"], min_fraction=1.0, source=str(tested))
     tick = time.perf_counter()
     rows, preds = evaluate_cases(ready.network, ready.test_cases, ready.predictor, ready.classes)

@@ -29,25 +29,35 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeInt, PositiveFloat, field_validator, model_validator
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    field_validator,
+    model_validator,
+)
 from rich.console import Console
 from rich.table import Table
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, average_precision_score, f1_score, roc_auc_score
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    roc_auc_score,
+)
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler, label_binarize
 from torch import nn
 from torch.utils.data import Dataset
 
-from medssl.config import SignalDataConfig, StrictModel, TrainConfig, dump_config
+from medssl.config import StrictModel, TrainConfig, dump_config
 from medssl.data.manifest import Manifest, load_manifest
-from medssl.data.timeseries import WindowDataset
+from medssl.data.preprocessing import SignalDataConfig
+from medssl.data.timeseries import WindowDataset, signal_windows
 from medssl.errors import UserError
 from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, pool
-from medssl.pretrain.timeseries import KIND as PRETRAIN_KIND
-from medssl.pretrain.timeseries import check_channels, preprocessing, signal_windows
 from medssl.seeding import numpy_generator, torch_generator
-from medssl.training.checkpoint import LoadReport, load_checkpoint, load_weights
+from medssl.training.checkpoint import Kind, LoadReport, load_checkpoint, load_weights
 from medssl.training.distributed import DistContext
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
@@ -91,7 +101,7 @@ class EvalTimeseriesConfig(StrictModel):
     def _consistent(self) -> EvalTimeseriesConfig:
         if self.eval.train_split in self.eval.test_splits:
             raise ValueError(f"eval.train_split '{self.eval.train_split}' is also in eval.test_splits")
-        check_channels(self.data, self.model)
+        self.data.check_channel_count(self.model.in_channels)
         return self
 
 
@@ -223,12 +233,12 @@ def load_encoder(config: EvalTimeseriesConfig, pretrained: Path | None) -> tuple
     """A fresh encoder (scratch) or the pretraining checkpoint's, with its LoadReport (min_fraction 1.0)."""
     if pretrained is None:
         return TSEncoder(config.model), None
-    payload = load_checkpoint(pretrained, kind=PRETRAIN_KIND)
+    payload = load_checkpoint(pretrained, kind=Kind.PRETRAIN_TIMESERIES)
     arch = TSEncoderConfig(**payload["arch"])
     if arch != config.model:
         raise UserError(f"model: {config.model.model_dump()} differs from the checkpoint's architecture "
                         f"{arch.model_dump()} ({pretrained})")
-    ours, theirs = preprocessing(config.data), payload["preprocessing"]
+    ours, theirs = config.data.to_dict(), payload["preprocessing"]
     for key in ("fs", "channels", "window"):
         if ours[key] != theirs.get(key):
             field = {"fs": "data.fs", "channels": "data.channels", "window": "data.window_seconds"}[key]
@@ -296,9 +306,9 @@ def finetune_probabilities(encoder: TSEncoder, train: WindowDataset, train_idx: 
     trainer = Trainer(model, cross_entropy, LabelledBatches(train, train_idx, size=config.train.batch_size,
                                                             seed=config.train.seed),
                       config=config.train, run_dir=RunDir(run_dir),
-                      checkpointing=Checkpointing(kind="finetune-timeseries",
+                      checkpointing=Checkpointing(kind=Kind.FINETUNE_TIMESERIES,
                                                   arch={**config.model.model_dump(), "classes": classes},
-                                                  preprocessing=preprocessing(config.data),
+                                                  preprocessing=config.data.to_dict(),
                                                   config=config.model_dump(mode="json")), ctx=ctx)
     trainer.fit()
     logits = encode(trainer.model, test, device=ctx.device, batch=config.eval.batch_windows)

@@ -42,10 +42,14 @@ from torch import nn
 
 from medssl.config import StrictModel
 from medssl.errors import UserError
-from medssl.training.checkpoint import LoadReport, load_checkpoint, load_weights, save_checkpoint
+from medssl.training.checkpoint import (
+    Kind,
+    LoadReport,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 
-ENCODER_KIND = "volume-encoder"
-PRETRAIN_KIND = "pretrain-volume"
 PRETRAIN_PREFIX = "encoder."  # attribute name of the encoder in the pretraining model
 DDP_PREFIX = "module."
 
@@ -249,7 +253,7 @@ def export_encoder(path: str | Path, encoder: VolumeEncoder, cfg: VolumeEncoderC
     """Atomically write a "volume-encoder" checkpoint: weights, `arch` = cfg, preprocessing, config."""
     if cfg != encoder.cfg:
         raise ValueError(f"export_encoder: cfg {cfg} is not the encoder's {encoder.cfg}")
-    save_checkpoint(path, kind=ENCODER_KIND, step=step, model=encoder_state(encoder), arch=cfg.model_dump(mode="json"),
+    save_checkpoint(path, kind=Kind.VOLUME_ENCODER, step=step, model=encoder_state(encoder), arch=cfg.model_dump(mode="json"),
                     preprocessing=preprocessing, config=config)
 
 
@@ -274,15 +278,15 @@ def load_pretrained_encoder(network: nn.Module, checkpoint_path: str | Path, *, 
     source = str(checkpoint_path)
     payload = load_checkpoint(checkpoint_path)
     kind = payload["kind"]
-    if kind not in (ENCODER_KIND, PRETRAIN_KIND):
+    if kind not in (Kind.VOLUME_ENCODER, Kind.PRETRAIN_VOLUME):
         raise UserError(f"{source}: a '{kind}' checkpoint holds no volume encoder "
-                        f"(expected '{ENCODER_KIND}' or '{PRETRAIN_KIND}')")
+                        f"(expected '{Kind.VOLUME_ENCODER}' or '{Kind.PRETRAIN_VOLUME}')")
     stored = _stored_arch(payload["arch"], kind, source)
     if stored != arch:
         raise UserError(f"{source}: checkpoint encoder {stored.model_dump(mode='json')} differs from the "
                         f"configured model {arch.model_dump(mode='json')}")
     weights = _strip_prefix(payload["model"], DDP_PREFIX)
-    if kind == PRETRAIN_KIND:
+    if kind == Kind.PRETRAIN_VOLUME:
         weights = {k[len(PRETRAIN_PREFIX):]: v for k, v in weights.items() if k.startswith(PRETRAIN_PREFIX)}
     encoder = network if isinstance(network, VolumeEncoder) else network_encoder(network, arch)
     report = load_weights(encoder, weights, min_fraction=min_fraction, source=source)
@@ -292,7 +296,7 @@ def load_pretrained_encoder(network: nn.Module, checkpoint_path: str | Path, *, 
 
 
 def _stored_arch(arch: Any, kind: str, source: str) -> VolumeEncoderConfig:
-    if kind == PRETRAIN_KIND and isinstance(arch, dict) and isinstance(arch.get("encoder"), dict):
+    if kind == Kind.PRETRAIN_VOLUME and isinstance(arch, dict) and isinstance(arch.get("encoder"), dict):
         arch = arch["encoder"]
     try:
         return VolumeEncoderConfig.model_validate(arch)

@@ -15,7 +15,12 @@ from sklearn.linear_model import RidgeClassifier
 from sklearn.preprocessing import StandardScaler
 
 from medssl.data.manifest import Manifest
-from medssl.data.volumes import Preprocessing, manifest_volume_entries, volume_dataset, volume_transforms
+from medssl.data.preprocessing import VolumePreprocessing
+from medssl.data.volumes import (
+    manifest_volume_entries,
+    volume_dataset,
+    volume_transforms,
+)
 from medssl.errors import UserError
 from medssl.models.volume_encoders import VolumeEncoder
 from medssl.seeding import numpy_generator
@@ -74,7 +79,7 @@ class OrganProbe:
         self.seed = seed
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest, split: str, prep: Preprocessing, *, max_volumes: int = 4,
+    def from_manifest(cls, manifest: Manifest, split: str, prep: VolumePreprocessing, *, max_volumes: int = 4,
                       **options) -> OrganProbe:
         """Load up to `max_volumes` labelled volumes of `split` (centre crops of `prep.crop_size`), taking
         the patients in turn so that both halves of the probe have patients."""

@@ -16,29 +16,37 @@ timestamps feed every level of `medssl.losses.hierarchical.HierarchicalContrast`
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    model_validator,
+)
 from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from medssl.config import SignalDataConfig, StrictModel, TrainConfig, dump_config
-from medssl.data.manifest import Manifest, load_manifest
-from medssl.data.timeseries import HierarchicalBatchSampler, WindowDataset, load_recordings
+from medssl.config import StrictModel, TrainConfig, dump_config
+from medssl.data.preprocessing import SignalDataConfig
+from medssl.data.timeseries import (
+    HierarchicalBatchSampler,
+    WindowDataset,
+    signal_windows,
+)
 from medssl.errors import UserError
 from medssl.losses.hierarchical import HierarchicalContrast, HierarchyConfig
 from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, pool
 from medssl.seeding import derive_seed
+from medssl.training.checkpoint import Kind
 from medssl.training.distributed import init_distributed
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
-
-KIND = "pretrain-timeseries"
 
 
 class ViewConfig(StrictModel):
@@ -74,75 +82,12 @@ class PretrainTimeseriesConfig(StrictModel):
         if self.train.batch_size % group:
             raise ValueError(f"train.batch_size {self.train.batch_size} is not a multiple of sampler.patients x "
                              f"sampler.trials = {group}")
-        check_channels(self.data, self.model)
+        self.data.check_channel_count(self.model.in_channels)
         return self
 
     @property
     def samples_per_trial(self) -> int:
         return self.train.batch_size // (self.sampler.patients * self.sampler.trials)
-
-
-def check_channels(data: SignalDataConfig, model: TSEncoderConfig) -> None:
-    """model.in_channels must match the number of selected channels (when the config names them)."""
-    if data.channels is not None and len(data.channels) != model.in_channels:
-        raise ValueError(f"model.in_channels is {model.in_channels} but data.channels names "
-                         f"{len(data.channels)} channels ({', '.join(data.channels)})")
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-
-def window_samples(data: SignalDataConfig) -> tuple[int, int | None]:
-    """(window, stride) in samples at `data.fs`; stride None = non-overlapping."""
-    window = round(data.window_seconds * data.fs)
-    if window < 2:
-        raise UserError(f"data.window_seconds: {data.window_seconds} s at {data.fs:g} Hz is {window} sample(s); "
-                        "need at least 2")
-    stride = None if data.stride_seconds is None else max(1, round(data.stride_seconds * data.fs))
-    return window, stride
-
-
-def preprocessing(data: SignalDataConfig) -> dict[str, Any]:
-    """What a downstream user must apply to match the encoder (stored in checkpoints)."""
-    window, stride = window_samples(data)
-    return {"fs": data.fs, "channels": data.channels, "missing_channels": data.missing_channels,
-            "window_seconds": data.window_seconds, "window": window, "stride": stride, "nan": data.nan,
-            "flat": data.flat}
-
-
-def signal_windows(data: SignalDataConfig, splits: str | Sequence[str], *,
-                   manifest: Manifest | None = None) -> tuple[WindowDataset, list[str]]:
-    """The windows of one or more manifest splits and the notes to report (skipped records, dropped windows, ...)."""
-    splits = [splits] if isinstance(splits, str) else list(splits)
-    manifest = manifest or load_manifest(data.manifest)
-    recordings = [rec for split in splits for rec in load_recordings(manifest, split, fs=data.fs, channels=data.channels,
-                                                                      missing_channels=data.missing_channels)]
-    name = "+".join(splits)
-    if not recordings:
-        raise UserError(f"{data.manifest}: split {name} has no signal recordings")
-    window, stride = window_samples(data)
-    windows = WindowDataset(recordings, window=window, stride=stride, nan=data.nan, flat=data.flat)
-    return windows, dataset_notes(windows, name)
-
-
-def dataset_notes(windows: WindowDataset, split: str) -> list[str]:
-    """One line per thing the user must know: skipped recordings, windows dropped for NaN, flat
-    channels, single-trial patients (the trial level has no trial-specific positive for them)."""
-    notes = [f"{split}: skipped {line}" for line in windows.skipped]
-    if windows.dropped_nan:
-        notes.append(f"{split}: {windows.dropped_nan} window(s) containing NaN dropped (data.nan: mask)")
-    flat: dict[str, list[str]] = {}
-    for patient, trial, channel in windows.flat_channels:
-        flat.setdefault(f"{patient}/{trial}", []).append(channel)
-    notes += [f"{split}: flat-lined (or zero-filled) channel(s) {', '.join(channels)} in {trial}"
-              for trial, channels in flat.items()]
-    trials = torch.bincount(windows.trial_patient, minlength=len(windows.patient_ids))
-    single = [windows.patient_ids[i] for i in torch.nonzero(trials == 1).flatten().tolist()]
-    if single:
-        notes.append(f"{split}: {len(single)} of {len(trials)} patient(s) have one trial only "
-                     f"({', '.join(single[:5])}{', ...' if len(single) > 5 else ''}): the trial level is skipped "
-                     "for them (counted as trial_skipped_patients in metrics.jsonl)")
-    return notes
 
 
 class HierarchicalBatches(Dataset):
@@ -284,8 +229,8 @@ def pretrain_timeseries(config: PretrainTimeseriesConfig, run_dir: Path, *, resu
     rundir.write_config(dump_config(config))
     trainer = Trainer(TimeseriesPretrainer(config.model, config.objectives), HierarchicalObjective(config.views),
                       batches, config=config.train, run_dir=rundir,
-                      checkpointing=Checkpointing(kind=KIND, arch=config.model.model_dump(),
-                                                  preprocessing=preprocessing(config.data),
+                      checkpointing=Checkpointing(kind=Kind.PRETRAIN_TIMESERIES, arch=config.model.model_dump(),
+                                                  preprocessing=config.data.to_dict(),
                                                   config=config.model_dump(mode="json")), ctx=ctx)
     if resume:
         trainer.resume()

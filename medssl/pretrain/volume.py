@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt, confloat
 from torch import nn
 
-from medssl.config import StrictModel, TrainConfig, VolumeDataConfig, dump_config
-from medssl.data.manifest import Manifest, load_manifest
-from medssl.data.volumes import Preprocessing
+from medssl.config import StrictModel, TrainConfig, dump_config
+from medssl.data.manifest import load_manifest
+from medssl.data.preprocessing import VolumeDataConfig
 from medssl.errors import UserError
 from medssl.losses.crop import crop_contrast
 from medssl.losses.part_whole import PartWhole, octants
@@ -34,14 +34,17 @@ from medssl.losses.registry import VolumeObjectivesConfig, total_loss
 from medssl.losses.voxel import voxel_contrast
 from medssl.models.ema import EMATeacher, ema_momentum
 from medssl.models.heads import ProjectionHead, grid_pool
-from medssl.models.volume_encoders import VolumeEncoderConfig, build_volume_encoder, export_encoder
+from medssl.models.volume_encoders import (
+    VolumeEncoderConfig,
+    build_volume_encoder,
+    export_encoder,
+)
 from medssl.pretrain.probe import OrganProbe
 from medssl.pretrain.volume_batches import VolumePretrainBatches
+from medssl.training.checkpoint import Kind
 from medssl.training.distributed import init_distributed
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
-
-KIND = "pretrain-volume"
 
 
 class ViewsConfig(StrictModel):
@@ -90,16 +93,6 @@ class PretrainVolumeConfig(StrictModel):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     split: Literal["training", "validation", "test"] = "training"
-
-
-def preprocessing(data: VolumeDataConfig, manifest: Manifest) -> Preprocessing:
-    """The preprocessing of `data`, the modality defaulting to the manifest's modality "0"."""
-    modality = data.modality or manifest.modality.get("0", "CT")
-    if modality.upper() not in ("CT", "MR"):
-        raise UserError(f"data.modality: manifest {manifest.root} declares modality {modality!r}; "
-                        "volume pretraining needs CT or MR (set data.modality)")
-    return Preprocessing(modality=modality, spacing=data.spacing, window=data.window, percentiles=data.percentiles,
-                         crop_size=data.crop_size, small_volume=data.small_volume)
 
 
 class VolumePretrainModel(nn.Module):
@@ -200,7 +193,7 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
     prepare_run_dir(run_dir, resume=resume)
     ctx = init_distributed()
     manifest = load_manifest(config.data.manifest)
-    prep = preprocessing(config.data, manifest)
+    prep = config.data.preprocessing(manifest.modality.get("0"))
     torch.manual_seed(config.train.seed)
     model = VolumePretrainModel(config)
     model.encoder.check_input_size(prep.crop_size)
@@ -212,14 +205,14 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
         jitter=views.jitter, match_retries=views.match_retries, seed=config.train.seed, rank=ctx.rank)
     probe = None
     if config.probe.enabled and ctx.is_main:
-        probe_prep = Preprocessing(**{**prep.to_dict(), "crop_size": config.probe.crop_size})
+        probe_prep = prep.model_copy(update={"crop_size": config.probe.crop_size})
         probe = OrganProbe.from_manifest(manifest, config.probe.split, probe_prep, max_volumes=config.probe.max_volumes,
                                          stride=config.probe.stride, voxels_per_class=config.probe.voxels_per_class,
                                          seed=config.train.seed)
     run = RunDir(run_dir, enabled=ctx.is_main)
     run.write_config(dump_config(config))
     trainer = Trainer(model, _objective, batches, config=config.train, run_dir=run, ctx=ctx,
-                      checkpointing=Checkpointing(kind=KIND, arch=model.arch(), preprocessing=prep.to_dict(),
+                      checkpointing=Checkpointing(kind=Kind.PRETRAIN_VOLUME, arch=model.arch(), preprocessing=prep.to_dict(),
                                                   config=config.model_dump(mode="json")),
                       evaluate=(lambda m, step: probe(m.encoder)) if probe else None,
                       eval_every=config.probe.every, best_metric="probe_dice" if probe else None,

@@ -51,12 +51,25 @@ from monai.transforms import SpatialPad
 from torch.utils.data import Dataset
 
 from medssl.data.manifest import Manifest, load_manifest
-from medssl.data.volumes import (Preprocessing, VolumePipeline, manifest_volume_entries, volume_dataset,
-                                 volume_transforms)
+from medssl.data.preprocessing import VolumePreprocessing
+from medssl.data.volumes import (
+    manifest_volume_entries,
+    volume_dataset,
+    whole_volume_pipeline,
+)
 from medssl.errors import UserError
 from medssl.pretrain.matchers import Matcher, MatcherName, build_matcher
-from medssl.pretrain.views import (CropGeometry, cell_centres, corresponding_points, extract_crop, intensity_jitter,
-                                   random_flips, region_map, sample_crop, sample_overlapping)
+from medssl.pretrain.views import (
+    CropGeometry,
+    cell_centres,
+    corresponding_points,
+    extract_crop,
+    intensity_jitter,
+    random_flips,
+    region_map,
+    sample_crop,
+    sample_overlapping,
+)
 from medssl.seeding import numpy_generator, torch_generator
 
 VIEWS = ("a", "b", "c", "d")
@@ -116,12 +129,12 @@ class VolumePretrainBatches(Dataset):
         self.cell_positions = cell_centres(grid)
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest | str | os.PathLike, split: str, prep: Preprocessing,
+    def from_manifest(cls, manifest: Manifest | str | os.PathLike, split: str, prep: VolumePreprocessing,
                       matcher_name: MatcherName = "body_box", *, cache_dir: str | os.PathLike | None = None,
                       **options: Any) -> VolumePretrainBatches:
         """Load every image of `split` through the MONAI pipeline of `medssl.data.volumes` without its
-        crop (`VolumePipeline.deterministic_head`: load, orientation, spacing, intensity window, the
-        small-volume policy), optionally cached in `cache_dir`. Crops have ``prep.crop_size`` unless
+        crop (`whole_volume_pipeline`: load, orientation, spacing, intensity window, the small-volume
+        policy), optionally cached in `cache_dir`. Crops have ``prep.crop_size`` unless
         ``crop_size`` is in `options` (the other keyword arguments of the constructor).
         A split without any volume raises `UserError` naming the manifest and split.
         """
@@ -130,8 +143,7 @@ class VolumePretrainBatches(Dataset):
         if not entries:
             raise UserError(f"{manifest.root}: split '{split}' has no volume to pretrain on")
         options.setdefault("crop_size", prep.crop_size)
-        whole = VolumePipeline(volume_transforms(prep, random_crop=True).deterministic_head())
-        dataset = volume_dataset(entries, whole, cache_dir=cache_dir)
+        dataset = volume_dataset(entries, whole_volume_pipeline(prep), cache_dir=cache_dir)
         images = [dataset[i]["image"] for i in range(len(entries))]
         return cls([image.as_tensor().float() for image in images], [e["patient_id"] for e in entries],
                    [e["study_id"] for e in entries], spacings=[image.pixdim.tolist() for image in images],

@@ -25,6 +25,16 @@ from medssl.errors import UserError, one_line
 FORMAT = "medssl-checkpoint-v1"
 
 
+class Kind:
+    """What a checkpoint holds (its "kind"): one name per producer, shared by producers and readers."""
+
+    PRETRAIN_VOLUME = "pretrain-volume"  # the volume pretraining model (encoder under "encoder.")
+    VOLUME_ENCODER = "volume-encoder"  # an exported encoder, MONAI key names
+    PRETRAIN_TIMESERIES = "pretrain-timeseries"  # the signal pretraining model (encoder under "encoder.")
+    FINETUNE_SEG = "finetune-seg"
+    FINETUNE_TIMESERIES = "finetune-timeseries"
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape the weights and preprocessing."""
     import monai
