@@ -192,16 +192,30 @@ def test_layerwise_lr_decay_groups():
     cfg = VolumeEncoderConfig(width=4)
     network = build_segmentation_network(cfg, 3)
     encoder = network_encoder(network, cfg)
-    groups = layerwise_param_groups(network, encoder, lr=1.0, weight_decay=0.1, layer_decay=0.5)
-    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    groups = layerwise_param_groups(network, encoder, layer_decay=0.5)
+    lr_of = {id(p): g.lr_scale for g in groups for p in g.params}
     assert len(lr_of) == sum(1 for _ in network.parameters())  # every parameter once
-    assert groups[0]["lr"] == 1.0
+    assert groups[0].lr_scale == 1.0 and groups[0].name == "head"
     stages = encoder_stages(encoder)
     assert [type(s).__name__ for s in stages][:1] == ["TwoConv"] and len(stages) == 5
     for i, stage in enumerate(stages):
         assert {lr_of[id(p)] for p in stage.parameters()} == {0.5 ** (5 - i)}
     assert {lr_of[id(p)] for p in network.final_conv.parameters()} == {1.0}
-    assert all(g["weight_decay"] == (0.1 if g["params"][0].ndim > 1 else 0.0) for g in groups)
+    assert all(g.weight_decay == (g.params[0].ndim > 1) for g in groups)
+
+
+def test_layerwise_learning_rates_are_in_effect_during_training(hospital, tmp_path):
+    cfg = _config(hospital, "train.steps=3", "train.log_every=1", "train.warmup_steps=0", "seg.layer_decay=0.5",
+                  "seg.eval_every=0", "seg.overlay_cases=0", "seg.labelled_volumes=1")
+    finetune_seg(cfg, tmp_path / "run", quiet=True)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    stages = len(encoder_stages(network_encoder(build_segmentation_network(cfg.model, 10), cfg.model)))
+    for record in records:
+        assert record["lr.head"] == record["lr"]
+        for i in range(stages):
+            assert record[f"lr.stage{i}"] == pytest.approx(record["lr"] * 0.5 ** (stages - i))
+        for key in (k for k in record if k.endswith(".no_decay")):
+            assert record[key] == record[key.removesuffix(".no_decay")]
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -14,7 +14,7 @@ from torch import nn
 
 from medssl.errors import UserError
 from medssl.training.checkpoint import load_checkpoint, load_weights
-from medssl.training.loop import warmup_cosine
+from medssl.training.loop import Freeze, ParamGroup, warmup_cosine
 from medssl.training.monitor import collapse_metrics
 from medssl.training.rundir import prepare_run_dir
 
@@ -110,3 +110,43 @@ def test_ddp_two_gloo_processes_stay_in_sync(tmp_path: Path) -> None:
     assert torch.allclose(p0, p1)  # gradients were averaged across ranks
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))  # only rank 0 writes
+
+
+def test_param_groups_train_at_their_own_learning_rate(tmp_path: Path) -> None:
+    """Adam's first update of a parameter is lr x sign(gradient): each group moves by its own rate."""
+    def groups(model: nn.Module) -> list[ParamGroup]:
+        return [ParamGroup("first", list(model[0].parameters())),
+                ParamGroup("second", list(model[1].parameters()), lr_scale=0.01)]
+
+    trainer = make_trainer(tmp_path, steps=2, groups=groups, warmup_steps=0, weight_decay=0.0, clip_grad=None)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    after_first: list[torch.Tensor] = []
+    trainer.after_step = lambda model, step: after_first.extend(
+        [p.detach().clone() for p in model.parameters()] if step == 1 else [])
+    trainer.fit()
+    moved = [(a - b).abs() for a, b in zip(after_first, before)]
+    lr = trainer.config.lr
+    assert all(torch.allclose(m, torch.full_like(m, lr), rtol=1e-3) for m in moved[:2])
+    assert all(torch.allclose(m, torch.full_like(m, lr * 0.01), rtol=1e-3) for m in moved[2:])
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])  # after step 1: cosine at 1/2
+    assert record["lr.first"] == pytest.approx(lr / 2) and record["lr.second"] == pytest.approx(lr / 2 * 0.01)
+    assert record["lr"] == record["lr.first"]
+
+
+def test_freeze_keeps_a_module_still_for_n_steps_and_across_resume(tmp_path: Path) -> None:
+    def first_layer(model: nn.Module) -> Freeze:
+        return Freeze(model[0], steps=3)
+
+    trainer = make_trainer(tmp_path, steps=2, freeze=first_layer)
+    start = [p.detach().clone() for p in trainer.model[0].parameters()]
+    trainer.fit()
+    assert all(torch.equal(p, s) for p, s in zip(trainer.model[0].parameters(), start))  # steps 1-2 frozen
+    assert all(p.requires_grad for p in trainer.model.parameters())  # trainable again once fit() ends
+    resumed = make_trainer(tmp_path, steps=4, freeze=first_layer)
+    resumed.resume()
+    after_step_3 = []
+    resumed.after_step = lambda model, step: after_step_3.extend(
+        [p.detach().clone() for p in model[0].parameters()] if step == 3 else [])
+    resumed.fit()
+    assert all(torch.equal(p, s) for p, s in zip(after_step_3, start))  # step 3 still frozen after resume
+    assert any(not torch.equal(p, s) for p, s in zip(resumed.model[0].parameters(), start))  # step 4 trained

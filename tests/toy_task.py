@@ -42,12 +42,19 @@ def objective(model: nn.Module, batch: dict, generator: torch.Generator) -> Step
     return StepOutput(loss=mse + 0.1 * l1, terms={"mse": mse, "l1": l1}, items=len(pred), embeddings=batch["x"])
 
 
-def make_trainer(run: Path, steps: int, *, width: int = 4, seed: int = 0, ctx=None, **train) -> Trainer:
+def make_trainer(run: Path, steps: int, *, width: int = 4, seed: int = 0, ctx=None, groups=None, freeze=None,
+                 **train) -> Trainer:
+    """The toy trainer; `groups(model)` / `freeze(model)` give its param groups / Freeze; `train` overrides
+    TrainConfig fields."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, width), nn.Linear(width, 1))
-    config = TrainConfig(steps=steps, batch_size=8, seed=seed, lr=0.05, warmup_steps=2, log_every=1,
-                         checkpoint_every=2, **train)
+    config = TrainConfig(**{"steps": steps, "batch_size": 8, "seed": seed, "lr": 0.05, "warmup_steps": 2,
+                            "log_every": 1, "checkpoint_every": 2, **train})
     kwargs = {} if ctx is None else {"ctx": ctx}
+    if groups is not None:
+        kwargs["param_groups"] = groups(model)
+    if freeze is not None:
+        kwargs["freeze"] = freeze(model)
     return Trainer(model, objective, RegressionBatches(seed, 0 if ctx is None else ctx.rank), config=config,
                    run_dir=RunDir(run, enabled=ctx is None or ctx.is_main),
                    checkpointing=Checkpointing(kind="toy", arch={"width": width}, preprocessing={}, config={}),

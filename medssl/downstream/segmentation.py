@@ -96,7 +96,7 @@ from medssl.models.volume_encoders import (
 from medssl.seeding import numpy_generator
 from medssl.training.checkpoint import Kind, load_checkpoint, load_weights
 from medssl.training.distributed import DistContext
-from medssl.training.loop import Checkpointing, StepOutput, Trainer, warmup_cosine
+from medssl.training.loop import Checkpointing, Freeze, ParamGroup, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
 
 _LABELLED_STREAM = 1  # random stream (with train.seed) of the labelled-volume choice
@@ -313,33 +313,20 @@ def encoder_stages(encoder: VolumeEncoder) -> list[nn.Module]:
     return stages
 
 
-def layerwise_param_groups(network: nn.Module, encoder: VolumeEncoder, *, lr: float, weight_decay: float,
-                           layer_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decoder and head at `lr`, encoder stage i of S at lr x layer_decay^(S - i);
-    biases and norm weights (ndim <= 1) without weight decay. The first group is at `lr` (the logged lr)."""
+def layerwise_param_groups(network: nn.Module, encoder: VolumeEncoder, layer_decay: float) -> list[ParamGroup]:
+    """Trainer groups: decoder and head at scale 1 ("head"), encoder stage i of S at layer_decay^(S - i)
+    ("stage<i>"); biases and norm weights (ndim <= 1) without weight decay (".no_decay"). The first
+    group is at scale 1 (its lr is the logged `lr`)."""
     stages = encoder_stages(encoder)
-    scale = {id(p): layer_decay ** (len(stages) - i) for i, stage in enumerate(stages) for p in stage.parameters()}
-    buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    stage_of = {id(p): i for i, stage in enumerate(stages) for p in stage.parameters()}
+    buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for p in network.parameters():
-        buckets.setdefault((scale.get(id(p), 1.0), p.ndim > 1), []).append(p)
-    return [{"params": params, "lr": lr * factor, "weight_decay": weight_decay if decay else 0.0}
-            for (factor, decay), params in sorted(buckets.items(), key=lambda kv: -kv[0][0])]
-
-
-class EncoderFreeze:
-    """Keeps the encoder's parameters without gradient until `steps` optimiser steps are done.
-
-    Call `start()` before training; pass the instance as the Trainer's `after_step` hook."""
-
-    def __init__(self, encoder: VolumeEncoder, steps: int):
-        self.encoder, self.steps = encoder, steps
-
-    def start(self) -> None:
-        self.encoder.requires_grad_(self.steps == 0)
-
-    def __call__(self, model: nn.Module, step: int) -> None:
-        if step >= self.steps:
-            self.encoder.requires_grad_(True)
+        buckets.setdefault((stage_of.get(id(p), len(stages)), p.ndim > 1), []).append(p)
+    groups = []
+    for (stage, decay), params in sorted(buckets.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
+        name = ("head" if stage == len(stages) else f"stage{stage}") + ("" if decay else ".no_decay")
+        groups.append(ParamGroup(name, params, lr_scale=layer_decay ** (len(stages) - stage), weight_decay=decay))
+    return groups
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -521,7 +508,6 @@ def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir) -> None:
     def validate(model: nn.Module, step: int) -> dict[str, float]:
         return mean_metrics(evaluate_cases(model, ready.val_cases, ready.predictor, ready.classes)[0], "val")
 
-    freeze = EncoderFreeze(ready.encoder, s.freeze_encoder_steps)
     arch = {"model": config.model.model_dump(mode="json"), "classes": {str(k): v for k, v in ready.classes.items()}}
     trainer = Trainer(ready.network, DiceCEObjective(s.lambda_dice, s.lambda_ce),
                       SegBatches(ready.images, ready.labels, crop=ready.prep.crop_size, size=cfg.batch_size,
@@ -530,15 +516,10 @@ def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir) -> None:
                       checkpointing=Checkpointing(kind=Kind.FINETUNE_SEG, arch=arch, preprocessing=ready.prep.to_dict(),
                                                   config=config.model_dump(mode="json")),
                       evaluate=validate if ready.val_cases else None, eval_every=s.eval_every or cfg.steps,
-                      best_metric="val_dice_mean" if ready.val_cases else None, after_step=freeze)
-    # the Trainer's optimiser has one learning rate: replace it with the layer-wise groups, same schedule
-    trainer.optimizer = torch.optim.AdamW(layerwise_param_groups(
-        trainer.model, ready.encoder, lr=cfg.lr, weight_decay=cfg.weight_decay, layer_decay=s.layer_decay), lr=cfg.lr)
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        trainer.optimizer, lambda step: warmup_cosine(step, warmup=cfg.warmup_steps, total=cfg.steps))
-    freeze.start()
+                      best_metric="val_dice_mean" if ready.val_cases else None,
+                      param_groups=layerwise_param_groups(ready.network, ready.encoder, s.layer_decay),
+                      freeze=Freeze(ready.encoder, s.freeze_encoder_steps) if s.freeze_encoder_steps else None)
     trainer.fit()
-    ready.encoder.requires_grad_(True)
 
 
 def score_test_split(config: FinetuneSegConfig, ready: Prepared, run: RunDir) -> dict[str, Any]:

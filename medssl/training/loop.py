@@ -8,6 +8,11 @@ A task hands the loop three things:
   not, which is what makes `--resume` reproduce an uninterrupted run;
 - `objective(model, batch, generator) -> StepOutput`: the total loss, every named term, and
   optionally embeddings for the collapse monitor. Its randomness comes from `generator`.
+
+Optionally `param_groups` (`ParamGroup`s: a learning-rate scale and weight decay on or off per group;
+default: weights with decay, biases and norm weights without) and `freeze` (`Freeze`: a module whose
+parameters get no gradient for the first N optimiser steps). Every group's learning rate is logged
+in metrics.jsonl as `lr.<group>`; `lr` is the first group's.
 """
 
 from __future__ import annotations
@@ -58,6 +63,37 @@ class Checkpointing:
     config: dict[str, Any]
 
 
+@dataclass
+class ParamGroup:
+    """Parameters that train at `lr_scale` x `train.lr` (times the schedule), with `train.weight_decay`
+    or without weight decay."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr_scale: float = 1.0
+    weight_decay: bool = True
+
+
+@dataclass
+class Freeze:
+    """`module`'s parameters get no gradient (so AdamW leaves them untouched, weight decay included)
+    for the first `steps` optimiser steps, also across --resume."""
+
+    module: nn.Module
+    steps: int
+
+    def apply(self, step: int) -> None:
+        """Set requires_grad for the state after `step` completed steps."""
+        self.module.requires_grad_(step >= self.steps)
+
+
+def default_param_groups(model: nn.Module) -> list[ParamGroup]:
+    """The trainable parameters: weights (ndim > 1) with weight decay, biases and norm weights without."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [ParamGroup("decay", [p for p in trainable if p.ndim > 1]),
+            ParamGroup("no_decay", [p for p in trainable if p.ndim <= 1], weight_decay=False)]
+
+
 def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
     """Learning-rate factor: linear warm-up over `warmup` steps, then cosine decay to 0 at `total`."""
     if step < warmup:
@@ -72,7 +108,8 @@ class Trainer:
     def __init__(self, model: nn.Module, objective: Objective, batches: Dataset, *, config: TrainConfig,
                  run_dir: RunDir, checkpointing: Checkpointing, ctx: DistContext = DistContext(),
                  evaluate: Evaluate | None = None, eval_every: int = 0, best_metric: str | None = None,
-                 after_step: AfterStep | None = None, find_unused_parameters: bool = False):
+                 after_step: AfterStep | None = None, find_unused_parameters: bool = False,
+                 param_groups: list[ParamGroup] | None = None, freeze: Freeze | None = None):
         self.config = config
         self.ctx = ctx
         self.run_dir = run_dir
@@ -85,14 +122,18 @@ class Trainer:
         self.best_value = -math.inf
         self.after_step = after_step  # e.g. an EMA teacher update, called with (model, completed steps)
         self.model = model.to(ctx.device)
+        self.freeze = freeze
         # find_unused_parameters: for models with blocks no active objective reaches (SwinUNETR's side blocks)
+        # and for frozen parameters (no gradient while frozen)
         self.trained = (DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
-                                                else None, find_unused_parameters=find_unused_parameters)
+                                                else None,
+                                                find_unused_parameters=find_unused_parameters or freeze is not None)
                         if ctx.distributed else self.model)
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim <= 1]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        groups = param_groups if param_groups is not None else default_param_groups(self.model)
+        self.group_names = [group.name for group in groups]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": group.params, "lr": config.lr * group.lr_scale,
+              "weight_decay": config.weight_decay if group.weight_decay else 0.0} for group in groups], lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: warmup_cosine(s, warmup=config.warmup_steps, total=config.steps))
         self.step = 0
@@ -147,6 +188,8 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.checkpointing.kind, disable=not self.ctx.is_main,
                    dynamic_ncols=True)
         self.trained.train()
+        if self.freeze is not None:
+            self.freeze.apply(self.step)
         while self.step < cfg.steps:
             for micro in range(accum):
                 tick = time.perf_counter()
@@ -174,6 +217,8 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            if self.freeze is not None:
+                self.freeze.apply(self.step)
             if self.after_step is not None:
                 self.after_step(self.model, self.step)
             compute_time += time.perf_counter() - tick
@@ -182,7 +227,9 @@ class Trainer:
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 metrics = {k: v / window_steps for k, v in window.items()}
                 metrics = mean_across_ranks(metrics, self.ctx)
-                metrics["lr"] = self.scheduler.get_last_lr()[0]
+                rates = self.scheduler.get_last_lr()
+                metrics["lr"] = rates[0]
+                metrics.update({f"lr.{name}": rate for name, rate in zip(self.group_names, rates)})
                 metrics["items_per_s"] = items * self.ctx.world_size / max(data_time + compute_time, 1e-9)
                 metrics["data_time_fraction"] = data_time / max(data_time + compute_time, 1e-9)
                 if out.embeddings is not None:
@@ -195,6 +242,8 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save(self.run_dir.last_checkpoint)
         bar.close()
+        if self.freeze is not None:
+            self.freeze.module.requires_grad_(True)
         summary = {"steps": self.step, **{f"final_{k}": v for k, v in last.items()}, **(extra_summary or {})}
         if self.best_metric:
             summary[f"best_{self.best_metric}"] = self.best_value
