@@ -9,14 +9,7 @@ import pytest
 import yaml
 from pydantic import Field
 
-from medssl.config import (
-    StrictModel,
-    TrainConfig,
-    dump_config,
-    load_config,
-    parse_overrides,
-    validate_config,
-)
+from medssl.config import StrictModel, TrainConfig, dump_config, load_config, parse_overrides, validate_config
 from medssl.data.preprocessing import VolumeDataConfig
 from medssl.downstream.segmentation import FinetuneSegConfig
 from medssl.downstream.ts_classification import EvalTimeseriesConfig

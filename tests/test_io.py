@@ -15,15 +15,7 @@ import SimpleITK as sitk
 import wfdb
 from pyedflib import highlevel as edf
 
-from medssl.data.io import (
-    Signal,
-    read_signal,
-    read_volume,
-    resample_signal,
-    select_channels,
-    write_volume,
-    write_wfdb,
-)
+from medssl.data.io import Signal, read_signal, read_volume, resample_signal, select_channels, write_volume, write_wfdb
 from medssl.errors import UserError
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"

@@ -17,11 +17,7 @@ from medssl.data.manifest import check_manifest, load_manifest
 from medssl.data.mni_cohort import FOV_MM, MANIFEST_NAME, TISSUES, make_mni_cohort
 from medssl.data.preprocessing import VolumePreprocessing
 from medssl.errors import UserError
-from medssl.models.volume_encoders import (
-    VolumeEncoderConfig,
-    build_volume_encoder,
-    export_encoder,
-)
+from medssl.models.volume_encoders import VolumeEncoderConfig, build_volume_encoder, export_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 

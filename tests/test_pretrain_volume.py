@@ -17,16 +17,8 @@ from medssl.config import load_config
 from medssl.data.preprocessing import VolumePreprocessing
 from medssl.data.synthetic import make_hospital
 from medssl.errors import UserError
-from medssl.models.volume_encoders import (
-    VolumeEncoderConfig,
-    build_segmentation_network,
-    load_pretrained_encoder,
-)
-from medssl.pretrain.volume import (
-    PretrainVolumeConfig,
-    VolumePretrainModel,
-    pretrain_volume,
-)
+from medssl.models.volume_encoders import VolumeEncoderConfig, build_segmentation_network, load_pretrained_encoder
+from medssl.pretrain.volume import PretrainVolumeConfig, VolumePretrainModel, pretrain_volume
 from medssl.pretrain.volume_batches import VolumePretrainBatches
 
 REPO = Path(__file__).resolve().parents[1]

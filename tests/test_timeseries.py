@@ -12,12 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from medssl.data import io
-from medssl.data.timeseries import (
-    HierarchicalBatchSampler,
-    Recording,
-    WindowDataset,
-    load_recordings,
-)
+from medssl.data.timeseries import HierarchicalBatchSampler, Recording, WindowDataset, load_recordings
 from medssl.errors import UserError
 
 

@@ -8,21 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from medssl.bench.timeseries import (
-    PerLevelObjective,
-    label_efficiency,
-    random_batch,
-    throughput,
-    two_level,
-)
+from medssl.bench.timeseries import PerLevelObjective, label_efficiency, random_batch, throughput, two_level
 from medssl.config import load_config
 from medssl.data.synthetic import make_hospital
 from medssl.downstream.ts_classification import EvalTimeseriesConfig
-from medssl.pretrain.timeseries import (
-    HierarchicalObjective,
-    PretrainTimeseriesConfig,
-    TimeseriesPretrainer,
-)
+from medssl.pretrain.timeseries import HierarchicalObjective, PretrainTimeseriesConfig, TimeseriesPretrainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

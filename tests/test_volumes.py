@@ -15,11 +15,7 @@ from monai.data import DataLoader, MetaTensor
 
 from medssl.data import io
 from medssl.data.preprocessing import VolumePreprocessing
-from medssl.data.volumes import (
-    manifest_volume_entries,
-    volume_dataset,
-    volume_transforms,
-)
+from medssl.data.volumes import manifest_volume_entries, volume_dataset, volume_transforms
 from medssl.errors import UserError
 
 SHAPE = (20, 24, 16)

@@ -37,12 +37,7 @@ from torch import nn
 from medssl.atomic import atomic_path
 from medssl.bench.report import print_table
 from medssl.config import TrainConfig
-from medssl.losses.hierarchical import (
-    LEVELS,
-    HierarchicalContrast,
-    HierarchyConfig,
-    LevelConfig,
-)
+from medssl.losses.hierarchical import LEVELS, HierarchicalContrast, HierarchyConfig, LevelConfig
 from medssl.pretrain.timeseries import (
     HierarchicalObjective,
     PretrainTimeseriesConfig,

@@ -62,14 +62,7 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
 from monai.transforms import Invertd
-from pydantic import (
-    Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveInt,
-    confloat,
-    model_validator,
-)
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, confloat, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -78,12 +71,7 @@ from medssl.config import StrictModel, TrainConfig, dump_config
 from medssl.data import io
 from medssl.data.manifest import AFFINE_TOLERANCE_MM, Manifest, load_manifest
 from medssl.data.preprocessing import VolumeDataConfig, VolumePreprocessing
-from medssl.data.volumes import (
-    VolumePipeline,
-    manifest_volume_entries,
-    volume_dataset,
-    whole_volume_pipeline,
-)
+from medssl.data.volumes import VolumePipeline, manifest_volume_entries, volume_dataset, whole_volume_pipeline
 from medssl.errors import UserError
 from medssl.models.volume_encoders import (
     EncoderLoadReport,

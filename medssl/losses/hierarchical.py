@@ -42,13 +42,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import (
-    Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveFloat,
-    model_validator,
-)
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, model_validator
 from torch import nn
 
 from medssl.config import StrictModel

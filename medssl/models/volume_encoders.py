@@ -42,13 +42,7 @@ from torch import nn
 
 from medssl.config import StrictModel
 from medssl.errors import UserError
-from medssl.training.checkpoint import (
-    Kind,
-    LoadReport,
-    load_checkpoint,
-    load_weights,
-    save_checkpoint,
-)
+from medssl.training.checkpoint import Kind, LoadReport, load_checkpoint, load_weights, save_checkpoint
 
 PRETRAIN_PREFIX = "encoder."  # attribute name of the encoder in the pretraining model
 DDP_PREFIX = "module."

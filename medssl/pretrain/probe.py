@@ -16,11 +16,7 @@ from sklearn.preprocessing import StandardScaler
 
 from medssl.data.manifest import Manifest
 from medssl.data.preprocessing import VolumePreprocessing
-from medssl.data.volumes import (
-    manifest_volume_entries,
-    volume_dataset,
-    volume_transforms,
-)
+from medssl.data.volumes import manifest_volume_entries, volume_dataset, volume_transforms
 from medssl.errors import UserError
 from medssl.models.volume_encoders import VolumeEncoder
 from medssl.seeding import numpy_generator

@@ -21,24 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import (
-    Field,
-    NonNegativeFloat,
-    NonNegativeInt,
-    PositiveInt,
-    model_validator,
-)
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
 from rich.console import Console
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from medssl.config import StrictModel, TrainConfig, dump_config
 from medssl.data.preprocessing import SignalDataConfig
-from medssl.data.timeseries import (
-    HierarchicalBatchSampler,
-    WindowDataset,
-    signal_windows,
-)
+from medssl.data.timeseries import HierarchicalBatchSampler, WindowDataset, signal_windows
 from medssl.errors import UserError
 from medssl.losses.hierarchical import HierarchicalContrast, HierarchyConfig
 from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, pool

@@ -34,11 +34,7 @@ from medssl.losses.registry import VolumeObjectivesConfig, total_loss
 from medssl.losses.voxel import voxel_contrast
 from medssl.models.ema import EMATeacher, ema_momentum
 from medssl.models.heads import ProjectionHead, grid_pool
-from medssl.models.volume_encoders import (
-    VolumeEncoderConfig,
-    build_volume_encoder,
-    export_encoder,
-)
+from medssl.models.volume_encoders import VolumeEncoderConfig, build_volume_encoder, export_encoder
 from medssl.pretrain.probe import OrganProbe
 from medssl.pretrain.volume_batches import VolumePretrainBatches
 from medssl.training.checkpoint import Kind

@@ -52,11 +52,7 @@ from torch.utils.data import Dataset
 
 from medssl.data.manifest import Manifest, load_manifest
 from medssl.data.preprocessing import VolumePreprocessing
-from medssl.data.volumes import (
-    manifest_volume_entries,
-    volume_dataset,
-    whole_volume_pipeline,
-)
+from medssl.data.volumes import manifest_volume_entries, volume_dataset, whole_volume_pipeline
 from medssl.errors import UserError
 from medssl.pretrain.matchers import Matcher, MatcherName, build_matcher
 from medssl.pretrain.views import (
