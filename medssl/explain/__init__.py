@@ -1,0 +1,1 @@
+"""Explanations of model outputs: attention / grounding maps and their file contract."""
