@@ -71,7 +71,7 @@ def manifest_check(
     min_signal_seconds: Annotated[float, typer.Option(help="Shortest acceptable signal in seconds.")] = 0.0,
 ) -> None:
     """Open every file of a manifest and report every problem found (exit 2 if any)."""
-    from medssl.data.manifest import check_manifest
+    from medssl.data.manifest_check import check_manifest
 
     problems = check_manifest(manifest, min_signal_seconds=min_signal_seconds, progress=True)
     if problems:
@@ -92,7 +92,8 @@ def manifest_build(
     seed: Annotated[int, typer.Option(help="Seed of the patient split.")] = 0,
 ) -> None:
     """Scan a folder into a manifest, pairing files by name, with patient-independent splits."""
-    from medssl.data.manifest import build_manifest, write_manifest
+    from medssl.data.manifest import write_manifest
+    from medssl.data.manifest_build import build_manifest
 
     manifest, warnings = build_manifest(folder, name=name, modality=modality, val_fraction=val_fraction,
                                         test_fraction=test_fraction, seed=seed)

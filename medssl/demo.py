@@ -41,7 +41,7 @@ def _synth(out: Path) -> dict[str, Any]:
 
 
 def _check(manifest: Path) -> dict[str, Any]:
-    from medssl.data.manifest import check_manifest
+    from medssl.data.manifest_check import check_manifest
 
     problems = check_manifest(manifest, progress=True)
     if problems:

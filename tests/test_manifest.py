@@ -13,7 +13,9 @@ import pytest
 import wfdb
 from monai.data import load_decathlon_datalist
 
-from medssl.data.manifest import SPLITS, Manifest, build_manifest, check_manifest, load_manifest, write_manifest
+from medssl.data.manifest import SPLITS, Manifest, load_manifest, write_manifest
+from medssl.data.manifest_build import build_manifest
+from medssl.data.manifest_check import check_manifest
 from medssl.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -228,9 +228,9 @@ def _copy(hospital: Path, tmp_path: Path) -> tuple[Path, dict]:
 
 
 @pytest.mark.parametrize("problem, message", [
-    ("undeclared", r"label value\(s\) \[12\] are not classes of"),
-    ("empty", "label map is empty"),
-    ("affine", "label map affine differs from the image's by up to 5 mm"),
+    ("undeclared", r"training\[\d\]\.label: value\(s\) \[12\] not declared in .*'labels'"),
+    ("empty", r"training\[\d\]\.label: label map is empty"),
+    ("affine", r"training\[\d\]\.label: affine differs from the image's by up to 5 mm"),
 ])
 def test_bad_label_maps_are_refused_before_writing(hospital, tmp_path, problem, message):
     manifest, entry = _copy(hospital, tmp_path)
@@ -288,3 +288,15 @@ def test_inference_speed_reports_throughput_and_memory(capsys):
     assert figures["peak_rss_mib"] > 0 and figures["inference_rss_increase_mib"] >= 0
     printed = " ".join(capsys.readouterr().out.split())  # rich may wrap long lines
     assert "sliding-window inference (segresnet width 8, ROI (16, 16, 16)" in printed
+
+
+def test_a_patient_in_two_splits_is_refused_naming_the_patient(hospital, tmp_path):
+    data = json.loads(hospital.read_text())
+    leaked = dict(data["test"][0], image=str(hospital.parent / data["test"][0]["image"]),
+                  label=str(hospital.parent / data["test"][0]["label"]))
+    data["training"].append(leaked)
+    manifest = tmp_path / "leaky.json"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(UserError, match=f"patient '{leaked['patient_id']}' is in more than one split: training and test"):
+        finetune_seg(_config(manifest), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

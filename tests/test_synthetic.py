@@ -14,7 +14,7 @@ from monai.data import load_decathlon_datalist
 from scipy.signal import butter, find_peaks, sosfiltfilt
 
 from medssl.data import io
-from medssl.data.manifest import check_manifest
+from medssl.data.manifest_check import check_manifest
 from medssl.data.synthetic import LESION_KINDS, MANIFEST_NAME, ORGAN_TEXT, ORGANS, hospital_affine, make_hospital
 from medssl.errors import UserError
 

@@ -67,7 +67,7 @@ def test_no_patient_in_two_splits(tmp_path: Path, hospital: Path) -> None:
     leaky = tmp_path / "manifest.json"
     leaky.write_text(json.dumps(data))
     patient = data["training"][0]["patient_id"]
-    with pytest.raises(UserError, match=f"patient {patient} is in both 'training' and 'test'"):
+    with pytest.raises(UserError, match=f"patient '{patient}' is in more than one split: training and test"):
         check_patient_independent(load_manifest(leaky), "training", ["test"])
     with pytest.raises(UserError, match="eval.train_split 'training' is also in eval.test_splits"):
         eval_config(hospital, "eval.test_splits=[training]")

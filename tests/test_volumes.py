@@ -212,7 +212,8 @@ def test_preprocessing_validates_and_round_trips_through_json() -> None:
 
 
 def test_manifest_volume_entries(cube: dict, tmp_path: Path) -> None:
-    manifest_mod = pytest.importorskip("medssl.data.manifest")
+    from medssl.data import manifest as manifest_mod
+
     folder = Path(cube["image"]).parent
     entries = [{"image": "img.nii.gz", "label": "seg.nii.gz", "patient_id": "P001", "study_id": "S1"},
                {"image": "img.nii.gz", "patient_id": "P002"}]
@@ -221,8 +222,8 @@ def test_manifest_volume_entries(cube: dict, tmp_path: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(doc))
     manifest = manifest_mod.load_manifest(folder / "manifest.json")
     items = manifest_volume_entries(manifest, "training")
-    assert items == [{"image": cube["image"], "patient_id": "P001", "study_id": "S1"},
-                     {"image": cube["image"], "patient_id": "P002", "study_id": ""}]
+    assert items == [{"image": cube["image"], "patient_id": "P001", "study_id": "S1", "where": "training[0]"},
+                     {"image": cube["image"], "patient_id": "P002", "study_id": "", "where": "training[1]"}]
     with pytest.raises(UserError, match=r"training\[1\] P002/- \(no label\)"):
         manifest_volume_entries(manifest, "training", with_label=True)
     with pytest.raises(UserError, match=r"validation\[0\] P003/- \(no image\)"):

@@ -22,7 +22,8 @@ def _timed(fn):
 
 def bench_data(*, patients: int = 8, size: int = 64, seed: int = 0) -> dict[str, float]:
     """Run the data benchmark and print its table; returns the figures."""
-    from medssl.data.manifest import check_manifest, load_manifest
+    from medssl.data.manifest import load_manifest
+    from medssl.data.manifest_check import check_manifest
     from medssl.data.preprocessing import VolumePreprocessing
     from medssl.data.synthetic import make_hospital
     from medssl.data.timeseries import (

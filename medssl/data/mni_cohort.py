@@ -48,7 +48,8 @@ from scipy.spatial.transform import Rotation
 from medssl.atomic import atomic_dir, write_json
 from medssl.data import io
 from medssl.data.cohort import check_int_arguments, check_replaceable
-from medssl.data.manifest import build_manifest, write_manifest
+from medssl.data.manifest import write_manifest
+from medssl.data.manifest_build import build_manifest
 from medssl.seeding import numpy_generator
 
 MANIFEST_NAME = "mni152-tissue"

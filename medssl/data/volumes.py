@@ -229,7 +229,8 @@ def _entry_hash(entry: Mapping[str, Any], *, transforms: str) -> bytes:
 
 
 def manifest_volume_entries(manifest: Manifest, split: str, *, with_label: bool = False) -> list[dict]:
-    """Entries of `split` as dicts with absolute paths: ``image`` (+ ``label``), ``patient_id``, ``study_id``.
+    """Entries of `split` as dicts with absolute paths: ``image`` (+ ``label``), ``patient_id``, ``study_id``
+    and ``where`` (the entry's place in the manifest, e.g. ``training[3]``, for messages).
 
     Volume pipelines need every entry to have an image (and a label with `with_label`): entries
     without one raise `UserError` listing them (``split[i] patient/study``).
@@ -242,8 +243,20 @@ def manifest_volume_entries(manifest: Manifest, split: str, *, with_label: bool 
             lacking.append(f"{split}[{i}] {entry.patient_id}/{entry.study_id or '-'} (no {', '.join(missing)})")
             continue
         item = {key: str(manifest.path(getattr(entry, key))) for key in keys}
-        items.append({**item, "patient_id": entry.patient_id, "study_id": entry.study_id or ""})
+        items.append({**item, "patient_id": entry.patient_id, "study_id": entry.study_id or "", "where": f"{split}[{i}]"})
     if lacking:
         raise UserError(f"manifest {manifest.root}: {len(lacking)} entries lack a file the volume pipeline needs: "
                         + "; ".join(lacking))
     return items
+
+
+def patients_in_turn(entries: list[dict], order: list[str] | None = None) -> list[dict]:
+    """Entries (dicts with ``patient_id``) reordered round by round: each patient's first entry, then each
+    one's second, ...; patients in `order` (default: order of first appearance). So the first n entries
+    come from min(n, patients) patients, and the choice for n is inside the one for n + 1."""
+    by_patient: dict[str, list[dict]] = {}
+    for entry in entries:
+        by_patient.setdefault(entry["patient_id"], []).append(entry)
+    order = list(by_patient) if order is None else order
+    rounds = max((len(studies) for studies in by_patient.values()), default=0)
+    return [by_patient[p][r] for r in range(rounds) for p in order if r < len(by_patient[p])]

@@ -69,9 +69,11 @@ from torch.utils.data import Dataset
 from medssl.atomic import atomic_path, write_text
 from medssl.config import StrictModel, TrainConfig, dump_config
 from medssl.data import io
-from medssl.data.manifest import AFFINE_TOLERANCE_MM, Manifest, load_manifest
+from medssl.data.checks import labelled_volume_problems, patient_split_problems, raise_first
+from medssl.data.manifest import Manifest, load_manifest
 from medssl.data.preprocessing import VolumeDataConfig, VolumePreprocessing
-from medssl.data.volumes import VolumePipeline, manifest_volume_entries, volume_dataset, whole_volume_pipeline
+from medssl.data.volumes import (VolumePipeline, manifest_volume_entries, patients_in_turn, volume_dataset,
+                                 whole_volume_pipeline)
 from medssl.errors import UserError
 from medssl.models.volume_encoders import (
     EncoderLoadReport,
@@ -167,36 +169,17 @@ def select_labelled(entries: list[dict], count: int | None, seed: int, *, field:
         return list(entries)
     if count > len(entries):
         raise UserError(f"{field}: {count} labelled volumes asked for, the training split has {len(entries)}")
-    by_patient: dict[str, list[dict]] = {}
-    for entry in entries:
-        by_patient.setdefault(entry["patient_id"], []).append(entry)
-    patients = sorted(by_patient)
+    patients = sorted({entry["patient_id"] for entry in entries})
     order = [patients[k] for k in numpy_generator(seed, _LABELLED_STREAM).permutation(len(patients))]
-    rounds = max(len(studies) for studies in by_patient.values())
-    ranked = [by_patient[p][r] for r in range(rounds) for p in order if r < len(by_patient[p])]
-    return ranked[:count]
+    return patients_in_turn(entries, order)[:count]
 
 
-def check_labelled(image_path: str | Path, label_path: str | Path, classes: dict[int, str],
-                   declared_in: str) -> tuple[io.Volume, io.Volume]:
-    """Read an image and its label map; UserError naming the label file when the grids differ, the
-    label map holds values outside `classes` or is empty."""
-    image = io.read_volume(image_path)
-    label = io.read_volume(label_path, label=True)
-    if label.array.shape != image.array.shape:
-        raise UserError(f"{label_path}: label map shape {label.array.shape} differs from the image's "
-                        f"{image.array.shape} ({image_path})")
-    gap = float(np.abs(label.affine - image.affine).max())
-    if gap > AFFINE_TOLERANCE_MM:
-        raise UserError(f"{label_path}: label map affine differs from the image's by up to {gap:.4g} mm "
-                        f"({image_path}); resample the label map onto the image grid")
-    values = {int(v) for v in np.unique(label.array)}
-    unknown = sorted(values - set(classes))
-    if unknown:
-        raise UserError(f"{label_path}: label value(s) {unknown} are not classes of {declared_in} "
-                        f"({sorted(classes)})")
-    if values <= {0}:
-        raise UserError(f"{label_path}: label map is empty (every voxel 0)")
+def check_labelled(entry: dict, classes: dict[int, str], declared_in: str) -> tuple[io.Volume, io.Volume]:
+    """Read an entry's image and label map; UserError naming the label file when the grids differ, the
+    label map holds values outside `classes` or is empty (`medssl.data.checks`)."""
+    image = io.read_volume(entry["image"])
+    label = io.read_volume(entry["label"], label=True)
+    raise_first(labelled_volume_problems(image, label, classes, entry["where"], declared_in))
     return image, label
 
 
@@ -223,7 +206,7 @@ def load_cases(entries: list[dict], pipeline: VolumePipeline, classes: dict[int,
     transform to the very instance that applied it)."""
     cases = []
     for entry in entries:
-        image, label = check_labelled(entry["image"], entry["label"], classes, declared_in)
+        image, label = check_labelled(entry, classes, declared_in)
         name = Path(entry["image"]).name.split(".")[0]
         cases.append(Case(name, entry["patient_id"], entry["study_id"], Path(entry["image"]), image.array,
                           label.array, image.affine, image.spacing, pipeline({"image": entry["image"]})))
@@ -469,6 +452,8 @@ def prepare(config: FinetuneSegConfig, pretrained: Path | None) -> Prepared:
     source = str(config.data.manifest)
     classes = class_names(s, manifest, source)
     declared_in = "seg.labels" if s.labels is not None else f"{source} 'labels'"
+    splits = {split: manifest.patients(split) for split in (s.train_split, s.val_split, s.test_split)}
+    raise_first(patient_split_problems(splits, source))
     network, report = build_network(config, len(classes), pretrained)
     prep, notes = resolve_preprocessing(config.data, manifest, report.preprocessing if report else None,
                                         str(pretrained))
@@ -477,7 +462,7 @@ def prepare(config: FinetuneSegConfig, pretrained: Path | None) -> Prepared:
     train_entries = select_labelled(manifest_volume_entries(manifest, s.train_split, with_label=True),
                                     s.labelled_volumes, config.train.seed)
     for entry in train_entries:
-        check_labelled(entry["image"], entry["label"], classes, declared_in)
+        check_labelled(entry, classes, declared_in)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     predictor = Predictor(prep, s, device)
     val_cases, test_cases = (load_cases(manifest_volume_entries(manifest, split, with_label=True), predictor.pipeline,

@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 
 from medssl.data.manifest import Manifest
 from medssl.data.preprocessing import VolumePreprocessing
-from medssl.data.volumes import manifest_volume_entries, volume_dataset, volume_transforms
+from medssl.data.volumes import manifest_volume_entries, patients_in_turn, volume_dataset, volume_transforms
 from medssl.errors import UserError
 from medssl.models.volume_encoders import VolumeEncoder
 from medssl.seeding import numpy_generator
@@ -38,15 +38,6 @@ def label_grid(label: torch.Tensor, *, stride: int = 2) -> torch.Tensor:
     """Labels on the stride grid (nearest: the voxel at each cell's centre). label (1, D, H, W) -> (d, h, w)."""
     offset = stride // 2
     return label[0, offset::stride, offset::stride, offset::stride].long()
-
-
-def _patients_in_turn(entries: list[dict]) -> list[dict]:
-    """Reorder entries as first study of each patient, then second study of each patient, ..."""
-    by_patient: dict[str, list[dict]] = {}
-    for entry in entries:
-        by_patient.setdefault(entry["patient_id"], []).append(entry)
-    rounds = max((len(v) for v in by_patient.values()), default=0)
-    return [studies[r] for r in range(rounds) for studies in by_patient.values() if r < len(studies)]
 
 
 def mean_dice(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> float:
@@ -79,7 +70,7 @@ class OrganProbe:
                       **options) -> OrganProbe:
         """Load up to `max_volumes` labelled volumes of `split` (centre crops of `prep.crop_size`), taking
         the patients in turn so that both halves of the probe have patients."""
-        entries = _patients_in_turn(manifest_volume_entries(manifest, split, with_label=True))[:max_volumes]
+        entries = patients_in_turn(manifest_volume_entries(manifest, split, with_label=True))[:max_volumes]
         if not entries:
             raise UserError(f"{manifest.root}: probe split '{split}' has no labelled volume")
         data = volume_dataset(entries, volume_transforms(prep, with_label=True))
