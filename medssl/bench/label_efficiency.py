@@ -221,13 +221,16 @@ def inference_speed(config: str | Path = FINETUNE_CONFIG, *, size: int = 64, cla
     (imports included), its increase over the resident memory just before the first inference (what
     inference itself needed, when it set the peak), and on CUDA the peak allocated by torch."""
     from medssl.data.preprocessing import VolumePreprocessing
-    from medssl.downstream.segmentation import FinetuneSegConfig, Predictor
+    from medssl.downstream.segmentation import FinetuneSegConfig
+    from medssl.inference import SlidingWindowPredictor
     from medssl.models.volume_encoders import build_segmentation_network
 
     cfg = load_config(config, FinetuneSegConfig, list(overrides))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = build_segmentation_network(cfg.model, classes).to(device).eval()
-    predictor = Predictor(VolumePreprocessing(crop_size=cfg.data.crop_size), cfg.seg, device)
+    predictor = SlidingWindowPredictor(VolumePreprocessing(crop_size=cfg.data.crop_size),
+                                       sw_batch_size=cfg.seg.sw_batch_size, overlap=cfg.seg.sw_overlap,
+                                       mode=cfg.seg.sw_mode, device=device)
     image = torch.rand(1, size, size, size)
     before = current_rss_mib()
     predictor.probabilities(network, image)

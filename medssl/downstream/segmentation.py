@@ -53,28 +53,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.utils import one_hot
-from monai.transforms import Invertd
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, confloat, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
-from medssl.atomic import atomic_path, write_text
+from medssl.atomic import write_text
 from medssl.config import StrictModel, TrainConfig, dump_config
 from medssl.data import io
 from medssl.data.checks import labelled_volume_problems, patient_split_problems, raise_first
 from medssl.data.manifest import Manifest, load_manifest
 from medssl.data.preprocessing import VolumeDataConfig, VolumePreprocessing
-from medssl.data.volumes import (VolumePipeline, manifest_volume_entries, patients_in_turn, volume_dataset,
-                                 whole_volume_pipeline)
+from medssl.data.volumes import manifest_volume_entries, patients_in_turn, volume_dataset, whole_volume_pipeline
 from medssl.errors import UserError
+from medssl.explain.overlay import LabelledCase, write_label_overlay
+from medssl.inference import SlidingWindowPredictor
 from medssl.models.volume_encoders import (
     EncoderLoadReport,
     VolumeEncoder,
@@ -195,21 +193,19 @@ class Case:
     label: np.ndarray  # (X, Y, Z) int on the input's grid
     affine: np.ndarray  # (4, 4) the input's
     spacing: tuple[float, float, float]
-    data: dict  # whole_volume_pipeline output: {"image": MetaTensor (1, D, H, W) with its trace}
+    preprocessed: MetaTensor  # (1, D, H, W) whole preprocessed image, with its transform trace
 
 
-def load_cases(entries: list[dict], pipeline: VolumePipeline, classes: dict[int, str], declared_in: str
+def load_cases(entries: list[dict], predictor: SlidingWindowPredictor, classes: dict[int, str], declared_in: str
                ) -> list[Case]:
-    """Check and load labelled entries (dicts of `manifest_volume_entries(..., with_label=True)`).
-
-    `pipeline`: the `Predictor.pipeline` that will invert the predictions (MONAI matches the trace of a
-    transform to the very instance that applied it)."""
+    """Check and load labelled entries (dicts of `manifest_volume_entries(..., with_label=True)`),
+    preprocessed by the `predictor` that will invert their predictions."""
     cases = []
     for entry in entries:
         image, label = check_labelled(entry, classes, declared_in)
         name = Path(entry["image"]).name.split(".")[0]
         cases.append(Case(name, entry["patient_id"], entry["study_id"], Path(entry["image"]), image.array,
-                          label.array, image.affine, image.spacing, pipeline({"image": entry["image"]})))
+                          label.array, image.affine, image.spacing, predictor.preprocess(entry["image"])))
     return cases
 
 
@@ -303,38 +299,6 @@ def layerwise_param_groups(network: nn.Module, encoder: VolumeEncoder, layer_dec
 # ------------------------------------------------------------------------------------------------ inference
 
 
-class Predictor:
-    """Sliding-window inference, inverted back to the input's grid; `pipeline` preprocesses the cases."""
-
-    def __init__(self, prep: VolumePreprocessing, settings: SegSettings, device: torch.device):
-        self.prep, self.settings, self.device = prep, settings, device
-        self.pipeline = whole_volume_pipeline(prep, with_label=False)
-        self.invert = Invertd(keys="pred", transform=self.pipeline, orig_keys="image", nearest_interp=False)
-
-    @torch.no_grad()
-    def probabilities(self, network: nn.Module, image: torch.Tensor) -> torch.Tensor:
-        """image (1, D, H, W) -> softmax (K, D, H, W) on the preprocessed grid."""
-        s = self.settings
-        x = torch.as_tensor(image)[None].to(self.device)
-        logits = sliding_window_inference(x, self.prep.crop_size, s.sw_batch_size, network, overlap=s.sw_overlap,
-                                          mode=s.sw_mode)
-        return torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].cpu()
-
-    def __call__(self, network: nn.Module, case: Case) -> np.ndarray:
-        """Predicted labels (X, Y, Z) uint8 on the input's grid."""
-        image = case.data["image"]
-        pred = MetaTensor(self.probabilities(network, image.as_tensor()), meta=dict(image.meta),
-                          applied_operations=list(image.applied_operations))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            back = self.invert({"pred": pred, "image": image})["pred"]
-        labels = torch.as_tensor(back).argmax(dim=0).numpy().astype(np.uint8)
-        if labels.shape != case.label.shape:
-            raise RuntimeError(f"{case.image_path}: inverted prediction {labels.shape} is not on the input grid "
-                               f"{case.label.shape}")
-        return labels
-
-
 def case_metrics(pred: np.ndarray, truth: np.ndarray, classes: dict[int, str],
                  spacing: Sequence[float]) -> dict[str, float]:
     """Per-class Dice and HD95 (mm), background excluded, and their NaN-skipping means.
@@ -366,11 +330,11 @@ def mean_metrics(rows: list[dict[str, float]], prefix: str) -> dict[str, float]:
     return {f"{prefix}_{key}": _nanmean([row[key] for row in rows]) for key in rows[0]} if rows else {}
 
 
-def evaluate_cases(network: nn.Module, cases: list[Case], predictor: Predictor, classes: dict[int, str]
-                   ) -> tuple[list[dict[str, float]], list[np.ndarray]]:
+def evaluate_cases(network: nn.Module, cases: list[Case], predictor: SlidingWindowPredictor,
+                   classes: dict[int, str]) -> tuple[list[dict[str, float]], list[np.ndarray]]:
     """Per-case metrics and predictions (X, Y, Z) of `network` (put in eval mode) on `cases`."""
     network.eval()
-    preds = [predictor(network, case) for case in cases]
+    preds = [predictor.labels(network, case.preprocessed) for case in cases]
     return [case_metrics(pred, case.label, classes, case.spacing) for pred, case in zip(preds, cases)], preds
 
 
@@ -386,41 +350,6 @@ def write_cases_csv(path: Path, cases: list[Case], rows: list[dict[str, float]])
         writer.writerow([case.name, case.patient_id, case.study_id, str(case.image_path),
                          *(f"{v:.6g}" for v in row.values())])
     write_text(path, buffer.getvalue())
-
-
-def _as_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """(X, Y, Z) array on the affine's grid -> the same voxels with axes in RAS order (display only)."""
-    return nib.orientations.apply_orientation(array, nib.orientations.io_orientation(affine))
-
-
-def write_overlay(path: Path, cases: list[Case], preds: list[np.ndarray], classes: dict[int, str]) -> None:
-    """PNG: per case (row), three axial slices (25/50/75 % of the labelled extent) of the volumes turned
-    to RAS, the image in grey with the prediction in colour and the ground truth as contours."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = len(classes)
-    fig, axes = plt.subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
-    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20", k)
-    for row, (case, pred) in zip(axes, zip(cases, preds)):
-        image, label, pred = (_as_ras(a, case.affine) for a in (case.image, case.label, pred))
-        z = np.flatnonzero(label.any(axis=(0, 1)))
-        lo, hi = np.percentile(image, [1, 99])
-        for ax, q in zip(row, (0.25, 0.5, 0.75)):
-            s = int(z[int(q * (len(z) - 1))])
-            ax.imshow(image[:, :, s].T, cmap="gray", origin="lower", vmin=lo, vmax=hi)
-            ax.imshow(np.ma.masked_equal(pred[:, :, s].T, 0), cmap=cmap, vmin=-0.5, vmax=k - 0.5, alpha=0.45,
-                      origin="lower", interpolation="nearest")
-            ax.contour(label[:, :, s].T, levels=np.arange(0.5, k), colors="white", linewidths=0.5)
-            ax.set_title(f"{case.name} axial {s} (RAS)", fontsize=8)
-            ax.axis("off")
-    fig.suptitle("prediction (colour) over the image; ground truth contours (white)", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ the task
@@ -439,7 +368,7 @@ class Prepared:
     train_entries: list[dict]
     images: list[torch.Tensor]  # (1, D, H, W) whole preprocessed training volumes
     labels: list[torch.Tensor]
-    predictor: Predictor
+    predictor: SlidingWindowPredictor
     val_cases: list[Case]
     test_cases: list[Case]
     device: torch.device
@@ -464,8 +393,9 @@ def prepare(config: FinetuneSegConfig, pretrained: Path | None) -> Prepared:
     for entry in train_entries:
         check_labelled(entry, classes, declared_in)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    predictor = Predictor(prep, s, device)
-    val_cases, test_cases = (load_cases(manifest_volume_entries(manifest, split, with_label=True), predictor.pipeline,
+    predictor = SlidingWindowPredictor(prep, sw_batch_size=s.sw_batch_size, overlap=s.sw_overlap, mode=s.sw_mode,
+                                       device=device)
+    val_cases, test_cases = (load_cases(manifest_volume_entries(manifest, split, with_label=True), predictor,
                                         classes, declared_in) for split in (s.val_split, s.test_split))
     if not test_cases:
         raise UserError(f"{source}: the '{s.test_split}' split has no labelled volume to test on")
@@ -509,7 +439,9 @@ def score_test_split(config: FinetuneSegConfig, ready: Prepared, run: RunDir) ->
     write_cases_csv(run.path / "test_cases.csv", ready.test_cases, rows)
     shown = config.seg.overlay_cases
     if shown:
-        write_overlay(run.path / "test_overlay.png", ready.test_cases[:shown], preds[:shown], ready.classes)
+        write_label_overlay(run.path / "test_overlay.png", [
+            LabelledCase(case.name, case.image, case.affine, pred, case.label)
+            for case, pred in zip(ready.test_cases[:shown], preds[:shown])])
     return {**mean_metrics(rows, "test"), "test_cases": len(rows), "test_volumes_per_s": len(rows) / max(seconds, 1e-9),
             "test_checkpoint": f"{tested.name} (step {payload['step']})"}
 
