@@ -13,7 +13,7 @@ from medssl.errors import UserError
 from medssl.losses.contrastive import info_nce
 from medssl.losses.crop import crop_contrast
 from medssl.losses.part_whole import PartWhole, _distance, octants
-from medssl.losses.patient import patient_contrast, patient_positive_count
+from medssl.losses.patient import patient_contrast, patient_masks
 from medssl.losses.region import pool_regions, region_contrast
 from medssl.losses.registry import VOLUME_OBJECTIVES, VolumeObjectivesConfig, total_loss
 from medssl.losses.voxel import sample_features, voxel_contrast
@@ -171,7 +171,7 @@ def test_crop_contrast_aligned_beats_shuffled_decoupled_differs_and_grads() -> N
 def test_patient_positives_only_across_studies() -> None:
     patients = torch.tensor([0, 0, 0, 1, 1, 2])
     studies = torch.tensor([0, 0, 1, 0, 0, 0])
-    assert patient_positive_count(patients, studies) == 3  # patient 1 has one study, patient 2 one crop
+    assert int(patient_masks(patients, studies)[0].any(dim=1).sum()) == 3  # patient 1: one study, patient 2: one crop
     e1, e2 = torch.eye(2)
     z = torch.stack([e1, e1, e1, e2]).requires_grad_(True)
     tau = 0.5
@@ -254,8 +254,8 @@ def test_bf16_inputs_give_float32_finite_losses() -> None:
 
 def test_config_defaults_and_total_loss_skips_zero_weights() -> None:
     config = validate_config({"patient": {"weight": 0}, "crop": {"decoupled": True}}, VolumeObjectivesConfig)
-    assert tuple(VolumeObjectivesConfig.model_fields) == VOLUME_OBJECTIVES
-    assert config.active() == ("voxel", "region", "crop", "part_whole") and config.crop.decoupled
+    assert tuple(VolumeObjectivesConfig.model_fields) == tuple(VOLUME_OBJECTIVES)
+    assert config.active() == ("crop", "voxel", "region", "part_whole") and config.crop.decoupled  # table order
     terms = {"voxel": torch.tensor(2.0), "crop": torch.tensor(1.0, dtype=torch.bfloat16),
              "patient": torch.tensor(float("nan")), "part_whole.compose": torch.tensor(1.0),
              "part_whole.decompose": torch.tensor(3.0)}

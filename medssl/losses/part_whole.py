@@ -1,5 +1,9 @@
 """3D part-whole objectives (Adam-v2's composability and decomposability on the 2x2x2 octants).
 
+Paper: Adam-v2, Taher et al., "Representing Part-Whole Hierarchies in Foundation Models by Learning
+Localizability, Composability, and Decomposability from Anatomy via Self-Supervision", arXiv:2404.15672,
+eq. (2) (composability) and eq. (3) (decomposability), with an EMA teacher (BYOL, arXiv:2006.07733).
+
 Composability: an MLP maps the 8 concatenated octant embeddings to the whole crop's embedding.
 Decomposability: an MLP maps the whole's embedding to its 8 octant embeddings. Targets are the
 stop-gradient (EMA teacher) embeddings; the distance is 2 - 2 cos, i.e. the squared error of
@@ -10,13 +14,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
+
+from medssl.losses.objective import ObjectiveConfig, ObjectiveContext, VolumeObjective, VolumeStep
+from medssl.models.ema import EMATeacher, ema_momentum
+from medssl.models.heads import grid_pool
 
 N_PARTS = 8
 
 
 def octants(x: torch.Tensor) -> torch.Tensor:
-    """Split crops into their 2x2x2 octants: (B, C, D, H, W) -> (B*8, C, D/2, H/2, W/2).
+    """Split crops into their 2x2x2 octants.
+
+    Shape: (B, C, D, H, W) -> (B*8, C, D/2, H/2, W/2).
 
     Row b*8 + k holds octant k of crop b, with k = 4*iz + 2*iy + ix, where iz, iy, ix in {0, 1}
     pick the first or second half along D, H and W (so k=0 is the low corner, k=7 the high one).
@@ -54,8 +65,8 @@ class PartWhole(nn.Module):
 
     def forward(self, parts: torch.Tensor, whole: torch.Tensor, target_parts: torch.Tensor,
                 target_whole: torch.Tensor) -> dict[str, torch.Tensor]:
-        """parts, target_parts: (B, 8, D) octant embeddings (octants() order); whole, target_whole:
-        (B, D). The targets are detached here. Returns {"compose": scalar, "decompose": scalar}."""
+        """Shape: parts, target_parts (B, 8, D) octant embeddings (octants() order); whole, target_whole
+        (B, D) -> {"compose": scalar, "decompose": scalar}. The targets are detached here."""
         b = whole.shape[0]
         expected = {"parts": (b, N_PARTS, self.dim), "target_parts": (b, N_PARTS, self.dim),
                     "whole": (b, self.dim), "target_whole": (b, self.dim)}
@@ -66,3 +77,38 @@ class PartWhole(nn.Module):
         composed = self.compose(parts.reshape(b, N_PARTS * self.dim))
         decomposed = self.decompose(whole).reshape(b, N_PARTS, self.dim)
         return {"compose": _distance(composed, target_whole), "decompose": _distance(decomposed, target_parts)}
+
+
+class PartWholeConfig(ObjectiveConfig):
+    """`objectives.part_whole`: the weight applies to each of its two terms (compose, decompose)."""
+
+    weight: float = Field(0.5, ge=0.0)
+
+
+class PartWholeObjective(VolumeObjective):
+    """{"part_whole.compose", "part_whole.decompose"}: crop a's octants (each resized to the crop size, one
+    more student pass) compose the EMA teacher's embedding of a, and a predicts the teacher's octant
+    embeddings. The teacher is an EMA copy of the student's encoder and projector (`teacher.momentum`,
+    cosine-scheduled to 1)."""
+
+    Config = PartWholeConfig
+
+    def __init__(self, config: PartWholeConfig, context: ObjectiveContext) -> None:
+        super().__init__(config, context)
+        self.heads = PartWhole(context.proj_dim)
+        self.teacher = EMATeacher(context.student())
+
+    def forward(self, step: VolumeStep) -> dict[str, torch.Tensor]:
+        whole = step.batch["a"]
+        n, size = whole.shape[0], whole.shape[2:]
+        parts = F.interpolate(octants(whole), size=size, mode="trilinear", align_corners=False)
+        _, z_parts = step.embed(parts)
+        with torch.no_grad():
+            teacher = self.teacher.module
+            t_whole = teacher["projector"](grid_pool(teacher["encoder"](whole)[-1]))
+            t_parts = teacher["projector"](grid_pool(teacher["encoder"](parts)[-1]))
+        out = self.heads(z_parts.view(n, N_PARTS, -1), step.view("a"), t_parts.view(n, N_PARTS, -1), t_whole)
+        return {f"part_whole.{k}": v for k, v in out.items()}
+
+    def after_step(self, step: int, context: ObjectiveContext) -> None:
+        self.teacher.update(context.student(), ema_momentum(step, context.total_steps, base=context.teacher_momentum))

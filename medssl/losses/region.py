@@ -1,5 +1,11 @@
 """Region-level anatomical consistency: pooled features of the same anatomical region are positives.
 
+Papers: Alice, Jiang et al., "Anatomical Invariance Modeling and Semantic Alignment for
+Self-supervised Learning in 3D Medical Image Analysis", arXiv:2302.05615 (the same anatomy across
+patients is a positive; sec. 3.2), with the multi-positive InfoNCE of Khosla et al., arXiv:2004.11362,
+eq. (2), and false-negative masking of near-identical anatomy (Huynh et al., "Boosting Contrastive
+Self-Supervised Learning with False Negative Cancellation", arXiv:2011.11765, sec. 3.2, elimination).
+
 Regions come from the view sampler (e.g. cells of normalised body coordinates or a matcher's
 correspondence), never from label maps. Positives: the other embeddings with the same region id,
 in any patient (across patients is what teaches invariance; the same region of the same patient
@@ -10,14 +16,18 @@ also counts, self excluded). Negatives: other regions, minus those whose body po
 from __future__ import annotations
 
 import torch
+from pydantic import NonNegativeFloat, PositiveFloat
 
 from medssl.losses.contrastive import info_nce, same_id_mask
+from medssl.losses.objective import ObjectiveConfig, VolumeObjective, VolumeStep
 
 
 def pool_regions(feat: torch.Tensor, region_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean feature per (batch element, region id), in float32.
 
-    feat: (B, C, d, h, w); region_map: (B, d, h, w) long, region id per voxel, -1 = outside.
+    Shape: feat (B, C, d, h, w), region_map (B, d, h, w) -> (M, C), (M,), (M,).
+
+    region_map: long, region id per voxel, -1 = outside.
     Returns embeddings (M, C), region_ids (M,) and batch_index (M,), one row per region present,
     sorted by (batch element, region id).
     """
@@ -40,9 +50,11 @@ def pool_regions(feat: torch.Tensor, region_map: torch.Tensor) -> tuple[torch.Te
 def region_contrast(embeddings: torch.Tensor, region_ids: torch.Tensor, patient_ids: torch.Tensor,
                     positions: torch.Tensor | None = None, *, tau: float = 0.2, fn_radius: float = 0.0,
                     cross_patient: bool = False) -> torch.Tensor:
-    """Multi-positive InfoNCE over region embeddings. Scalar, float32.
+    """Multi-positive InfoNCE over region embeddings.
 
-    embeddings: (N, D); region_ids, patient_ids: (N,) long; positions: (N, 3) normalised body
+    Shape: embeddings (N, D), region_ids (N,), patient_ids (N,), positions (N, 3) -> scalar, float32.
+
+    region_ids, patient_ids: long; positions: normalised body
     coordinates in [0, 1]^3, needed when fn_radius > 0. A negative at Euclidean distance
     < fn_radius from the anchor is excluded. cross_patient=True keeps only positives from other
     patients (the same region of the same patient is then excluded, neither positive nor negative).
@@ -60,3 +72,28 @@ def region_contrast(embeddings: torch.Tensor, region_ids: torch.Tensor, patient_
         xyz = positions.float()
         exclude = exclude | (~same_region & (torch.cdist(xyz, xyz) < fn_radius))
     return info_nce(embeddings, embeddings, same_region & ~exclude, tau=tau, exclude=exclude)
+
+
+class RegionConfig(ObjectiveConfig):
+    """`objectives.region`: anatomical regions of crops a and d (another patient) across the batch."""
+
+    tau: PositiveFloat = 0.2
+    fn_radius: NonNegativeFloat = 0.1  # in normalised body coordinates [0, 1]^3
+    cross_patient: bool = False
+
+
+class RegionObjective(VolumeObjective):
+    """{"region": contrast of the region-pooled dense features of views a and d (d only where matched)}."""
+
+    Config = RegionConfig
+    needs_dense = True
+
+    def forward(self, step: VolumeStep) -> dict[str, torch.Tensor]:
+        batch, has_d = step.batch, step.batch["has_d"]
+        feat = torch.cat([step.dense("a"), step.dense("d")[has_d]])
+        regions = torch.cat([batch["region_a"], batch["region_d"][has_d]])
+        patients = torch.cat([batch["patient"], batch["patient_d"][has_d]])
+        embeddings, region_ids, crop_index = pool_regions(feat, regions)
+        return {"region": region_contrast(embeddings, region_ids, patients[crop_index],
+                                          batch["cell_positions"][region_ids], tau=self.config.tau,
+                                          fn_radius=self.config.fn_radius, cross_patient=self.config.cross_patient)}

@@ -1,85 +1,55 @@
-"""The volume objectives by name, their config section and the weighted total.
+"""The volume objectives by name (one table entry each), their `objectives` config section and the
+weighted total.
 
-Config (the `objectives` section of a volume pretraining config): one sub-section per objective,
-each with a non-negative `weight`; weight 0 switches the objective off. Unknown objective names,
-unknown keys and negative weights fail validation naming the dotted key (e.g. `voxel.weight`).
-Defaults: every weight 1.0 except part_whole 0.5, because part_whole yields two terms (compose and
-decompose) and each gets the weight, so together they count as one objective (Adam-v2 weights each
-branch 1 next to a single localizability loss; we have four other objectives). tau 0.2 throughout
-(between SimCLR's 0.1 and SwinUNETR's 0.5). fn_radius 0.1 of the body box (~4 cm on a 40 cm field)
-treats regions that close to the anchor as the same anatomy.
+Config: one sub-section per objective, each with a non-negative `weight`; weight 0 switches the
+objective off. Unknown objective names, unknown keys and negative weights fail validation naming the
+dotted key (e.g. `voxel.weight`). Defaults: every weight 1.0 except part_whole 0.5, because part_whole
+yields two terms (compose and decompose) and each gets the weight, so together they count as one
+objective (Adam-v2 weights each branch 1 next to a single localizability loss; we have four other
+objectives). tau 0.2 throughout (between SimCLR's 0.1 and SwinUNETR's 0.5). fn_radius 0.1 of the body
+box (~4 cm on a 40 cm field) treats regions that close to the anchor as the same anatomy.
+
+The table's order is the order in which the objectives run (and their terms are summed).
 """
 
 from __future__ import annotations
 
 import torch
-from pydantic import Field, NonNegativeFloat, PositiveFloat, model_validator
+from pydantic import Field, create_model, model_validator
 
 from medssl.config import StrictModel
+from medssl.losses.crop import CropObjective
+from medssl.losses.objective import VolumeObjective
+from medssl.losses.part_whole import PartWholeObjective
+from medssl.losses.patient import PatientObjective
+from medssl.losses.region import RegionObjective
+from medssl.losses.voxel import VoxelObjective
 
-VOLUME_OBJECTIVES = ("voxel", "region", "crop", "patient", "part_whole")
-
-
-class VoxelObjective(StrictModel):
-    """Dense contrast of corresponding voxels (medssl.losses.voxel)."""
-
-    weight: NonNegativeFloat = 1.0
-    tau: PositiveFloat = 0.2
-    min_separation: NonNegativeFloat = 2.0  # feature voxels
-
-
-class RegionObjective(StrictModel):
-    """Anatomical-region consistency across patients (medssl.losses.region)."""
-
-    weight: NonNegativeFloat = 1.0
-    tau: PositiveFloat = 0.2
-    fn_radius: NonNegativeFloat = 0.1  # in normalised body coordinates [0, 1]^3
-    cross_patient: bool = False
+VOLUME_OBJECTIVES: dict[str, type[VolumeObjective]] = {
+    "crop": CropObjective, "patient": PatientObjective, "voxel": VoxelObjective, "region": RegionObjective,
+    "part_whole": PartWholeObjective}
 
 
-class CropObjective(StrictModel):
-    """Instance contrast between the two views of a crop (medssl.losses.crop)."""
-
-    weight: NonNegativeFloat = 1.0
-    tau: PositiveFloat = 0.2
-    decoupled: bool = False
-
-
-class PatientObjective(StrictModel):
-    """Studies of the same patient are positives (medssl.losses.patient)."""
-
-    weight: NonNegativeFloat = 1.0
-    tau: PositiveFloat = 0.2
-    decoupled: bool = False
-
-
-class PartWholeObjective(StrictModel):
-    """Octant composition and decomposition (medssl.losses.part_whole); the weight applies to each term."""
-
-    weight: NonNegativeFloat = 0.5
-
-
-class VolumeObjectivesConfig(StrictModel):
-    """Weights and settings of the five volume objectives; at least one weight must be positive."""
-
-    voxel: VoxelObjective = Field(default_factory=VoxelObjective)
-    region: RegionObjective = Field(default_factory=RegionObjective)
-    crop: CropObjective = Field(default_factory=CropObjective)
-    patient: PatientObjective = Field(default_factory=PatientObjective)
-    part_whole: PartWholeObjective = Field(default_factory=PartWholeObjective)
+class _ObjectivesSection(StrictModel):
+    """The `objectives` section: one sub-section per registered objective; at least one weight > 0."""
 
     @model_validator(mode="after")
-    def _something_to_train(self) -> VolumeObjectivesConfig:
+    def _something_to_train(self) -> _ObjectivesSection:
         if not self.active():
             raise ValueError("every objective weight is 0: set at least one weight > 0")
         return self
 
     def active(self) -> tuple[str, ...]:
-        """Names of the objectives with a positive weight, in VOLUME_OBJECTIVES order."""
+        """Names of the objectives with a positive weight, in table order."""
         return tuple(name for name in VOLUME_OBJECTIVES if getattr(self, name).weight > 0)
 
 
-def total_loss(terms: dict[str, torch.Tensor], config: VolumeObjectivesConfig) -> torch.Tensor:
+VolumeObjectivesConfig = create_model(
+    "VolumeObjectivesConfig", __base__=_ObjectivesSection,
+    **{name: (objective.Config, Field(default_factory=objective.Config)) for name, objective in VOLUME_OBJECTIVES.items()})
+
+
+def total_loss(terms: dict[str, torch.Tensor], config: _ObjectivesSection) -> torch.Tensor:
     """Sum of weight x term in float32. terms: scalar tensors keyed by objective name, or by
     "<objective>.<part>" for an objective with several terms (e.g. "part_whole.compose"); the
     objective's weight applies to each. Weight-0 terms are skipped (so a NaN there cannot leak).

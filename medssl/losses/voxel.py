@@ -1,5 +1,9 @@
 """Voxel-level dense contrast between corresponding points of two overlapping crops (PixPro-style).
 
+Paper: PixPro, Xie et al., "Propagate Yourself: Exploring Pixel-Level Consistency for Unsupervised
+Visual Representation Learning", arXiv:2011.10043, eq. (1)-(2) (pixel contrast of corresponding
+positions); here the InfoNCE form with every other sampled point as a negative.
+
 The view sampler knows the crop geometry, so it gives the feature-grid coordinates of the same
 anatomical points in both views; features there are sampled trilinearly and contrasted with
 `info_nce`: the same point in the other view is the positive, every other point of every crop in
@@ -11,8 +15,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import NonNegativeFloat, PositiveFloat
 
 from medssl.losses.contrastive import info_nce, same_id_mask
+from medssl.losses.objective import ObjectiveConfig, VolumeObjective, VolumeStep
 
 
 def sample_features(feat: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -40,9 +46,11 @@ def sample_features(feat: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 def voxel_contrast(feat_a: torch.Tensor, feat_b: torch.Tensor, points_a: torch.Tensor,
                    points_b: torch.Tensor, *, tau: float = 0.2, min_separation: float = 2.0) -> torch.Tensor:
-    """Symmetric dense InfoNCE (a->b and b->a, averaged) over the B*N sampled points. Scalar, float32.
+    """Symmetric dense InfoNCE (a->b and b->a, averaged) over the B*N sampled points.
 
-    feat_a: (B, C, d, h, w) and feat_b: (B, C, d2, h2, w2), the two views' feature maps;
+    Shape: feat_a (B, C, d, h, w), feat_b (B, C, d2, h2, w2), points_a, points_b (B, N, 3) -> scalar, float32.
+
+    feat_a, feat_b: the two views' feature maps;
     points_a, points_b: (B, N, 3), (z, y, x) feature-grid coordinates of the same anatomical
     points in view a and view b. Candidates are the other view's B*N point features.
     min_separation: in feature voxels of view a; same-crop points closer than this to the anchor
@@ -60,3 +68,22 @@ def voxel_contrast(feat_a: torch.Tensor, feat_b: torch.Tensor, points_a: torch.T
     exclude = same_id_mask(crop) & (torch.cdist(flat, flat) < min_separation) & ~positives
     return 0.5 * (info_nce(za, zb, positives, tau=tau, exclude=exclude)
                   + info_nce(zb, za, positives, tau=tau, exclude=exclude))
+
+
+class VoxelConfig(ObjectiveConfig):
+    """`objectives.voxel`: dense contrast of corresponding voxels of crops a and b."""
+
+    tau: PositiveFloat = 0.2
+    min_separation: NonNegativeFloat = 2.0  # feature voxels
+
+
+class VoxelObjective(VolumeObjective):
+    """{"voxel": dense contrast at the sampler's corresponding points of views a and b}."""
+
+    Config = VoxelConfig
+    needs_dense = True
+
+    def forward(self, step: VolumeStep) -> dict[str, torch.Tensor]:
+        return {"voxel": voxel_contrast(step.dense("a"), step.dense("b"), step.batch["points_a"],
+                                        step.batch["points_b"], tau=self.config.tau,
+                                        min_separation=self.config.min_separation)}

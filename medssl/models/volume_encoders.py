@@ -33,11 +33,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from monai.networks.nets import BasicUNet, SegResNet, SwinUNETR
-from pydantic import PositiveInt, ValidationError, model_validator
+from pydantic import PositiveInt, ValidationError, field_validator, model_validator
 from torch import nn
 
 from medssl.config import StrictModel
@@ -52,11 +52,12 @@ class VolumeEncoderConfig(StrictModel):
     """Which MONAI backbone and how big. Defaults are tiny (CPU).
 
     `width` is the first stage's channels (BasicUNet features[0], SegResNet init_filters,
-    SwinUNETR feature_size); later stages double it. Left unset it is 8, or 12 for swinunetr
-    (MONAI requires a multiple of 12 there).
+    SwinUNETR feature_size); later stages double it. Left unset it is the backbone's default width
+    (8, or 12 for swinunetr: MONAI requires a multiple of 12 there). Each backbone checks the rest
+    (`VolumeEncoder.check_config`).
     """
 
-    name: Literal["basicunet", "segresnet", "swinunetr"] = "basicunet"
+    name: str = "basicunet"
     in_channels: PositiveInt = 1
     width: PositiveInt = 8
     segresnet_blocks: tuple[PositiveInt, ...] = (1, 2, 2, 4)  # residual blocks per stage (SegResNet blocks_down)
@@ -67,24 +68,21 @@ class VolumeEncoderConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _default_width(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("name") == "swinunetr" and "width" not in data:
-            data = {**data, "width": 12}
+        backbone = BACKBONES.get(data.get("name")) if isinstance(data, dict) else None
+        if backbone is not None and "width" not in data:
+            data = {**data, "width": backbone.default_width}
         return data
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in BACKBONES:
+            raise ValueError(f"must be one of {', '.join(BACKBONES)}")
+        return name
 
     @model_validator(mode="after")
     def _check_backbone(self) -> VolumeEncoderConfig:
-        if self.name == "swinunetr":
-            if self.width % 12:
-                raise ValueError(f"width {self.width}: swinunetr needs a multiple of 12 (MONAI SwinUNETR feature_size)")
-            bad = [h for i, h in enumerate(self.swin_heads) if (self.width * 2**i) % h]
-            if bad:
-                raise ValueError(f"swin_heads {self.swin_heads}: stage channels {self.width} x 2^i must be "
-                                 f"divisible by the stage's heads")
-        if self.name == "segresnet":
-            if self.width % 8:
-                raise ValueError(f"width {self.width}: segresnet needs a multiple of 8 (GroupNorm with 8 groups)")
-            if len(self.segresnet_blocks) < 2:
-                raise ValueError("segresnet_blocks: at least 2 stages are needed")
+        BACKBONES[self.name].check_config(self)
         return self
 
 
@@ -99,6 +97,17 @@ class VolumeEncoder(nn.Module):
     parts: ClassVar[tuple[str, ...]]
     network_class: ClassVar[type[nn.Module]]
     min_coarse_voxels: ClassVar[int] = 1  # 2 where the coarsest map is instance-normalised
+    default_width: ClassVar[int] = 8
+    find_unused_parameters: ClassVar[bool] = False  # DDP: the network has blocks the encoder never reaches
+
+    @classmethod
+    def check_config(cls, cfg: VolumeEncoderConfig) -> None:
+        """ValueError (for the config validator) when `cfg` does not fit this backbone."""
+
+    @classmethod
+    def network(cls, cfg: VolumeEncoderConfig, out_channels: int) -> nn.Module:
+        """The full MONAI network (3D) whose encoder this is."""
+        raise NotImplementedError
 
     def __init__(self, network: nn.Module, cfg: VolumeEncoderConfig) -> None:
         super().__init__()
@@ -151,6 +160,11 @@ class BasicUNetEncoder(VolumeEncoder):
     network_class = BasicUNet
     min_coarse_voxels = 2
 
+    @classmethod
+    def network(cls, cfg: VolumeEncoderConfig, out_channels: int) -> nn.Module:
+        return BasicUNet(spatial_dims=3, in_channels=cfg.in_channels, out_channels=out_channels,
+                         features=_basicunet_features(cfg.width))
+
     @staticmethod
     def _layout(cfg: VolumeEncoderConfig) -> tuple[list[int], list[int]]:
         return list(_basicunet_features(cfg.width)[:5]), [1, 2, 4, 8, 16]
@@ -167,6 +181,19 @@ class SegResNetEncoder(VolumeEncoder):
 
     parts = ("convInit", "down_layers")
     network_class = SegResNet
+
+    @classmethod
+    def check_config(cls, cfg: VolumeEncoderConfig) -> None:
+        if cfg.width % 8:
+            raise ValueError(f"width {cfg.width}: segresnet needs a multiple of 8 (GroupNorm with 8 groups)")
+        if len(cfg.segresnet_blocks) < 2:
+            raise ValueError("segresnet_blocks: at least 2 stages are needed")
+
+    @classmethod
+    def network(cls, cfg: VolumeEncoderConfig, out_channels: int) -> nn.Module:
+        return SegResNet(spatial_dims=3, init_filters=cfg.width, in_channels=cfg.in_channels,
+                         out_channels=out_channels, blocks_down=cfg.segresnet_blocks,
+                         blocks_up=(1,) * (len(cfg.segresnet_blocks) - 1))
 
     @staticmethod
     def _layout(cfg: VolumeEncoderConfig) -> tuple[list[int], list[int]]:
@@ -191,6 +218,21 @@ class SwinUNETREncoder(VolumeEncoder):
 
     parts = ("swinViT", "encoder1", "encoder2", "encoder3", "encoder4")
     network_class = SwinUNETR
+    default_width = 12
+    find_unused_parameters = True  # encoder10 and the decoder are never reached by the encoder's outputs
+
+    @classmethod
+    def check_config(cls, cfg: VolumeEncoderConfig) -> None:
+        if cfg.width % 12:
+            raise ValueError(f"width {cfg.width}: swinunetr needs a multiple of 12 (MONAI SwinUNETR feature_size)")
+        if any((cfg.width * 2**i) % h for i, h in enumerate(cfg.swin_heads)):
+            raise ValueError(f"swin_heads {cfg.swin_heads}: stage channels {cfg.width} x 2^i must be "
+                             "divisible by the stage's heads")
+
+    @classmethod
+    def network(cls, cfg: VolumeEncoderConfig, out_channels: int) -> nn.Module:
+        return SwinUNETR(in_channels=cfg.in_channels, out_channels=out_channels, feature_size=cfg.width,
+                         depths=cfg.swin_depths, num_heads=cfg.swin_heads, window_size=cfg.swin_window, spatial_dims=3)
 
     @staticmethod
     def _layout(cfg: VolumeEncoderConfig) -> tuple[list[int], list[int]]:
@@ -203,7 +245,7 @@ class SwinUNETREncoder(VolumeEncoder):
                 hidden[3], hidden[4]]
 
 
-ENCODERS: dict[str, type[VolumeEncoder]] = {
+BACKBONES: dict[str, type[VolumeEncoder]] = {
     "basicunet": BasicUNetEncoder, "segresnet": SegResNetEncoder, "swinunetr": SwinUNETREncoder}
 
 
@@ -213,15 +255,7 @@ def _basicunet_features(width: int) -> tuple[int, ...]:
 
 def build_segmentation_network(cfg: VolumeEncoderConfig, out_channels: int) -> nn.Module:
     """The full MONAI network (3D) whose encoder `build_volume_encoder(cfg)` is."""
-    if cfg.name == "basicunet":
-        return BasicUNet(spatial_dims=3, in_channels=cfg.in_channels, out_channels=out_channels,
-                         features=_basicunet_features(cfg.width))
-    if cfg.name == "segresnet":
-        stages = len(cfg.segresnet_blocks)
-        return SegResNet(spatial_dims=3, init_filters=cfg.width, in_channels=cfg.in_channels,
-                         out_channels=out_channels, blocks_down=cfg.segresnet_blocks, blocks_up=(1,) * (stages - 1))
-    return SwinUNETR(in_channels=cfg.in_channels, out_channels=out_channels, feature_size=cfg.width,
-                     depths=cfg.swin_depths, num_heads=cfg.swin_heads, window_size=cfg.swin_window, spatial_dims=3)
+    return BACKBONES[cfg.name].network(cfg, out_channels)
 
 
 def network_encoder(network: nn.Module, cfg: VolumeEncoderConfig) -> VolumeEncoder:
@@ -229,7 +263,7 @@ def network_encoder(network: nn.Module, cfg: VolumeEncoderConfig) -> VolumeEncod
 
     It shares its parameters with `network`: loading into it, or freezing it, acts on the network.
     """
-    return ENCODERS[cfg.name](network, cfg)
+    return BACKBONES[cfg.name](network, cfg)
 
 
 def build_volume_encoder(cfg: VolumeEncoderConfig) -> VolumeEncoder:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, PositiveFloat, PositiveInt, confloat
 from torch import nn
 
@@ -26,13 +25,8 @@ from medssl.config import StrictModel, TrainConfig, dump_config
 from medssl.data.manifest import load_manifest
 from medssl.data.preprocessing import VolumeDataConfig
 from medssl.errors import UserError
-from medssl.losses.crop import crop_contrast
-from medssl.losses.part_whole import PartWhole, octants
-from medssl.losses.patient import patient_contrast
-from medssl.losses.region import pool_regions, region_contrast
-from medssl.losses.registry import VolumeObjectivesConfig, total_loss
-from medssl.losses.voxel import voxel_contrast
-from medssl.models.ema import EMATeacher, ema_momentum
+from medssl.losses.objective import VIEWS, ObjectiveContext, VolumeStep
+from medssl.losses.registry import VOLUME_OBJECTIVES, VolumeObjectivesConfig, total_loss
 from medssl.models.heads import ProjectionHead, grid_pool
 from medssl.models.volume_encoders import VolumeEncoderConfig, build_volume_encoder, export_encoder
 from medssl.pretrain.probe import OrganProbe
@@ -92,12 +86,13 @@ class PretrainVolumeConfig(StrictModel):
 
 
 class VolumePretrainModel(nn.Module):
-    """Encoder plus the heads of the active objectives; `forward(batch, generator) -> StepOutput`."""
+    """Encoder, projector, the dense head when an active objective needs it, and the active objectives
+    (`medssl.losses.registry.VOLUME_OBJECTIVES`); `forward(batch, generator) -> StepOutput`."""
 
     def __init__(self, config: PretrainVolumeConfig):
         super().__init__()
         self.config = config
-        self.active = set(config.objectives.active())
+        active = config.objectives.active()
         self.encoder = build_volume_encoder(config.model)
         strides = self.encoder.strides
         if config.views.feature_stride not in strides:
@@ -106,16 +101,23 @@ class VolumePretrainModel(nn.Module):
         self.dense_level = strides.index(config.views.feature_stride)
         dim = config.heads.proj_dim
         self.projector = ProjectionHead(self.encoder.embed_dim * 8, config.heads.hidden, dim, norm=config.heads.norm)
-        if self.active & {"voxel", "region"}:
+        if any(VOLUME_OBJECTIVES[name].needs_dense for name in active):
             self.dense = nn.Conv3d(self.encoder.out_channels[self.dense_level], dim, kernel_size=1)
-        if "part_whole" in self.active:
-            self.part_whole = PartWhole(dim)
-            self.teacher = EMATeacher(nn.ModuleDict({"encoder": self.encoder, "projector": self.projector}))
+        self.objectives = nn.ModuleDict({name: VOLUME_OBJECTIVES[name](getattr(config.objectives, name), self.context())
+                                         for name in active})
+
+    def context(self) -> ObjectiveContext:
+        return ObjectiveContext(proj_dim=self.config.heads.proj_dim, student=self.student,
+                                teacher_momentum=self.config.teacher.momentum, total_steps=self.config.train.steps)
+
+    def student(self) -> nn.ModuleDict:
+        """The live encoder and projector (what an EMA teacher copies and follows)."""
+        return nn.ModuleDict({"encoder": self.encoder, "projector": self.projector})
 
     def arch(self) -> dict:
         """What must match for a checkpoint to fit this model."""
         return {"encoder": self.config.model.model_dump(mode="json"),
-                "heads": self.config.heads.model_dump(mode="json"), "objectives": sorted(self.active),
+                "heads": self.config.heads.model_dump(mode="json"), "objectives": sorted(self.objectives),
                 "feature_stride": self.config.views.feature_stride}
 
     def embed(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -126,57 +128,20 @@ class VolumePretrainModel(nn.Module):
         return feats, self.projector(grid_pool(feats[-1]))
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepOutput:
-        obj = self.config.objectives
-        n = batch["a"].shape[0]
-        feats, z = self.embed(torch.cat([batch[k] for k in "abcd"]))
-        z_a, z_b, z_c, _ = z.split(n)
+        feats, z = self.embed(torch.cat([batch[k] for k in VIEWS]))
+        step = VolumeStep(batch, z, self.embed, lambda: self.dense(feats[self.dense_level]))
         terms: dict[str, torch.Tensor] = {}
-        if "crop" in self.active:
-            terms["crop"] = crop_contrast(z_a, z_b, tau=obj.crop.tau, decoupled=obj.crop.decoupled)
-        if "patient" in self.active:
-            keep = torch.cat([torch.ones_like(batch["has_c"]), batch["has_c"]])
-            terms["patient"] = patient_contrast(torch.cat([z_a, z_c])[keep],
-                                                batch["patient"].repeat(2)[keep],
-                                                torch.cat([batch["study_a"], batch["study_c"]])[keep],
-                                                tau=obj.patient.tau, decoupled=obj.patient.decoupled)
-        if self.active & {"voxel", "region"}:
-            dense_a, dense_b, _, dense_d = self.dense(feats[self.dense_level]).split(n)
-            if "voxel" in self.active:
-                terms["voxel"] = voxel_contrast(dense_a, dense_b, batch["points_a"], batch["points_b"],
-                                                tau=obj.voxel.tau, min_separation=obj.voxel.min_separation)
-            if "region" in self.active:
-                terms["region"] = self._region(batch, dense_a, dense_d)
-        if "part_whole" in self.active:
-            terms.update(self._part_whole(batch["a"], z_a))
-        loss = total_loss(terms, obj)
+        for objective in self.objectives.values():
+            terms.update(objective(step))
+        loss = total_loss(terms, self.config.objectives)
         logged = {**terms, "match_accept_rate": batch["match_accept_rate"].float()}
-        return StepOutput(loss=loss, terms=logged, items=4 * n, embeddings=z)
-
-    def _region(self, batch: dict[str, torch.Tensor], dense_a: torch.Tensor, dense_d: torch.Tensor) -> torch.Tensor:
-        has_d = batch["has_d"]
-        feat = torch.cat([dense_a, dense_d[has_d]])
-        regions = torch.cat([batch["region_a"], batch["region_d"][has_d]])
-        patients = torch.cat([batch["patient"], batch["patient_d"][has_d]])
-        embeddings, region_ids, crop_index = pool_regions(feat, regions)
-        obj = self.config.objectives.region
-        return region_contrast(embeddings, region_ids, patients[crop_index], batch["cell_positions"][region_ids],
-                               tau=obj.tau, fn_radius=obj.fn_radius, cross_patient=obj.cross_patient)
-
-    def _part_whole(self, whole: torch.Tensor, z_whole: torch.Tensor) -> dict[str, torch.Tensor]:
-        n, size = whole.shape[0], whole.shape[2:]
-        parts = F.interpolate(octants(whole), size=size, mode="trilinear", align_corners=False)
-        _, z_parts = self.embed(parts)
-        with torch.no_grad():
-            teacher = self.teacher.module
-            t_whole = teacher["projector"](grid_pool(teacher["encoder"](whole)[-1]))
-            t_parts = teacher["projector"](grid_pool(teacher["encoder"](parts)[-1]))
-        out = self.part_whole(z_parts.view(n, 8, -1), z_whole, t_parts.view(n, 8, -1), t_whole)
-        return {f"part_whole.{k}": v for k, v in out.items()}
+        return StepOutput(loss=loss, terms=logged, items=4 * step.anchors, embeddings=z)
 
     def update_teacher(self, step: int) -> None:
-        if "part_whole" in self.active:
-            momentum = ema_momentum(step, self.config.train.steps, base=self.config.teacher.momentum)
-            self.teacher.update(nn.ModuleDict({"encoder": self.encoder, "projector": self.projector}), momentum)
+        """After optimiser step `step`: every objective's after-step update (the part-whole EMA teacher)."""
+        context = self.context()
+        for objective in self.objectives.values():
+            objective.after_step(step, context)
 
 
 def _objective(model: nn.Module, batch: dict, generator: torch.Generator) -> StepOutput:
@@ -213,7 +178,7 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
                       evaluate=(lambda m, step: probe(m.encoder)) if probe else None,
                       eval_every=config.probe.every, best_metric="probe_dice" if probe else None,
                       after_step=lambda m, step: m.update_teacher(step),
-                      find_unused_parameters=config.model.name == "swinunetr")
+                      find_unused_parameters=model.encoder.find_unused_parameters)
     if resume:
         trainer.resume()
     initial_probe = probe(model.encoder) if probe and trainer.step == 0 else {}
