@@ -39,29 +39,24 @@ OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Config overri
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Argument(help="Output folder (created; a previous hospital is replaced).")],
-    patients: Annotated[int, typer.Option(help="Number of patients.")] = 8,
-    studies: Annotated[int, typer.Option(help="CT studies per patient.")] = 2,
+    out: Annotated[Path, typer.Argument(help="Output folder (created; a previous cohort of the same kind is replaced).")],
+    patients: Annotated[int, typer.Option(help="Number of patients (subjects).")] = 8,
+    studies: Annotated[int, typer.Option(help="Studies (scans) per patient.")] = 2,
     size: Annotated[int, typer.Option(help="Volume edge length in voxels.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed; the output is deterministic per seed.")] = 0,
-    trials: Annotated[int, typer.Option(help="Signal recording sessions (trials) per study.")] = 2,
-    signal_seconds: Annotated[float, typer.Option(help="Length of each signal trial in seconds.")] = 20.0,
-    cohort: Annotated[str, typer.Option(help="hospital (CT torso, signals) or mni152 (brain tissue MR from "
-                                             "nilearn's MNI152 template; --patients subjects).")] = "hospital",
+    trials: Annotated[Optional[int], typer.Option(help="hospital: signal recording sessions (trials) per study "
+                                                       "[default: 2].")] = None,
+    signal_seconds: Annotated[Optional[float], typer.Option(help="hospital: length of each signal trial in seconds "
+                                                                 "[default: 20].")] = None,
+    cohort: Annotated[str, typer.Option(help="hospital (CT torso, organ labels, lesions, reports, ECG/PPG) or mni152 "
+                                             "(brain tissue MR from nilearn's MNI152 template).")] = "hospital",
 ) -> None:
-    """Write a synthetic cohort: the hospital (CT volumes, organ labels, lesions, reports, ECG/PPG) or the
-    MNI152 brain-tissue cohort, with a manifest."""
-    if cohort == "hospital":
-        from medssl.data.synthetic import make_hospital
+    """Write a synthetic cohort with its manifest: the hospital or the MNI152 brain-tissue cohort."""
+    from medssl.data.synthetic.cohorts import write_cohort
 
-        manifest = make_hospital(out, patients=patients, studies=studies, size=size, seed=seed, trials=trials,
-                                 signal_seconds=signal_seconds, progress=True)
-    elif cohort == "mni152":
-        from medssl.data.mni_cohort import make_mni_cohort
-
-        manifest = make_mni_cohort(out, subjects=patients, studies=studies, size=size, seed=seed, progress=True)
-    else:
-        raise UserError(f"--cohort: {cohort!r} is not one of hospital, mni152")
+    options = {key: value for key, value in (("trials", trials), ("signal_seconds", signal_seconds)) if value is not None}
+    manifest = write_cohort(cohort, out, patients=patients, studies=studies, size=size, seed=seed, progress=True,
+                            **options)
     typer.echo(f"wrote {manifest}")
 
 

@@ -34,7 +34,7 @@ def _step(title: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def _synth(out: Path) -> dict[str, Any]:
-    from medssl.data.synthetic import make_hospital
+    from medssl.data.synthetic.hospital import make_hospital
 
     manifest = make_hospital(out / "hospital", patients=8, studies=2, size=64, seed=0, progress=True)
     return {"manifest": manifest}

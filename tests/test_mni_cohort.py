@@ -15,7 +15,7 @@ from medssl.bench.label_efficiency import label_efficiency, summarise
 from medssl.data import io
 from medssl.data.manifest import load_manifest
 from medssl.data.manifest_check import check_manifest
-from medssl.data.mni_cohort import FOV_MM, MANIFEST_NAME, TISSUES, make_mni_cohort
+from medssl.data.synthetic.mni152 import FOV_MM, MANIFEST_NAME, TISSUES, make_mni_cohort
 from medssl.data.preprocessing import VolumePreprocessing
 from medssl.errors import UserError
 from medssl.models.volume_encoders import VolumeEncoderConfig, build_volume_encoder, export_encoder

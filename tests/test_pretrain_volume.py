@@ -15,7 +15,7 @@ import torch
 
 from medssl.config import load_config
 from medssl.data.preprocessing import VolumePreprocessing
-from medssl.data.synthetic import make_hospital
+from medssl.data.synthetic.hospital import make_hospital
 from medssl.errors import UserError
 from medssl.models.volume_encoders import VolumeEncoderConfig, build_segmentation_network, load_pretrained_encoder
 from medssl.pretrain.volume import PretrainVolumeConfig, VolumePretrainModel, pretrain_volume

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from medssl.config import load_config
-from medssl.data.synthetic import make_hospital
+from medssl.data.synthetic.hospital import make_hospital
 from medssl.downstream.segmentation import FinetuneSegConfig, finetune_seg
 from medssl.pretrain.volume import PretrainVolumeConfig, pretrain_volume
 

@@ -16,7 +16,7 @@ import torch
 from medssl.config import load_config
 from medssl.data import io
 from medssl.data.preprocessing import VolumePreprocessing
-from medssl.data.synthetic import make_hospital
+from medssl.data.synthetic.hospital import make_hospital
 from medssl.downstream.segmentation import (
     FinetuneSegConfig,
     build_network,

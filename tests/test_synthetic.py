@@ -15,7 +15,11 @@ from scipy.signal import butter, find_peaks, sosfiltfilt
 
 from medssl.data import io
 from medssl.data.manifest_check import check_manifest
-from medssl.data.synthetic import LESION_KINDS, MANIFEST_NAME, ORGAN_TEXT, ORGANS, hospital_affine, make_hospital
+from medssl.data.synthetic.anatomy import ORGANS, hospital_affine
+from medssl.data.synthetic.hospital import MANIFEST_NAME, make_hospital
+from medssl.data.synthetic.reports import GRAMMAR, finding_sentence
+
+LESION_KINDS, ORGAN_TEXT = GRAMMAR.lesion_kinds, GRAMMAR.organ_text
 from medssl.errors import UserError
 
 SPLITS = ("training", "validation", "test")
@@ -132,6 +136,25 @@ def test_lesions_match_masks_and_reports(hospital: Path) -> None:
             assert entry["report"].index(sentence) > position
             position = entry["report"].index(sentence)
     assert count > 0, "the fixture should hold lesions"
+
+
+def test_held_out_phrasings_are_never_used_by_the_reports(hospital: Path) -> None:
+    """The grammar's held-out templates render every finding but no generated report uses them."""
+    assert not set(GRAMMAR.held_out_finding_templates) & set(GRAMMAR.finding_templates)
+    assert not set(GRAMMAR.held_out_normal_templates) & set(GRAMMAR.normal_one + GRAMMAR.normal_pair)
+    findings = [lesion for entry in entries(hospital) for lesion in entry["lesions"]]
+    reports = [entry["report"] for entry in entries(hospital)]
+    assert findings
+    for lesion in findings:
+        for template in GRAMMAR.held_out_finding_templates:
+            sentence = finding_sentence(lesion, template)
+            assert ORGAN_TEXT[lesion["organ"]] in sentence and f"{lesion['size_mm']}" in sentence
+            assert lesion["kind"] in sentence.lower() and not any(sentence in report for report in reports)
+        seen = [finding_sentence(lesion, template) for template in GRAMMAR.finding_templates]
+        assert lesion["sentence"] in seen
+    for organ in GRAMMAR.organ_text.values():
+        for template in GRAMMAR.held_out_normal_templates:
+            assert not any(template.format(organ=organ).lower() in report.lower() for report in reports)
 
 
 def test_lesions_persist_across_studies(hospital: Path) -> None:

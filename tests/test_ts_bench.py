@@ -10,7 +10,7 @@ import torch
 
 from medssl.bench.timeseries import PerLevelObjective, label_efficiency, random_batch, throughput, two_level
 from medssl.config import load_config
-from medssl.data.synthetic import make_hospital
+from medssl.data.synthetic.hospital import make_hospital
 from medssl.downstream.ts_classification import EvalTimeseriesConfig
 from medssl.pretrain.timeseries import HierarchicalObjective, PretrainTimeseriesConfig, TimeseriesPretrainer
 

@@ -11,7 +11,7 @@ import pytest
 
 from medssl.config import load_config
 from medssl.data.manifest import load_manifest
-from medssl.data.synthetic import make_hospital
+from medssl.data.synthetic.hospital import make_hospital
 from medssl.downstream.ts_classification import (
     EvalTimeseriesConfig,
     check_patient_independent,

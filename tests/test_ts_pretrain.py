@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medssl.config import load_config
-from medssl.data.synthetic import make_hospital
+from medssl.data.synthetic.hospital import make_hospital
 from medssl.errors import UserError
 from medssl.pretrain.timeseries import (
     HierarchicalBatches,

@@ -13,7 +13,7 @@ from scipy import ndimage
 from torch.utils.data import DataLoader
 
 from medssl.data.preprocessing import VolumePreprocessing
-from medssl.data.synthetic import make_hospital
+from medssl.data.synthetic.hospital import make_hospital
 from medssl.errors import UserError
 from medssl.pretrain.matchers import BodyBoxMatcher, Matcher, body_mask, build_matcher
 from medssl.pretrain.views import (

@@ -25,7 +25,7 @@ def bench_data(*, patients: int = 8, size: int = 64, seed: int = 0) -> dict[str,
     from medssl.data.manifest import load_manifest
     from medssl.data.manifest_check import check_manifest
     from medssl.data.preprocessing import VolumePreprocessing
-    from medssl.data.synthetic import make_hospital
+    from medssl.data.synthetic.hospital import make_hospital
     from medssl.data.timeseries import (
         HierarchicalBatchSampler,
         WindowDataset,

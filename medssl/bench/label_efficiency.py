@@ -38,28 +38,23 @@ from medssl.bench.report import peak_rss_mib, print_table
 from medssl.config import load_config
 from medssl.errors import UserError
 
-COHORTS = ("hospital", "mni152")
 INITS = ("scratch", "pretrained")
 COUNTS = (1, 2, 4, 8)
 SEEDS = (0, 1, 2)
 FINETUNE_CONFIG = Path("configs/finetune_seg.yaml")
 PRETRAIN_CONFIG = Path("configs/pretrain_volume.yaml")
+BENCH_COHORTS = {"hospital": {"patients": 12, "studies": 2, "size": 64},  # 16 training volumes
+                 "mni152": {"patients": 16, "studies": 1, "size": 48}}  # 10 training volumes
 
 
 def make_cohort(name: str, folder: Path, *, seed: int = 0) -> Path:
-    """Write a benchmark cohort with at least 8 training volumes from 8 patients; returns its manifest.
+    """Write a benchmark cohort with at least 8 training volumes from 8 patients (`BENCH_COHORTS`);
+    returns its manifest."""
+    from medssl.data.synthetic.cohorts import write_cohort
 
-    hospital: 12 patients x 2 CT studies at 64^3 (16 training volumes); mni152: 16 subjects x 1 MR study
-    at 48^3 (10 training volumes)."""
-    if name == "hospital":
-        from medssl.data.synthetic import make_hospital
-
-        return make_hospital(folder, patients=12, studies=2, size=64, seed=seed)
-    if name == "mni152":
-        from medssl.data.mni_cohort import make_mni_cohort
-
-        return make_mni_cohort(folder, subjects=16, studies=1, size=48, seed=seed)
-    raise UserError(f"cohort {name!r}: unknown (known: {', '.join(COHORTS)}); give its manifest")
+    if name not in BENCH_COHORTS:
+        raise UserError(f"--cohort: {name!r} is not one of {', '.join(BENCH_COHORTS)}")
+    return write_cohort(name, folder, seed=seed, **BENCH_COHORTS[name])
 
 
 def pretrain_cohort(manifest: Path, run_dir: Path, *, config: Path, steps: int | None,
@@ -145,7 +140,7 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     plt.close(fig)
 
 
-def label_efficiency(out_dir: str | Path, *, cohorts: Sequence[str] = COHORTS, counts: Sequence[int] = COUNTS,
+def label_efficiency(out_dir: str | Path, *, cohorts: Sequence[str] = tuple(BENCH_COHORTS), counts: Sequence[int] = COUNTS,
                      seeds: Sequence[int] = SEEDS, steps: int | None = None, pretrain_steps: int | None = None,
                      finetune_config: str | Path = FINETUNE_CONFIG, pretrain_config: str | Path = PRETRAIN_CONFIG,
                      overrides: Sequence[str] = (), pretrain_overrides: Sequence[str] = (),

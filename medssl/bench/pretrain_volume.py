@@ -37,7 +37,7 @@ def _config(manifest: Path, *, steps: int, batch_size: int, seed: int, crop: int
 def _hospital(manifest: Path | None, workdir: Path, size: int) -> Path:
     if manifest is not None:
         return manifest
-    from medssl.data.synthetic import make_hospital
+    from medssl.data.synthetic.hospital import make_hospital
 
     return make_hospital(workdir / "hospital", patients=8, size=size, seed=0)
 

@@ -1,0 +1,83 @@
+"""The generated cohorts by name, and the argument and target-folder checks their writers share.
+
+`COHORTS` maps a name to its writer; `write_cohort(name, out, ...)` is what `medssl synth --cohort` and
+the benchmarks call. Adding a cohort: a writer module in this package and one entry here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medssl.errors import UserError
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A cohort writer: `write(out, patients=, studies=, size=, seed=, progress=, **options) -> manifest path`;
+    `options` names the extra keyword arguments it accepts (e.g. the hospital's signal settings)."""
+
+    write: Callable[..., Path]
+    description: str
+    options: tuple[str, ...] = ()
+
+
+def _hospital(out: Path, *, patients: int, studies: int, size: int, seed: int, progress: bool, **options) -> Path:
+    from medssl.data.synthetic.hospital import make_hospital
+
+    return make_hospital(out, patients=patients, studies=studies, size=size, seed=seed, progress=progress, **options)
+
+
+def _mni152(out: Path, *, patients: int, studies: int, size: int, seed: int, progress: bool) -> Path:
+    from medssl.data.synthetic.mni152 import make_mni_cohort
+
+    return make_mni_cohort(out, subjects=patients, studies=studies, size=size, seed=seed, progress=progress)
+
+
+COHORTS: dict[str, Cohort] = {
+    "hospital": Cohort(_hospital, "CT torsos with organ labels, lesions, reports and ECG/PPG",
+                       options=("trials", "signal_seconds", "fs")),
+    "mni152": Cohort(_mni152, "brain-tissue MR subjects made from nilearn's MNI152 template"),
+}
+
+
+def write_cohort(name: str, out: str | Path, *, patients: int, studies: int, size: int, seed: int = 0,
+                 progress: bool = False, **options: object) -> Path:
+    """Write cohort `name` to `out`; returns its manifest. Unknown names and options are UserErrors."""
+    if name not in COHORTS:
+        raise UserError(f"--cohort: {name!r} is not one of {', '.join(COHORTS)}")
+    cohort = COHORTS[name]
+    unknown = sorted(set(options) - set(cohort.options))
+    if unknown:
+        raise UserError(f"--{unknown[0].replace('_', '-')}: the {name} cohort has no such setting")
+    return cohort.write(Path(out), patients=patients, studies=studies, size=size, seed=seed, progress=progress,
+                        **options)
+
+
+def check_int_arguments(specs: tuple[tuple[str, object, int, int | None], ...]) -> None:
+    """Each (name, value, low, high) must be an integer in [low, high] (high None: no upper bound)."""
+    for name, value, low, high in specs:
+        if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low
+                or (high is not None and value > high)):
+            bound = f"between {low} and {high}" if high else f">= {low}"
+            raise UserError(f"{name}: must be an integer {bound}, got {value!r}")
+
+
+def check_replaceable(out: Path, manifest_name: str, what: str) -> None:
+    """Refuse to write into `out` unless it is new, empty, or a previous cohort whose manifest is named
+    `manifest_name` (`what` names that cohort in the message)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        previous = json.loads((out / "manifest.json").read_text()).get("name") == manifest_name
+    except (OSError, ValueError, AttributeError):
+        previous = False
+    if not previous:
+        raise UserError(f"{out}: folder is not empty and is not a previous {what} (no manifest.json named "
+                        f"{manifest_name!r}); choose a new or empty folder")
