@@ -8,10 +8,9 @@ arXiv:2110.06848, eq. (4) (the positive left out of the denominator).
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveFloat
 
 from medssl.losses.contrastive import pair_views
-from medssl.losses.objective import ObjectiveConfig, VolumeObjective, VolumeStep
+from medssl.losses.objective import ContrastConfig, VolumeObjective, VolumeStep
 
 
 def crop_contrast(z_a: torch.Tensor, z_b: torch.Tensor, *, tau: float = 0.2, decoupled: bool = False) -> torch.Tensor:
@@ -24,11 +23,8 @@ def crop_contrast(z_a: torch.Tensor, z_b: torch.Tensor, *, tau: float = 0.2, dec
     return pair_views(z_a, z_b, tau=tau, decoupled=decoupled)
 
 
-class CropConfig(ObjectiveConfig):
+class CropConfig(ContrastConfig):
     """`objectives.crop`: instance contrast of the two overlapping crops a and b."""
-
-    tau: PositiveFloat = 0.2
-    decoupled: bool = False
 
 
 class CropObjective(VolumeObjective):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from pydantic import NonNegativeFloat
+from pydantic import NonNegativeFloat, PositiveFloat
 from torch import nn
 
 from medssl.config import StrictModel
@@ -30,6 +30,13 @@ class ObjectiveConfig(StrictModel):
     """An objective's config section; weight 0 switches it off."""
 
     weight: NonNegativeFloat = 1.0
+
+
+class ContrastConfig(ObjectiveConfig):
+    """An InfoNCE objective's section: temperature and the decoupled (DCL) option."""
+
+    tau: PositiveFloat = 0.2
+    decoupled: bool = False
 
 
 @dataclass

@@ -11,10 +11,9 @@ a supervised-contrastive loss over ids (Khosla et al., arXiv:2004.11362, eq. (2)
 from __future__ import annotations
 
 import torch
-from pydantic import PositiveFloat
 
 from medssl.losses.contrastive import info_nce, same_id_mask
-from medssl.losses.objective import ObjectiveConfig, VolumeObjective, VolumeStep
+from medssl.losses.objective import ContrastConfig, VolumeObjective, VolumeStep
 
 
 def patient_masks(patient_ids: torch.Tensor, study_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,11 +38,8 @@ def patient_contrast(z: torch.Tensor, patient_ids: torch.Tensor, study_ids: torc
     return info_nce(z, z, positives, tau=tau, exclude=exclude, decoupled=decoupled)
 
 
-class PatientConfig(ObjectiveConfig):
+class PatientConfig(ContrastConfig):
     """`objectives.patient`: studies of the same patient are positives."""
-
-    tau: PositiveFloat = 0.2
-    decoupled: bool = False
 
 
 class PatientObjective(VolumeObjective):

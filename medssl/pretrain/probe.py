@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
 from sklearn.linear_model import RidgeClassifier
 from sklearn.preprocessing import StandardScaler
 
@@ -41,13 +43,13 @@ def label_grid(label: torch.Tensor, *, stride: int = 2) -> torch.Tensor:
 
 
 def mean_dice(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> float:
-    """Mean over `classes` of the Dice between the voxels predicted and labelled as that class."""
-    scores = []
-    for c in classes:
-        p, t = pred == c, truth == c
-        denominator = p.sum() + t.sum()
-        scores.append(2.0 * (p & t).sum() / denominator if denominator else 1.0)
-    return float(np.mean(scores))
+    """Mean over `classes` of the Dice between the voxels predicted and labelled as that class (MONAI's
+    `compute_dice`; a class absent from both counts 1). pred, truth: (N,) integer labels."""
+    k = int(max(pred.max(initial=0), truth.max(initial=0), *classes)) + 1
+    p = one_hot(torch.as_tensor(pred.astype(np.int64))[None, None], k)
+    t = one_hot(torch.as_tensor(truth.astype(np.int64))[None, None], k)
+    dice = compute_dice(p, t, include_background=True, ignore_empty=False)[0]
+    return float(dice[classes].mean())
 
 
 class OrganProbe:

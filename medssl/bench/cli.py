@@ -1,0 +1,120 @@
+"""`medssl bench NAME`: benchmarks that print their numbers (speed, memory, label efficiency)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from medssl.cli_options import OverridesArg
+from medssl.config import load_config
+
+bench_app = typer.Typer(help="Benchmarks that print their numbers (speed, memory, label efficiency).",
+                        no_args_is_help=True)
+
+
+@bench_app.command("data")
+def data_command(
+    patients: Annotated[int, typer.Option(help="Patients in the synthetic hospital.")] = 8,
+    size: Annotated[int, typer.Option(help="Volume edge length in voxels.")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Data layer speed: synth, manifest check, volume pipeline (cached / not), signal batches."""
+    from medssl.bench.data import bench_data
+
+    bench_data(patients=patients, size=size, seed=seed)
+
+
+@bench_app.command("pretrain-volume")
+def pretrain_volume_command(
+    manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a fresh synthetic hospital).")] = None,
+    steps: Annotated[int, typer.Option(help="Timed steps (after one warm-up step).")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Anchors per step (4 crops each).")] = 2,
+    crop: Annotated[int, typer.Option(help="Crop edge in voxels.")] = 32,
+    model: Annotated[str, typer.Option(help="basicunet | segresnet | swinunetr.")] = "basicunet",
+) -> None:
+    """3D pretraining throughput (crops/s, voxels/s), peak memory, data vs compute time."""
+    from medssl.bench.pretrain_volume import bench_pretrain_volume
+
+    bench_pretrain_volume(manifest=manifest, steps=steps, batch_size=batch_size, crop=crop, model=model)
+
+
+@bench_app.command("volume-probe")
+def volume_probe_command(
+    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat the option).")] = [0, 1, 2],
+    steps: Annotated[int, typer.Option(help="Pretraining steps per seed.")] = 150,
+    batch_size: Annotated[int, typer.Option(help="Anchors per step.")] = 4,
+    manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a synthetic hospital).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/bench_volume_probe"),
+) -> None:
+    """Organ probe of the pretrained encoder vs the same encoder at random init, over seeds."""
+    from medssl.bench.pretrain_volume import probe_vs_random_init
+
+    probe_vs_random_init(seeds=tuple(seeds), steps=steps, batch_size=batch_size, manifest=manifest, out=output)
+
+
+@bench_app.command("ts-throughput")
+def ts_throughput_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Pretraining config.")] = Path(
+        "configs/pretrain_timeseries.yaml"),
+    steps: Annotated[int, typer.Option(help="Timed steps.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps.")] = 3,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Signal pretraining step: one pair of views for all levels vs re-encoding per level (ratio)."""
+    from medssl.bench.timeseries import throughput
+    from medssl.pretrain.timeseries import PretrainTimeseriesConfig
+
+    throughput(load_config(config, PretrainTimeseriesConfig, overrides), steps=steps, warmup=warmup, device=device,
+               threads=threads)
+
+
+@bench_app.command("ts-label-efficiency")
+def ts_label_efficiency_command(
+    pretrain_config: Annotated[Path, typer.Option("--pretrain-config", help="Pretraining config.")] = Path(
+        "configs/pretrain_timeseries.yaml"),
+    eval_config: Annotated[Path, typer.Option("--eval-config", help="Evaluation config.")] = Path(
+        "configs/eval_timeseries.yaml"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/ts_label_efficiency"),
+    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat the option).")] = [0, 1, 2],
+    pretrain_set: Annotated[Optional[list[str]], typer.Option(help="Override for the pretraining config.")] = None,
+    eval_set: Annotated[Optional[list[str]], typer.Option(help="Override for the evaluation config.")] = None,
+) -> None:
+    """Four-level vs two-level (TS2Vec-like) vs scratch at 100/10/1 % labels, over seeds."""
+    from medssl.bench.timeseries import label_efficiency
+    from medssl.downstream.ts_classification import EvalTimeseriesConfig
+    from medssl.pretrain.timeseries import PretrainTimeseriesConfig
+
+    label_efficiency(load_config(pretrain_config, PretrainTimeseriesConfig, pretrain_set),
+                     load_config(eval_config, EvalTimeseriesConfig, eval_set), output, seeds=tuple(seeds))
+
+
+@bench_app.command("label-efficiency")
+def label_efficiency_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/label_efficiency"),
+    cohorts: Annotated[list[str], typer.Option("--cohort", help="hospital and/or mni152 (repeat).")] = [
+        "hospital", "mni152"],
+    counts: Annotated[list[int], typer.Option("--count", help="Labelled training volumes (repeat).")] = [1, 2, 4, 8],
+    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat).")] = [0, 1, 2],
+    steps: Annotated[Optional[int], typer.Option(help="Fine-tuning steps (default: the config's).")] = None,
+    pretrain_steps: Annotated[Optional[int], typer.Option(help="Pretraining steps (default: the config's).")] = None,
+) -> None:
+    """Segmentation Dice vs number of labelled volumes, from scratch and pretrained, same budget; CSV + PNG."""
+    from medssl.bench.label_efficiency import label_efficiency
+
+    label_efficiency(output, cohorts=tuple(cohorts), counts=tuple(counts), seeds=tuple(seeds), steps=steps,
+                     pretrain_steps=pretrain_steps)
+
+
+@bench_app.command("seg-inference")
+def seg_inference_command(
+    size: Annotated[int, typer.Option(help="Volume edge in voxels.")] = 64,
+    volumes: Annotated[int, typer.Option(help="Timed volumes.")] = 5,
+) -> None:
+    """Sliding-window inference speed (volumes/s) and peak memory of the fine-tuning network."""
+    from medssl.bench.label_efficiency import inference_speed
+
+    inference_speed(size=size, volumes=volumes)

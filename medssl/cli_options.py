@@ -1,0 +1,14 @@
+"""Option and argument types shared by the `medssl` command line and its `bench` sub-app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
+RunDirOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (default: runs/<task>).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from RUN_DIR/checkpoints/last.pt.")]
+PretrainedOpt = Annotated[Optional[Path], typer.Option("--pretrained", help="Pretrained medssl checkpoint.")]
+OverridesArg = Annotated[Optional[list[str]], typer.Argument(help="Config overrides: dotted.key=value ...")]
