@@ -132,7 +132,8 @@ def pretrain_timeseries_command(config: ConfigOpt, output: RunDirOpt = None, res
 def finetune_seg_command(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
                          overrides: OverridesArg = None) -> None:
     """Fine-tune a 3D segmentation network, from scratch or from a pretrained encoder."""
-    from medssl.downstream.segmentation import FinetuneSegConfig, finetune_seg
+    from medssl.downstream.segmentation.config import FinetuneSegConfig
+    from medssl.downstream.segmentation.task import finetune_seg
 
     run_dir = output or Path("runs/finetune_seg")
     _print_summary(run_dir, finetune_seg(load_config(config, FinetuneSegConfig, overrides), run_dir,

@@ -84,7 +84,8 @@ def _timeseries(manifest: Path, pretrain_dir: Path, eval_dir: Path) -> dict[str,
 
 
 def _finetune(manifest: Path, encoder: Path, run_dir: Path) -> dict[str, Any]:
-    from medssl.downstream.segmentation import FinetuneSegConfig, finetune_seg
+    from medssl.downstream.segmentation.config import FinetuneSegConfig
+    from medssl.downstream.segmentation.task import finetune_seg
 
     config = validate_config({
         "data": {"manifest": str(manifest), "crop_size": [32, 32, 32]},

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from medssl.config import StrictModel, TrainConfig, dump_config, load_config, parse_overrides, validate_config
 from medssl.data.preprocessing import VolumeDataConfig
-from medssl.downstream.segmentation import FinetuneSegConfig
+from medssl.downstream.segmentation.config import FinetuneSegConfig
 from medssl.downstream.ts_classification import EvalTimeseriesConfig
 from medssl.errors import UserError
 from medssl.pretrain.timeseries import PretrainTimeseriesConfig

@@ -10,7 +10,8 @@ import pytest
 
 from medssl.config import load_config
 from medssl.data.synthetic.hospital import make_hospital
-from medssl.downstream.segmentation import FinetuneSegConfig, finetune_seg
+from medssl.downstream.segmentation.config import FinetuneSegConfig
+from medssl.downstream.segmentation.task import finetune_seg
 from medssl.pretrain.volume import PretrainVolumeConfig, pretrain_volume
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,15 +17,10 @@ from medssl.config import load_config
 from medssl.data import io
 from medssl.data.preprocessing import VolumePreprocessing
 from medssl.data.synthetic.hospital import make_hospital
-from medssl.downstream.segmentation import (
-    FinetuneSegConfig,
-    build_network,
-    encoder_stages,
-    finetune_seg,
-    layerwise_param_groups,
-    resolve_preprocessing,
-    select_labelled,
-)
+from medssl.downstream.segmentation.cases import resolve_preprocessing, select_labelled
+from medssl.downstream.segmentation.config import FinetuneSegConfig
+from medssl.downstream.segmentation.task import finetune_seg
+from medssl.downstream.segmentation.training import build_network, encoder_stages, layerwise_param_groups
 from medssl.errors import UserError
 from medssl.models.volume_encoders import (
     VolumeEncoderConfig,

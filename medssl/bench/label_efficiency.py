@@ -75,7 +75,8 @@ def pretrain_cohort(manifest: Path, run_dir: Path, *, config: Path, steps: int |
 def finetune_run(manifest: Path, run_dir: Path, *, labelled: int, seed: int, pretrained: Path | None, config: Path,
                  steps: int | None, overrides: Sequence[str]) -> dict[str, Any]:
     """One fine-tuning run (its summary), skipped when run_dir/summary.json exists."""
-    from medssl.downstream.segmentation import FinetuneSegConfig, finetune_seg
+    from medssl.downstream.segmentation.config import FinetuneSegConfig
+    from medssl.downstream.segmentation.task import finetune_seg
 
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
@@ -216,7 +217,7 @@ def inference_speed(config: str | Path = FINETUNE_CONFIG, *, size: int = 64, cla
     (imports included), its increase over the resident memory just before the first inference (what
     inference itself needed, when it set the peak), and on CUDA the peak allocated by torch."""
     from medssl.data.preprocessing import VolumePreprocessing
-    from medssl.downstream.segmentation import FinetuneSegConfig
+    from medssl.downstream.segmentation.config import FinetuneSegConfig
     from medssl.inference import SlidingWindowPredictor
     from medssl.models.volume_encoders import build_segmentation_network
 

@@ -1,0 +1,43 @@
+"""`medssl finetune seg`: 3D segmentation fine-tuning with few labels, from scratch or a pretrained encoder.
+
+Modules: `config` (schema), `cases` (which volumes, checked and loaded), `training` (network, crops,
+objective, layer-wise groups), `metrics` (Dice / HD95, CSV), `task` (`finetune_seg`).
+
+Network: the MONAI network of `build_segmentation_network(config.model, K)` (K classes); with
+`pretrained`, its encoder is loaded by `load_pretrained_encoder` (every encoder tensor must load, else
+a UserError naming the missing keys; the decoder stays randomly initialised).
+
+Preprocessing: with a pretrained checkpoint its stored preprocessing (modality, spacing, intensity
+window or percentiles, crop size, orientation) is used; each field that differs from the fine-tuning
+config is a warning naming both values (printed to stderr and listed in summary.json "warnings").
+
+Data: `seg.labelled_volumes` training volumes are chosen per patient (`select_labelled`): patients in a
+seeded order, their first studies first, so n volumes come from min(n, patients) patients, and the
+selection for n is inside the one for n + 1 (nested). Every labelled, validation and test volume is
+checked before the run directory is created: its label map must share the image's shape and affine,
+hold only the configured classes (`seg.labels`, default the manifest's `labels`) and not be empty.
+Training micro-batch i holds `train.batch_size` random crops of `crop_size` from the labelled volumes
+(whole preprocessed volumes, padded to at least the crop), drawn by a generator seeded by (seed, i).
+
+Training: Dice + cross-entropy (`monai.losses.DiceCELoss`, softmax, one-hot target) through the shared
+`Trainer`. `seg.freeze_encoder_steps`: the encoder's parameters get no gradient (so AdamW leaves them
+untouched, weight decay included) for the first N optimiser steps. `seg.layer_decay` (d <= 1): layer-wise
+learning-rate decay; the decoder and head train at `train.lr`, encoder stage i of S (stages in the order
+of `VolumeEncoder.parts`, fine to coarse; a ModuleList part gives one stage per element) at
+lr x d^(S - i), so the stem, the most generic layer, moves least.
+
+Evaluation (validation every `seg.eval_every` steps, `checkpoints/best.pt` on validation Dice; test
+with the best checkpoint, or the last one without validation cases): sliding-window inference
+(`monai.inferers.sliding_window_inference`, ROI = crop size) on the whole preprocessed volume; the
+softmax probabilities go back to the input's grid through the inverse of the preprocessing
+(`monai.transforms.Invertd`: padding, resampling, orientation), and their argmax is the prediction.
+Metrics are computed there, against the label file, with MONAI: per-class Dice (`DiceMetric`) and 95 %
+Hausdorff distance in mm (`HausdorffDistanceMetric(percentile=95)` with the input's spacing), background
+excluded. A class absent from both prediction and truth has no Dice (NaN); HD95 is NaN when either is
+empty; means skip NaNs.
+
+Run directory (DESIGN 3.2): config.yaml, metrics.jsonl, tb/, checkpoints/last.pt and best.pt (kind
+"finetune-seg"), summary.json (flat keys: test_dice_mean, test_hd95_mean, test_dice_<class>, ...),
+predictions/<image name>.nii.gz (uint8 label maps with the input's affine), test_cases.csv (per-case
+metrics) and test_overlay.png (prediction over the image on a few slices).
+"""

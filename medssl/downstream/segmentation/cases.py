@@ -1,0 +1,108 @@
+"""Which volumes a fine-tuning run uses, checked and loaded: classes, preprocessing (the checkpoint's wins),
+the labelled volumes chosen per patient, evaluation cases on the input's grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from medssl.data import io
+from medssl.data.checks import labelled_volume_problems, raise_first
+from medssl.data.manifest import Manifest
+from medssl.data.preprocessing import VolumeDataConfig, VolumePreprocessing
+from medssl.data.volumes import patients_in_turn, volume_dataset, whole_volume_pipeline
+from medssl.downstream.segmentation.config import SegSettings
+from medssl.errors import UserError
+from medssl.inference import SlidingWindowPredictor
+from medssl.seeding import numpy_generator
+
+
+_LABELLED_STREAM = 1  # random stream (with train.seed) of the labelled-volume choice
+
+
+def class_names(settings: SegSettings, manifest: Manifest, source: str) -> dict[int, str]:
+    """Class value -> name (`seg.labels`, else the manifest's `labels`); values must be 0..K-1, K >= 2."""
+    labels = settings.labels if settings.labels is not None else {int(k): v for k, v in (manifest.labels or {}).items()}
+    where = "seg.labels" if settings.labels is not None else f"{source}: labels"
+    if sorted(labels) != list(range(len(labels))) or len(labels) < 2:
+        raise UserError(f"{where}: segmentation needs class values 0..K-1 with K >= 2, got {sorted(labels)}")
+    return dict(sorted(labels.items()))
+
+
+def resolve_preprocessing(data: VolumeDataConfig, manifest: Manifest, stored: dict | None,
+                          source: str) -> tuple[VolumePreprocessing, list[str]]:
+    """The preprocessing to use and the warnings: the checkpoint's (`stored`) when given, else the config's.
+
+    A warning names each field where the config differs from the checkpoint (fields that matter only:
+    the window for CT, the percentiles for MR)."""
+    ours = data.preprocessing(manifest.modality.get("0"))
+    if stored is None:
+        return ours, []
+    theirs = VolumePreprocessing.from_dict(stored, where=source)
+    notes = [f"data.{name}: the fine-tuning config has {mine!r} but the pretrained checkpoint {source} "
+             f"was trained with {value!r}; using the checkpoint's {value!r}"
+             for name, (mine, value) in ours.differences(theirs).items()]
+    return theirs, notes
+
+
+def select_labelled(entries: list[dict], count: int | None, seed: int, *, field: str = "seg.labelled_volumes"
+                    ) -> list[dict]:
+    """`count` entries chosen per patient: patients in a seeded order, round by round (each patient's
+    first study, then each one's second, ...). Deterministic per seed; nested over count. None: all."""
+    if count is None:
+        return list(entries)
+    if count > len(entries):
+        raise UserError(f"{field}: {count} labelled volumes asked for, the training split has {len(entries)}")
+    patients = sorted({entry["patient_id"] for entry in entries})
+    order = [patients[k] for k in numpy_generator(seed, _LABELLED_STREAM).permutation(len(patients))]
+    return patients_in_turn(entries, order)[:count]
+
+
+def check_labelled(entry: dict, classes: dict[int, str], declared_in: str) -> tuple[io.Volume, io.Volume]:
+    """Read an entry's image and label map; UserError naming the label file when the grids differ, the
+    label map holds values outside `classes` or is empty (`medssl.data.checks`)."""
+    image = io.read_volume(entry["image"])
+    label = io.read_volume(entry["label"], label=True)
+    raise_first(labelled_volume_problems(image, label, classes, entry["where"], declared_in))
+    return image, label
+
+
+@dataclass
+class Case:
+    """One labelled volume for evaluation: the input's grid and the preprocessed image."""
+
+    name: str  # image file name without .nii.gz etc.
+    patient_id: str
+    study_id: str
+    image_path: Path
+    image: np.ndarray  # (X, Y, Z) float32 on the input's grid
+    label: np.ndarray  # (X, Y, Z) int on the input's grid
+    affine: np.ndarray  # (4, 4) the input's
+    spacing: tuple[float, float, float]
+    preprocessed: MetaTensor  # (1, D, H, W) whole preprocessed image, with its transform trace
+
+
+def load_cases(entries: list[dict], predictor: SlidingWindowPredictor, classes: dict[int, str], declared_in: str
+               ) -> list[Case]:
+    """Check and load labelled entries (dicts of `manifest_volume_entries(..., with_label=True)`),
+    preprocessed by the `predictor` that will invert their predictions."""
+    cases = []
+    for entry in entries:
+        image, label = check_labelled(entry, classes, declared_in)
+        name = Path(entry["image"]).name.split(".")[0]
+        cases.append(Case(name, entry["patient_id"], entry["study_id"], Path(entry["image"]), image.array,
+                          label.array, image.affine, image.spacing, predictor.preprocess(entry["image"])))
+    return cases
+
+
+def load_training_volumes(entries: list[dict], prep: VolumePreprocessing, cache_dir: Path | None
+                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Whole preprocessed images and label maps, (1, D, H, W) each (cached with `cache_dir`)."""
+    data = volume_dataset(entries, whole_volume_pipeline(prep, with_label=True), cache_dir=cache_dir)
+    items = [data[i] for i in range(len(entries))]
+    return [item["image"].as_tensor() for item in items], [item["label"].as_tensor().round().to(torch.uint8)
+                                                          for item in items]

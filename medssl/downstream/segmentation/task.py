@@ -1,0 +1,153 @@
+"""`finetune_seg`: prepare (everything checked before anything is written), train, test, write the run directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medssl.config import dump_config
+from medssl.data import io
+from medssl.data.checks import patient_split_problems, raise_first
+from medssl.data.manifest import load_manifest
+from medssl.data.preprocessing import VolumePreprocessing
+from medssl.data.volumes import manifest_volume_entries
+from medssl.downstream.segmentation.cases import (Case, check_labelled, class_names, load_cases,
+                                                 load_training_volumes, resolve_preprocessing, select_labelled)
+from medssl.downstream.segmentation.config import FinetuneSegConfig
+from medssl.downstream.segmentation.metrics import evaluate_cases, mean_metrics, write_cases_csv
+from medssl.downstream.segmentation.training import DiceCEObjective, SegBatches, build_network, layerwise_param_groups
+from medssl.errors import UserError
+from medssl.explain.overlay import LabelledCase, write_label_overlay
+from medssl.inference import SlidingWindowPredictor
+from medssl.models.volume_encoders import EncoderLoadReport, VolumeEncoder, network_encoder
+from medssl.training.checkpoint import Kind, load_checkpoint, load_weights
+from medssl.training.distributed import DistContext
+from medssl.training.loop import Checkpointing, Freeze, Trainer
+from medssl.training.rundir import RunDir, prepare_run_dir
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built and checked before the run directory is touched."""
+
+    classes: dict[int, str]
+    network: nn.Module
+    encoder: VolumeEncoder
+    report: EncoderLoadReport | None
+    prep: VolumePreprocessing
+    warnings: list[str]
+    train_entries: list[dict]
+    images: list[torch.Tensor]  # (1, D, H, W) whole preprocessed training volumes
+    labels: list[torch.Tensor]
+    predictor: SlidingWindowPredictor
+    val_cases: list[Case]
+    test_cases: list[Case]
+    device: torch.device
+
+
+def prepare(config: FinetuneSegConfig, pretrained: Path | None) -> Prepared:
+    """Read the manifest, build (and load) the network, choose and check every volume; writes nothing."""
+    s = config.seg
+    manifest = load_manifest(config.data.manifest)
+    source = str(config.data.manifest)
+    classes = class_names(s, manifest, source)
+    declared_in = "seg.labels" if s.labels is not None else f"{source} 'labels'"
+    splits = {split: manifest.patients(split) for split in (s.train_split, s.val_split, s.test_split)}
+    raise_first(patient_split_problems(splits, source))
+    network, report = build_network(config, len(classes), pretrained)
+    prep, notes = resolve_preprocessing(config.data, manifest, report.preprocessing if report else None,
+                                        str(pretrained))
+    encoder = network_encoder(network, config.model)
+    encoder.check_input_size(prep.crop_size)
+    train_entries = select_labelled(manifest_volume_entries(manifest, s.train_split, with_label=True),
+                                    s.labelled_volumes, config.train.seed)
+    for entry in train_entries:
+        check_labelled(entry, classes, declared_in)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    predictor = SlidingWindowPredictor(prep, sw_batch_size=s.sw_batch_size, overlap=s.sw_overlap, mode=s.sw_mode,
+                                       device=device)
+    val_cases, test_cases = (load_cases(manifest_volume_entries(manifest, split, with_label=True), predictor,
+                                        classes, declared_in) for split in (s.val_split, s.test_split))
+    if not test_cases:
+        raise UserError(f"{source}: the '{s.test_split}' split has no labelled volume to test on")
+    images, labels = load_training_volumes(train_entries, prep, config.data.cache_dir)
+    return Prepared(classes, network, encoder, report, prep, notes, train_entries, images, labels, predictor,
+                    val_cases, test_cases, device)
+
+
+def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir) -> None:
+    """Fine-tune `ready.network` through the shared Trainer (layer-wise groups, freezing, validation)."""
+    s, cfg = config.seg, config.train
+
+    def validate(model: nn.Module, step: int) -> dict[str, float]:
+        return mean_metrics(evaluate_cases(model, ready.val_cases, ready.predictor, ready.classes)[0], "val")
+
+    arch = {"model": config.model.model_dump(mode="json"), "classes": {str(k): v for k, v in ready.classes.items()}}
+    trainer = Trainer(ready.network, DiceCEObjective(s.lambda_dice, s.lambda_ce),
+                      SegBatches(ready.images, ready.labels, crop=ready.prep.crop_size, size=cfg.batch_size,
+                                 seed=cfg.seed),
+                      config=cfg, run_dir=run, ctx=DistContext(device=ready.device),
+                      checkpointing=Checkpointing(kind=Kind.FINETUNE_SEG, arch=arch, preprocessing=ready.prep.to_dict(),
+                                                  config=config.model_dump(mode="json")),
+                      evaluate=validate if ready.val_cases else None, eval_every=s.eval_every or cfg.steps,
+                      best_metric="val_dice_mean" if ready.val_cases else None,
+                      param_groups=layerwise_param_groups(ready.network, ready.encoder, s.layer_decay),
+                      freeze=Freeze(ready.encoder, s.freeze_encoder_steps) if s.freeze_encoder_steps else None)
+    trainer.fit()
+
+
+def score_test_split(config: FinetuneSegConfig, ready: Prepared, run: RunDir) -> dict[str, Any]:
+    """Test the best (else last) checkpoint; write predictions, test_cases.csv and the overlay PNG;
+    returns the test metrics (flat keys)."""
+    tested = run.best_checkpoint if run.best_checkpoint.exists() else run.last_checkpoint
+    payload = load_checkpoint(tested, kind=Kind.FINETUNE_SEG)
+    load_weights(ready.network, payload["model"], min_fraction=1.0, source=str(tested))
+    tick = time.perf_counter()
+    rows, preds = evaluate_cases(ready.network, ready.test_cases, ready.predictor, ready.classes)
+    seconds = time.perf_counter() - tick
+    for case, pred in zip(ready.test_cases, preds):
+        io.write_volume(run.path / "predictions" / f"{case.name}.nii.gz", pred, case.affine)
+    write_cases_csv(run.path / "test_cases.csv", ready.test_cases, rows)
+    shown = config.seg.overlay_cases
+    if shown:
+        write_label_overlay(run.path / "test_overlay.png", [
+            LabelledCase(case.name, case.image, case.affine, pred, case.label)
+            for case, pred in zip(ready.test_cases[:shown], preds[:shown])])
+    return {**mean_metrics(rows, "test"), "test_cases": len(rows), "test_volumes_per_s": len(rows) / max(seconds, 1e-9),
+            "test_checkpoint": f"{tested.name} (step {payload['step']})"}
+
+
+def finetune_seg(config: FinetuneSegConfig, run_dir: str | Path, *, pretrained: Path | None = None,
+                 quiet: bool = False) -> dict[str, Any]:
+    """Fine-tune, evaluate on the test split and write the run directory (module docstring); returns the
+    summary. Every input is checked before anything is written: a UserError leaves `run_dir` as it was.
+    Preprocessing warnings go to stderr (unless `quiet`) and into the summary."""
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, resume=False)
+    ready = prepare(config, pretrained)
+    if not quiet:
+        for message in ready.warnings:
+            print(f"warning: {message}", file=sys.stderr)
+    run = RunDir(run_dir)
+    run.write_config(dump_config(config))
+    train(config, ready, run)
+    entries, report = ready.train_entries, ready.report
+    summary = {**_read_json(run.path / "summary.json"), **score_test_split(config, ready, run),
+               "labelled_volumes": len(entries), "labelled_patients": len({e["patient_id"] for e in entries}),
+               "labelled_cases": ",".join(Path(e["image"]).name.split(".")[0] for e in entries),
+               "pretrained": str(pretrained) if pretrained else None,
+               "encoder_loaded_fraction": report.fraction if report else None,
+               "encoder_load_report": str(report) if report else None, "warnings": ready.warnings}
+    run.write_summary(summary)
+    return summary
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
