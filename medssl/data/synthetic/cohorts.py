@@ -1,4 +1,4 @@
-"""The generated cohorts by name, and the argument and target-folder checks their writers share.
+"""The generated cohorts by name.
 
 `COHORTS` maps a name to its writer; `write_cohort(name, out, ...)` is what `medssl synth --cohort` and
 the benchmarks call. Adding a cohort: a writer module in this package and one entry here.
@@ -6,13 +6,12 @@ the benchmarks call. Adding a cohort: a writer module in this package and one en
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from medssl.data.synthetic.hospital import make_hospital
+from medssl.data.synthetic.mni152 import make_mni_cohort
 from medssl.errors import UserError
 
 
@@ -27,14 +26,10 @@ class Cohort:
 
 
 def _hospital(out: Path, *, patients: int, studies: int, size: int, seed: int, progress: bool, **options) -> Path:
-    from medssl.data.synthetic.hospital import make_hospital
-
     return make_hospital(out, patients=patients, studies=studies, size=size, seed=seed, progress=progress, **options)
 
 
 def _mni152(out: Path, *, patients: int, studies: int, size: int, seed: int, progress: bool) -> Path:
-    from medssl.data.synthetic.mni152 import make_mni_cohort
-
     return make_mni_cohort(out, subjects=patients, studies=studies, size=size, seed=seed, progress=progress)
 
 
@@ -56,28 +51,3 @@ def write_cohort(name: str, out: str | Path, *, patients: int, studies: int, siz
         raise UserError(f"--{unknown[0].replace('_', '-')}: the {name} cohort has no such setting")
     return cohort.write(Path(out), patients=patients, studies=studies, size=size, seed=seed, progress=progress,
                         **options)
-
-
-def check_int_arguments(specs: tuple[tuple[str, object, int, int | None], ...]) -> None:
-    """Each (name, value, low, high) must be an integer in [low, high] (high None: no upper bound)."""
-    for name, value, low, high in specs:
-        if (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low
-                or (high is not None and value > high)):
-            bound = f"between {low} and {high}" if high else f">= {low}"
-            raise UserError(f"{name}: must be an integer {bound}, got {value!r}")
-
-
-def check_replaceable(out: Path, manifest_name: str, what: str) -> None:
-    """Refuse to write into `out` unless it is new, empty, or a previous cohort whose manifest is named
-    `manifest_name` (`what` names that cohort in the message)."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    try:
-        previous = json.loads((out / "manifest.json").read_text()).get("name") == manifest_name
-    except (OSError, ValueError, AttributeError):
-        previous = False
-    if not previous:
-        raise UserError(f"{out}: folder is not empty and is not a previous {what} (no manifest.json named "
-                        f"{manifest_name!r}); choose a new or empty folder")

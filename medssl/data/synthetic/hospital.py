@@ -32,7 +32,7 @@ from rich.progress import track
 from medssl.atomic import atomic_dir, write_json, write_text
 from medssl.data import io
 from medssl.data.synthetic.anatomy import ORGANS, hospital_affine, make_anatomy, render_study, world_grid
-from medssl.data.synthetic.cohorts import check_int_arguments, check_replaceable
+from medssl.data.synthetic.writing import check_int_arguments, check_replaceable
 from medssl.data.synthetic.reports import write_report
 from medssl.data.synthetic.signals import SIGNAL_CHANNELS, SIGNAL_UNITS, condition, make_heart, trial_signals
 from medssl.data.synthetic.streams import SPLIT, STUDY, TRIAL, stream_rng

@@ -47,7 +47,7 @@ from scipy.spatial.transform import Rotation
 
 from medssl.atomic import atomic_dir, write_json
 from medssl.data import io
-from medssl.data.synthetic.cohorts import check_int_arguments, check_replaceable
+from medssl.data.synthetic.writing import check_int_arguments, check_replaceable
 from medssl.data.manifest import write_manifest
 from medssl.data.manifest_build import build_manifest
 from medssl.seeding import numpy_generator

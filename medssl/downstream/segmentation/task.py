@@ -24,13 +24,13 @@ from medssl.downstream.segmentation.config import FinetuneSegConfig
 from medssl.downstream.segmentation.metrics import evaluate_cases, mean_metrics, write_cases_csv
 from medssl.downstream.segmentation.training import DiceCEObjective, SegBatches, build_network, layerwise_param_groups
 from medssl.errors import UserError
-from medssl.explain.overlay import LabelledCase, write_label_overlay
 from medssl.inference import SlidingWindowPredictor
 from medssl.models.volume_encoders import EncoderLoadReport, VolumeEncoder, network_encoder
 from medssl.training.checkpoint import Kind, load_checkpoint, load_weights
 from medssl.training.distributed import DistContext
 from medssl.training.loop import Checkpointing, Freeze, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
+from medssl.viewer.figures import LabelledCase, write_label_overlay
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Overlay figures written by the heads (e.g. `test_overlay.png` of segmentation), drawn with the viewer's
-orientation-true slicing and compositing (`medssl.viewer`), so a figure and the app show the same thing."""
+"""Figures that the heads write (e.g. segmentation's `test_overlay.png`), drawn with the viewer's
+orientation-true slicing and compositing, so a figure and the app show the same thing."""
 
 from __future__ import annotations
 
