@@ -91,9 +91,9 @@ def test_organs_sit_where_anatomy_puts_them(hospital: Path) -> None:
         c = {name: centroid(labels, affine, k) for k, name in ORGANS.items() if k}
         x, y, z = 0, 1, 2
         midline = c["spine"][x]
-        assert c["liver"][x] < midline < c["spleen"][x]            # RAS: +x is the patient's left
-        assert c["kidney_right"][x] < midline < c["kidney_left"][x]
-        assert c["lung_right"][x] < midline < c["lung_left"][x]
+        assert c["spleen"][x] < midline < c["liver"][x]            # RAS+: +x is the patient's right
+        assert c["kidney_left"][x] < midline < c["kidney_right"][x]
+        assert c["lung_left"][x] < midline < c["lung_right"][x]
         assert abs(midline) < 50
         assert min(c["lung_left"][z], c["lung_right"][z]) > max(c["kidney_left"][z], c["kidney_right"][z])
         assert c["heart"][z] > c["liver"][z]

@@ -22,6 +22,7 @@ import gzip
 import json
 import math
 import os
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -38,7 +39,7 @@ MAP_FORMAT = "medssl-map-v1"
 EXTENSION_CODE = 6  # NIfTI-1 extension code 6 = "comment"; content: the sidecar JSON, UTF-8
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _GRID_ATOL_MM = 1e-3  # NIfTI stores the affine as float32: equal grids may differ by ~1e-5 mm
-_READ_ATTEMPTS = 3  # a reader racing an overwrite may pair an old NIfTI with a new sidecar: read again
+_READ_ATTEMPTS = 10  # a reader racing an overwrite may pair an old NIfTI with a new sidecar: read again
 
 
 class _Strict(BaseModel):
@@ -437,6 +438,7 @@ def read_map(path: str | os.PathLike, *, like: Any = None) -> LoadedMap:
         sidecar = _sidecar_if_present(sidecar_path)
         if sidecar is None or embedded is None or _same(sidecar, embedded):
             break
+        time.sleep(0.005 * (attempt + 1))  # a writer replacing the pair is between its two renames
         if attempt == _READ_ATTEMPTS - 1:
             raise UserError(f"{sidecar_path}: sidecar does not match the provenance embedded in {nifti.name} "
                             f"(phrase {sidecar.phrase!r} vs {embedded.phrase!r}); the pair is mixed up")

@@ -1,7 +1,10 @@
 """CT-like torsos of the synthetic hospital: anatomy per patient, one rendered study at a time.
 
 Geometry: the field of view is 400 mm along each axis, voxels are 400/size mm isotropic and the world
-origin is the volume centre. RAS+: +x is the patient's left, +y anterior, +z superior.
+origin is the volume centre. World coordinates are RAS+: +x is the patient's right, +y anterior, +z
+superior. The anatomy template is written in a frame whose +x is the patient's LEFT (left lung at
++72 mm), so world x is mirrored on the way into that frame (`_canonical`): the liver ends up on the
+patient's right, the spleen and most of the heart on the left, as in a real torso.
 
 Anatomy: every organ is an analytic shape (an ellipsoid or an elliptic cylinder, some cut by a plane)
 in a canonical body frame. A patient draws organ centres, sizes and tilts around that template, a
@@ -37,6 +40,7 @@ from medssl.data.synthetic.streams import ANATOMY, LESIONS, stream_rng
 ORGANS: dict[int, str] = {0: "background", 1: "body", 2: "lung_left", 3: "lung_right", 4: "heart", 5: "liver",
                           6: "spleen", 7: "kidney_left", 8: "kidney_right", 9: "spine"}
 FIELD_OF_VIEW_MM = 400.0
+_WORLD_TO_TEMPLATE = np.array([-1.0, 1.0, 1.0], dtype=np.float32)  # RAS+ (x = right) -> template (x = left)
 
 _BODY, _LUNG_L, _LUNG_R, _HEART, _LIVER, _SPLEEN, _KIDNEY_L, _KIDNEY_R, _SPINE = range(1, 10)
 _AORTA, _RIB, _TABLE = 10, 11, 12   # tissues without their own label (body, body, background)
@@ -245,8 +249,9 @@ def _tissues(anatomy: _Anatomy, q: np.ndarray) -> np.ndarray:
 
 
 def _canonical(anatomy: _Anatomy, pose: _Pose, world: np.ndarray) -> np.ndarray:
-    """Canonical positions (3, M) of world points (3, M): study pose, breathing, deformation, patient pose."""
-    s = pose.rotation.T @ (world - pose.shift[:, None])
+    """Canonical positions (3, M) of world points (3, M): RAS+ world mirrored to the template's left-is-+x
+    frame, then study pose, breathing, deformation, patient pose."""
+    s = pose.rotation.T @ (world * _WORLD_TO_TEMPLATE[:, None] - pose.shift[:, None])
     s[2] += pose.breath_mm * np.exp(-(s[2] / 90.0) ** 2)
     s += anatomy.wave_amps.T @ np.sin(anatomy.wave_vectors @ s + anatomy.wave_phases[:, None])
     return (anatomy.rotation.T @ (s - anatomy.shift[:, None])) / anatomy.scale[:, None]
