@@ -33,7 +33,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 import medssl
 from medssl.atomic import atomic_path
-from medssl.errors import UserError
+from medssl.errors import UserError, one_line, validation_message
 
 MAP_FORMAT = "medssl-map-v1"
 EXTENSION_CODE = 6  # NIfTI-1 extension code 6 = "comment"; content: the sidecar JSON, UTF-8
@@ -142,17 +142,6 @@ class MapSidecar(_Strict):
         return self.model_dump_json(by_alias=True, indent=2) + "\n"
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(f"{type(err).__name__}: {err}".split())
-
-
-def _validation_message(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{where}: {' '.join(first['msg'].split())}{more}"
-
-
 def sidecar_from_dict(data: Any, source: str | os.PathLike) -> MapSidecar:
     """Validate a parsed sidecar; a wrong format tag or a bad field is a UserError naming `source`."""
     if not isinstance(data, dict):
@@ -163,7 +152,7 @@ def sidecar_from_dict(data: Any, source: str | os.PathLike) -> MapSidecar:
     try:
         return MapSidecar.model_validate(data)
     except ValidationError as err:
-        raise UserError(f"{source}: invalid map sidecar: {_validation_message(err)}") from err
+        raise UserError(f"{source}: invalid map sidecar: {validation_message(err)}") from err
 
 
 def _as_sidecar(sidecar: MapSidecar | dict, source: Path) -> MapSidecar:
@@ -186,7 +175,7 @@ def _sidecar_if_present(path: Path) -> MapSidecar | None:
     except FileNotFoundError:
         return None  # also when a writer removed it between a listing and this read
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: cannot read the map sidecar ({_one_line(err)})") from err
+        raise UserError(f"{path}: cannot read the map sidecar ({one_line(err, with_type=True)})") from err
     return sidecar_from_dict(data, path)
 
 
@@ -394,7 +383,7 @@ def _read_nifti(nifti: Path) -> tuple[np.ndarray, np.ndarray, MapSidecar | None]
         extensions = [ext for ext in img.header.extensions if ext.get_code() == EXTENSION_CODE]
         contents = [ext.get_content() for ext in extensions]
     except Exception as err:  # nibabel raises many types (OSError, EOFError, zlib.error, ValueError, ...)
-        raise UserError(f"{nifti}: cannot read the map NIfTI ({_one_line(err)})") from err
+        raise UserError(f"{nifti}: cannot read the map NIfTI ({one_line(err, with_type=True)})") from err
     embedded = None
     for content in contents:
         try:
