@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from medssl.errors import UserError
+from medssl.errors import UserError, one_line
 
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 FORMAT = "medssl-wordpiece/1"
@@ -107,7 +107,7 @@ class ReportTokenizer:
             tokenizer = Tokenizer.from_str(json.dumps(payload["tokenizer"]))
             words = [str(word) for word in payload["words"]]
         except Exception as err:  # noqa: BLE001 - `tokenizers` raises a bare Exception for a bad tokenizer
-            raise UserError(f"text tokenizer: cannot rebuild the tokenizer ({' '.join(str(err).split())})") from None
+            raise UserError(f"text tokenizer: cannot rebuild the tokenizer ({one_line(err)})") from None
         return cls(tokenizer, words)
 
     # ------------------------------------------------------------------ use

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medssl.atomic import atomic_path
-from medssl.errors import UserError
+from medssl.errors import UserError, validation_message
 
 VERDICTS = ("right", "wrong_region", "should_not_be_groundable")
 COLUMNS = ("time", "run", "checkpoint", "image", "phrase", "verdict", "comment")
@@ -60,9 +60,7 @@ def _row(row: ReviewRow | Mapping[str, Any], where: str) -> ReviewRow:
     try:
         return ReviewRow.model_validate(dict(row))
     except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "row"
-        raise UserError(f"{where}: review {field}: {' '.join(first['msg'].split())}") from err
+        raise UserError(f"{where}: review row: {validation_message(err)}") from err
 
 
 @contextlib.contextmanager
