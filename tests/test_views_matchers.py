@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 from medssl.data.preprocessing import VolumePreprocessing
 from medssl.data.synthetic.hospital import make_hospital
 from medssl.errors import UserError
-from medssl.pretrain.matchers import BodyBoxMatcher, Matcher, body_mask, build_matcher
+from medssl.data.body import body_mask
+from medssl.pretrain.matchers import BodyBoxMatcher, Matcher, build_matcher
 from medssl.pretrain.views import (
     CropGeometry,
     cell_centres,

@@ -5,12 +5,7 @@ axes of one volume, 0 = the centre of the first voxel. The *normalised frame* is
 volumes of a fitted matcher: roughly ``[0, 1]^3`` inside the body, so the same normalised point is
 the same anatomical place in every patient (as well as the matcher can tell).
 
-Body mask (used by every matcher): voxels above ``threshold`` (intensities scaled to [0, 1] by the
-CT window, so air is 0; the default 0.05 is about -140 HU with the (40, 400) soft-tissue window),
-reduced to the largest 26-connected component (`scipy.ndimage.label`), with holes filled in 3D and
-then slice by slice along Z (axial in RAS order: lungs touching the top or bottom of the field are
-enclosed within their slice). Its bounding box (first to last body voxel centre on each axis) is
-the body box.
+Every matcher uses the body mask and body box of `medssl.data.body`.
 
 Matchers:
 - `BodyBoxMatcher`: normalised = position inside the volume's own body box.
@@ -30,33 +25,11 @@ from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
+from medssl.data.body import body_box, body_mask
 from medssl.errors import UserError, one_line
 
 MatcherName = Literal["body_box", "registration"]
-DEFAULT_THRESHOLD = 0.05
-
-
-def body_mask(volume: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
-    """(X, Y, Z) bool body mask of a [0, 1]-scaled volume (see the module docstring); all False if
-    nothing exceeds `threshold`."""
-    labels, count = ndimage.label(volume > threshold, structure=np.ones((3, 3, 3), bool))
-    if count == 0:
-        return np.zeros(volume.shape, bool)
-    largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
-    filled = ndimage.binary_fill_holes(largest)
-    for k in range(filled.shape[2]):
-        filled[:, :, k] = ndimage.binary_fill_holes(filled[:, :, k])
-    return filled
-
-
-def body_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(lo, hi), each (3,) float: the first and last body voxel index on each axis."""
-    nonzero = np.nonzero(mask)
-    return (np.array([idx.min() for idx in nonzero], float), np.array([idx.max() for idx in nonzero], float))
-
-
 def _box_to_normalised(box: tuple[np.ndarray, np.ndarray], points: np.ndarray) -> np.ndarray:
     lo, hi = box
     return (np.asarray(points, float) - lo) / np.maximum(hi - lo, 1.0)
