@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import SimpleITK as sitk
 
-from medssl.data.body import body_box, body_mask
+from medssl.data.body import DEFAULT_THRESHOLD, body_box, body_mask
 from medssl.errors import UserError, one_line
 
 MatcherName = Literal["body_box", "registration"]
