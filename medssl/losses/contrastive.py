@@ -33,7 +33,18 @@ def info_nce(anchors: torch.Tensor, candidates: torch.Tensor, positives: torch.T
     with torch.autocast(device_type=anchors.device.type, enabled=False):
         a = F.normalize(anchors.float(), dim=-1)
         c = F.normalize(candidates.float(), dim=-1)
-        logits = a @ c.transpose(-1, -2) / tau
+        return info_nce_logits(a @ c.transpose(-1, -2) / tau, positives, exclude=exclude, decoupled=decoupled)
+
+
+def info_nce_logits(logits: torch.Tensor, positives: torch.Tensor, *, exclude: torch.Tensor | None = None,
+                    decoupled: bool = False) -> torch.Tensor:
+    """The InfoNCE of `info_nce` from precomputed logits (similarity / tau), for objectives whose
+    anchor-candidate similarity is not a plain dot product (e.g. an attention-pooled phrase score).
+
+    Shape: logits (..., N, M), positives / exclude (..., N, M) bool (broadcast) -> scalar, float32.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        logits = logits.float()
         valid = torch.ones_like(positives, dtype=torch.bool) if exclude is None else ~exclude
         valid = torch.broadcast_to(valid, logits.shape)
         pos = torch.broadcast_to(positives, logits.shape) & valid
