@@ -152,20 +152,49 @@ def eval_timeseries_command(config: ConfigOpt, pretrained: PretrainedOpt = None,
 
 @ground_app.command("train")
 def ground_train_command(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
-                 overrides: OverridesArg = None) -> None:
-    """Train report grounding: report phrases to 3D attention maps."""
-    raise UserError("'medssl ground train' is not implemented yet in this version of medssl")
+                         resume: ResumeOpt = False, overrides: OverridesArg = None) -> None:
+    """Train report grounding from (volume, report) pairs; writes grounding.pt, the evaluation and maps' model."""
+    from medssl.downstream.grounding.config import GroundingConfig
+    from medssl.downstream.grounding.task import ground_train
+
+    run_dir = output or Path("runs/grounding")
+    _print_summary(run_dir, ground_train(load_config(config, GroundingConfig, overrides), run_dir,
+                                         pretrained=pretrained, resume=resume))
 
 
 @ground_app.command("infer")
 def ground_infer_command(
-    checkpoint: Annotated[Path, typer.Option(help="Grounding checkpoint.")],
-    image: Annotated[Path, typer.Option(help="Input volume.")],
-    text: Annotated[str, typer.Option(help="Phrase to locate.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output map (.nii.gz).")],
+    checkpoint: Annotated[Path, typer.Option(help="Grounding model (RUN/grounding.pt).")],
+    image: Annotated[Path, typer.Option(help="Input volume: NIfTI, NRRD/MHA or a DICOM series folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (new or empty): maps and "
+                                                                 "results.json.")],
+    text: Annotated[Optional[str], typer.Option(help="One phrase to ground.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="A report (UTF-8 text): every statement of its "
+                                                        "findings.")] = None,
+    modality: Annotated[Optional[str], typer.Option(help="CT or MR when the volume's modality differs from "
+                                                         "training (default: the checkpoint's).")] = None,
 ) -> None:
-    """Write the 3D map of one phrase over one volume, in the volume's space."""
-    raise UserError("'medssl ground infer' is not implemented yet in this version of medssl")
+    """Ground a phrase or a whole report in one volume: a 3D map per groundable phrase, in the volume's space."""
+    from medssl.downstream.grounding.infer import Grounder, read_report, write_results
+
+    if (text is None) == (report is None):
+        raise UserError("give exactly one of --text PHRASE or --report FILE")
+    if modality is not None and modality.upper() not in ("CT", "MR"):
+        raise UserError(f"--modality: {modality!r} is not one of CT, MR")
+    phrases = [text] if text is not None else read_report(report)
+    if text is not None and not text.strip():
+        raise UserError("--text: the phrase is empty")
+    grounder = Grounder.load(checkpoint)
+    grounded = grounder.prepare(image, modality=modality)
+    results = grounder.ground(grounded, phrases)
+    for note in grounded.warnings + [w for r in results for w in r.warnings]:
+        typer.echo(f"warning: {note}", err=True)
+    listing = write_results(grounder, grounded, results, output)
+    for row in listing:
+        where = f"peak {tuple(round(v, 1) for v in row['peak_mm'])} mm -> {row['map']}" if row["groundable"] else (
+            f"not groundable: {row['reason']}")
+        typer.echo(f"{row['phrase']!r}: score {row['score']:.3f}, {where}")
+    typer.echo(f"wrote {output}")
 
 
 # ---------------------------------------------------------------------------------------- tools

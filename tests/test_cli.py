@@ -42,7 +42,7 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
 
 
 def test_unbuilt_commands_say_so_and_exit_2(capsys: pytest.CaptureFixture) -> None:
-    code, _, err = run(["ground", "train", "-c", str(REPO / "configs" / "ground.yaml")], capsys)
+    code, _, err = run(["app"], capsys)
     assert code == 2
     assert "not implemented yet" in err
     assert err.count("\n") == 1

@@ -11,6 +11,7 @@ from pydantic import Field
 
 from medssl.config import StrictModel, TrainConfig, dump_config, load_config, parse_overrides, validate_config
 from medssl.data.preprocessing import VolumeDataConfig
+from medssl.downstream.grounding.config import GroundingConfig
 from medssl.downstream.segmentation.config import FinetuneSegConfig
 from medssl.downstream.ts_classification import EvalTimeseriesConfig
 from medssl.errors import UserError
@@ -28,7 +29,7 @@ class VolumeTaskConfig(StrictModel):
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-SCHEMA_OF = {"pretrain_volume": PretrainVolumeConfig, "finetune_seg": FinetuneSegConfig, "ground": VolumeTaskConfig,
+SCHEMA_OF = {"pretrain_volume": PretrainVolumeConfig, "finetune_seg": FinetuneSegConfig, "grounding": GroundingConfig,
              "pretrain_timeseries": PretrainTimeseriesConfig, "pretrain_timeseries_physionet": PretrainTimeseriesConfig,
              "eval_timeseries": EvalTimeseriesConfig}
 

@@ -43,3 +43,16 @@ def body_coordinates(volume: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -
     lo, hi = body_box(mask) if mask.any() else (np.zeros(3), np.array(volume.shape, float) - 1)
     grids = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in volume.shape), indexing="ij")
     return np.stack([(g - l) / max(h - l, 1.0) for g, l, h in zip(grids, lo, hi)]).astype(np.float32)
+
+
+def ras_body_coordinates(volume: np.ndarray, orientation: str, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """`body_coordinates` of a volume whose axes follow `orientation` (e.g. "RAS", "LPS"), turned so that
+    channel 0 grows towards the patient's right, 1 towards anterior, 2 towards superior, whatever the
+    storage order. Shape: (X, Y, Z) -> (3, X, Y, Z) float32."""
+    coords = body_coordinates(volume, threshold)
+    order = ["RL".find(c) if c in "RL" else "AP".find(c) + 2 if c in "AP" else "SI".find(c) + 4 for c in orientation]
+    out = np.empty_like(coords)
+    for axis, code in enumerate(order):
+        channel, flipped = divmod(code, 2)
+        out[channel] = 1.0 - coords[axis] if flipped else coords[axis]
+    return out

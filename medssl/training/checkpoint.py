@@ -30,9 +30,12 @@ class Kind:
 
     PRETRAIN_VOLUME = "pretrain-volume"  # the volume pretraining model (encoder under "encoder.")
     VOLUME_ENCODER = "volume-encoder"  # an exported encoder, MONAI key names
+    VOLUME_NETWORK = "volume-network"  # an exported whole segmentation network (encoder + decoder), MONAI key names
     PRETRAIN_TIMESERIES = "pretrain-timeseries"  # the signal pretraining model (encoder under "encoder.")
     FINETUNE_SEG = "finetune-seg"
     FINETUNE_TIMESERIES = "finetune-timeseries"
+    GROUNDING = "grounding"  # a grounding training run (--resume)
+    GROUNDING_MODEL = "grounding-model"  # a trained grounding model with its calibrated threshold (ground infer)
 
 
 def library_versions() -> dict[str, str]:
