@@ -148,8 +148,21 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(hospital: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     run = tmp_path_factory.mktemp("ground_run") / "run"
-    config = load_config(TINY, GroundingConfig, [f"data.manifest={hospital}", "train.steps=12", "train.log_every=4"])
+    config = load_config(TINY, GroundingConfig, [f"data.manifest={hospital}", "train.steps=12", "train.log_every=4",
+                                                 "grounding.encoder_lr_scale=0.1"])
     return run, ground_train(config, run, quiet=True)
+
+
+def test_a_frozen_encoder_trains_the_heads_on_features_computed_once(hospital: Path, tmp_path: Path) -> None:
+    config = load_config(TINY, GroundingConfig, [f"data.manifest={hospital}", "train.steps=4", "train.log_every=2"])
+    assert config.grounding.encoder_lr_scale == 0  # the default
+    ground_train(config, tmp_path / "run", quiet=True)
+    trained = load_checkpoint(tmp_path / "run" / "grounding.pt")["model"]
+    encoder = {k: v for k, v in trained.items() if k.startswith("encoder.")}
+    graph = {k.replace("graph_encoder.", "encoder.", 1): v for k, v in trained.items() if k.startswith("graph_encoder.")}
+    assert encoder and all(torch.equal(v, graph[k]) for k, v in encoder.items())  # never moved from its start
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "lr.encoder" not in record and math.isfinite(record["loss"])
 
 
 def test_ground_train_writes_the_run_directory_and_a_calibrated_model(trained: tuple[Path, dict]) -> None:

@@ -94,19 +94,33 @@ def ts_label_efficiency_command(
 
 @bench_app.command("label-efficiency")
 def label_efficiency_command(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/label_efficiency"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (rerun to resume).")] = Path(
+        "runs/label_efficiency"),
     cohorts: Annotated[list[str], typer.Option("--cohort", help="hospital and/or mni152 (repeat).")] = [
         "hospital", "mni152"],
     counts: Annotated[list[int], typer.Option("--count", help="Labelled training volumes (repeat).")] = [1, 2, 4, 8],
     seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat).")] = [0, 1, 2],
+    inits: Annotated[list[str], typer.Option("--init", help="scratch, encoder and/or network (repeat).")] = [
+        "scratch", "encoder", "network"],
     steps: Annotated[Optional[int], typer.Option(help="Fine-tuning steps (default: the config's).")] = None,
-    pretrain_steps: Annotated[Optional[int], typer.Option(help="Pretraining steps (default: the config's).")] = None,
+    pretrain_steps: Annotated[Optional[int], typer.Option(
+        help="Steps of both pretrainings (default: each config's).")] = None,
+    finetune_config: Annotated[Path, typer.Option(help="Fine-tuning config.")] = Path("configs/finetune_seg.yaml"),
+    encoder_config: Annotated[Path, typer.Option(help="Pretraining config of the 'encoder' init.")] = Path(
+        "configs/pretrain_volume.yaml"),
+    network_config: Annotated[Path, typer.Option(help="Pretraining config of the 'network' init.")] = Path(
+        "configs/pretrain_volume_mae.yaml"),
+    finetune_set: Annotated[Optional[list[str]], typer.Option(help="Fine-tuning config override (repeat).")] = None,
+    pretrain_set: Annotated[Optional[list[str]], typer.Option(help="Override for both pretrainings (repeat).")] = None,
 ) -> None:
-    """Segmentation Dice vs number of labelled volumes, from scratch and pretrained, same budget; CSV + PNG."""
+    """Segmentation Dice vs number of labelled volumes: scratch, pretrained encoder, pretrained whole network;
+    same budget, crops and seeds; paired differences; CSV, markdown, PNG. Resumes where it stopped."""
     from medssl.bench.label_efficiency import label_efficiency
 
-    label_efficiency(output, cohorts=tuple(cohorts), counts=tuple(counts), seeds=tuple(seeds), steps=steps,
-                     pretrain_steps=pretrain_steps)
+    label_efficiency(output, cohorts=tuple(cohorts), counts=tuple(counts), seeds=tuple(seeds), inits=tuple(inits),
+                     steps=steps, pretrain_steps=pretrain_steps, finetune_config=finetune_config,
+                     pretrain_configs={"encoder": encoder_config, "network": network_config},
+                     overrides=tuple(finetune_set or ()), pretrain_overrides=tuple(pretrain_set or ()))
 
 
 @bench_app.command("seg-inference")
@@ -118,3 +132,38 @@ def seg_inference_command(
     from medssl.bench.label_efficiency import inference_speed
 
     inference_speed(size=size, volumes=volumes)
+
+
+@bench_app.command("grounding")
+def grounding_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (resumable).")] = Path(
+        "runs/bench_grounding"),
+    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat).")] = [0, 1, 2],
+    variants: Annotated[list[str], typer.Option("--variant", help="ours, random_init, global_only (repeat).")] = [
+        "ours", "random_init", "global_only"],
+    manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a 60-patient hospital).")] = None,
+    pretrained: Annotated[Optional[Path], typer.Option(help="Pretrained encoder (default: pretrain one).")] = None,
+    pretrain_steps: Annotated[int, typer.Option(help="Pretraining steps when no encoder is given.")] = 400,
+    config: Annotated[Path, typer.Option("--config", "-c", help="Grounding config.")] = Path("configs/grounding.yaml"),
+    overrides: OverridesArg = None,
+) -> None:
+    """Report grounding: ours vs a random-init encoder vs global-only, same budget and seeds; README table."""
+    from medssl.bench.grounding import grounding_benchmark
+
+    grounding_benchmark(output, seeds=tuple(seeds), manifest=manifest, pretrained=pretrained,
+                        pretrain_steps=pretrain_steps, variants=tuple(variants), config=config,
+                        overrides=tuple(overrides or ()))
+
+
+@bench_app.command("grounding-speed")
+def grounding_speed_command(
+    checkpoint: Annotated[Path, typer.Option(help="Grounding model (RUN/grounding.pt).")],
+    image: Annotated[Path, typer.Option(help="Volume.")],
+    report: Annotated[Path, typer.Option(help="Report whose statements are grounded together.")],
+    repeats: Annotated[int, typer.Option(help="Timed repeats (the best is reported).")] = 3,
+) -> None:
+    """Seconds to ground one phrase in one volume, and phrases/s for a whole report (one image pass)."""
+    from medssl.bench.grounding import grounding_speed
+
+    grounding_speed(checkpoint, image, report, repeats=repeats)
+

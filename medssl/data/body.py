@@ -36,20 +36,23 @@ def body_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (np.array([idx.min() for idx in nonzero], float), np.array([idx.max() for idx in nonzero], float))
 
 
-def body_coordinates(volume: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+def body_coordinates(volume: np.ndarray, threshold: float = DEFAULT_THRESHOLD, *,
+                     mask: np.ndarray | None = None) -> np.ndarray:
     """(3, X, Y, Z) float32 normalised body-box coordinates of every voxel of a [0, 1]-scaled volume
-    (0 at the first body voxel of each axis, 1 at the last; the whole array's box when no body is found)."""
-    mask = body_mask(volume, threshold)
+    (0 at the first body voxel of each axis, 1 at the last; the whole array's box when no body is found).
+    `mask`: the volume's body mask when already computed."""
+    mask = body_mask(volume, threshold) if mask is None else mask
     lo, hi = body_box(mask) if mask.any() else (np.zeros(3), np.array(volume.shape, float) - 1)
     grids = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in volume.shape), indexing="ij")
     return np.stack([(g - l) / max(h - l, 1.0) for g, l, h in zip(grids, lo, hi)]).astype(np.float32)
 
 
-def ras_body_coordinates(volume: np.ndarray, orientation: str, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+def ras_body_coordinates(volume: np.ndarray, orientation: str, threshold: float = DEFAULT_THRESHOLD, *,
+                         mask: np.ndarray | None = None) -> np.ndarray:
     """`body_coordinates` of a volume whose axes follow `orientation` (e.g. "RAS", "LPS"), turned so that
     channel 0 grows towards the patient's right, 1 towards anterior, 2 towards superior, whatever the
     storage order. Shape: (X, Y, Z) -> (3, X, Y, Z) float32."""
-    coords = body_coordinates(volume, threshold)
+    coords = body_coordinates(volume, threshold, mask=mask)
     order = ["RL".find(c) if c in "RL" else "AP".find(c) + 2 if c in "AP" else "SI".find(c) + 4 for c in orientation]
     out = np.empty_like(coords)
     for axis, code in enumerate(order):

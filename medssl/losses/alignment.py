@@ -23,15 +23,17 @@ from medssl.losses.objective import ObjectiveConfig
 
 @dataclass
 class PhraseAttention:
-    """Every phrase against every volume. Shape: sims, attention (P, B, V); scores (P, B).
+    """Every phrase against every volume. Shape: sims, attention (P, B, V); scores, peaks (P, B).
 
     sims: cosine of phrase p and voxel v of volume b (V = d*h*w, -inf-free: voxels outside the body are
     kept but get no attention); attention: softmax over body voxels of sims / attention_tau; scores:
-    cosine of the attention-pooled voxel embedding with the phrase (GLoRIA's local score)."""
+    cosine of the attention-pooled voxel embedding with the phrase (GLoRIA's local score); peaks: the
+    soft maximum of the map over the body, attention_tau x logsumexp(sims / attention_tau)."""
 
     sims: torch.Tensor
     attention: torch.Tensor
     scores: torch.Tensor
+    peaks: torch.Tensor
 
 
 def phrase_attention(phrases: torch.Tensor, voxels: torch.Tensor, body: torch.Tensor, *,
@@ -44,7 +46,8 @@ def phrase_attention(phrases: torch.Tensor, voxels: torch.Tensor, body: torch.Te
         attention = torch.softmax(logits, dim=-1)
         pooled = torch.nn.functional.normalize(torch.einsum("pbv,bev->pbe", attention, voxels), dim=-1)
         scores = (pooled * phrases[:, None]).sum(dim=-1)
-    return PhraseAttention(sims, attention, scores)
+        peaks = attention_tau * torch.logsumexp(logits, dim=-1)
+    return PhraseAttention(sims, attention, scores, peaks)
 
 
 @dataclass

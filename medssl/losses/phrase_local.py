@@ -2,14 +2,20 @@
 
 Paper: GLoRIA, Huang et al., "GLoRIA: A Multimodal Global-Local Representation Learning Framework for
 Label-efficient Medical Image Recognition", ICCV 2021 (its local loss): the phrase attends over the
-regions, a_j = softmax_j(cos(w, v_j) / tau_a), the attended feature c = sum_j a_j v_j is scored by
-s = cos(c, w), and the scores are contrasted over the batch in both directions,
-L = 1/2 [-log softmax_b(s(w_p, V_b) / tau)_own - mean_own log softmax_p(s(w_p, V_b) / tau)].
-Here regions are the voxels of a 3D feature grid (inside the body) and the query is the whole finding phrase; the similarity map used for
-grounding is the cosine itself (BioViL, Boecking et al., arXiv:2204.09817, sec. 3.3).
-"""
+regions, a_j = softmax_j(cos(w, v_j) / tau_a), the attended feature c = sum_j a_j v_j is scored by s =
+cos(c, w), and the scores are contrasted over the batch in both directions, L = 1/2 [-log
+softmax_b(s(w_p, V_b) / tau)_own - mean_own log softmax_p(s(w_p, V_b) / tau)]. Here regions are the
+voxels of a 3D feature grid (inside the body) and the query is the whole finding phrase; the similarity
+map used for grounding is the cosine itself (BioViL, Boecking et al., arXiv:2204.09817, sec. 3.3).
+
+`pooling: max` replaces the attention-pooled score by the map's soft maximum over the body (multiple-
+instance learning: the phrase must find some voxel of its own volume, and none of the others), which puts
+the gradient on the voxels that decide, where the attention-pooled feature can also match through the
+volume's overall content."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from pydantic import PositiveFloat
@@ -37,13 +43,15 @@ class LocalConfig(ContrastConfig):
 
     tau: float = 0.1
     attention_tau: PositiveFloat = 0.05  # sharpness of the phrase's attention over voxels
+    pooling: Literal["attention", "max"] = "max"  # GLoRIA's attention-pooled score, or the map's soft maximum
 
 
 class LocalObjective(AlignmentObjective):
-    """{"local": phrase-volume contrast of GLoRIA's local scores}."""
+    """{"local": phrase-volume contrast of the local scores}."""
 
     Config = LocalConfig
 
     def forward(self, step: AlignmentStep) -> dict[str, torch.Tensor]:
-        scores = step.attention(self.config.attention_tau).scores
+        attention = step.attention(self.config.attention_tau)
+        scores = attention.peaks if self.config.pooling == "max" else attention.scores
         return {"local": phrase_volume_contrast(scores, step.owner, step.phrase_exclude, tau=self.config.tau)}

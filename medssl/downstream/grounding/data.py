@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medssl.data.body import ras_body_coordinates
+from medssl.data.body import body_mask, ras_body_coordinates
 from medssl.data.preprocessing import VolumePreprocessing
 from medssl.data.volumes import volume_dataset, whole_volume_pipeline
 from medssl.errors import UserError
@@ -67,21 +67,26 @@ class Study:
     study_id: str
     image_path: Path
     x: torch.Tensor
+    body: torch.Tensor  # (D, H, W) bool, the body mask (lungs included)
     spacing: tuple[float, float, float]
     report: str
     statements: Statements
     nodes: list[np.ndarray] = field(default_factory=list)  # anatomy-graph node ids per level, feature grid
-
-    @property
-    def body(self) -> torch.Tensor:
-        """(D, H, W) bool: voxels inside the body box's body mask (coordinates defined there)."""
-        return self.x[0] > 0.05
+    features: torch.Tensor | None = None  # (C, d, h, w) float16 frozen-encoder features (frozen encoder only)
 
 
-def model_input(image: torch.Tensor, orientation: str) -> torch.Tensor:
-    """A preprocessed image (1, D, H, W) in [0, 1] -> the model's input (4, D, H, W)."""
-    coords = torch.from_numpy(ras_body_coordinates(torch.as_tensor(image)[0].numpy(), orientation))
-    return torch.cat([torch.as_tensor(image).float(), coords])
+def model_input(image: torch.Tensor, orientation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A preprocessed image (1, D, H, W) in [0, 1] -> the model's input (4, D, H, W) and the body mask
+    (D, H, W) bool (`medssl.data.body`: the largest component, holes such as the lungs filled)."""
+    volume = torch.as_tensor(image)[0].numpy()
+    mask = body_mask(volume)
+    coords = torch.from_numpy(ras_body_coordinates(volume, orientation, mask=mask))
+    return torch.cat([torch.as_tensor(image).float(), coords]), torch.from_numpy(mask)
+
+
+def grid_body(body: torch.Tensor, stride: int) -> torch.Tensor:
+    """The body mask on the feature grid: (D, H, W) -> (D / stride, ...) bool (more than half inside)."""
+    return torch.nn.functional.avg_pool3d(body[None, None].float(), stride)[0, 0] > 0.5
 
 
 def load_studies(entries: list[dict], reports: dict[str, str], prep: VolumePreprocessing,
@@ -96,16 +101,18 @@ def load_studies(entries: list[dict], reports: dict[str, str], prep: VolumePrepr
     studies = []
     for entry, item in zip(entries, data):
         image = item["image"]
+        x, body = model_input(image.as_tensor(), prep.orientation)
         studies.append(Study(Path(entry["image"]).name.split(".")[0], entry["patient_id"], entry["study_id"],
-                             Path(entry["image"]), model_input(image.as_tensor(), prep.orientation),
-                             tuple(float(s) for s in image.pixdim), reports[entry["image"]],
+                             Path(entry["image"]), x, body, tuple(float(s) for s in image.pixdim),
+                             reports[entry["image"]],
                              Statements.of(reports[entry["image"]])))
     return studies
 
 
 class GroundingBatches(Dataset):
-    """Item i: {"x": (B, 4, S, S, S), "positions": (B, 3, s, s, s) mm, "body": (B, s, s, s), "nodes": list of
-    (B, s, s, s) per graph level, "phrases", "reports", "negated": lists of str, "owner" (P,),
+    """Item i: {"x": (B, 4, S, S, S) (or, when the studies carry frozen-encoder features, "features":
+    (B, C, s, s, s) and "coords": (B, 3, s, s, s)), "positions": (B, 3, s, s, s) mm, "body": (B, s, s, s),
+    "nodes": list of (B, s, s, s) per graph level, "phrases", "reports", "negated": lists of str, "owner" (P,),
     "stated_mm" (P,), "phrase_exclude" (P, B), "report_exclude" (B, B), "negated_owner" (Q,)}.
     S = crop size, s = S / stride."""
 
@@ -124,21 +131,26 @@ class GroundingBatches(Dataset):
     def __getitem__(self, i: int) -> dict:
         rng = numpy_generator(self.seed, i)
         picks = [int(k) for k in rng.choice(len(self.studies), size=self.batch_size, replace=False)]
-        xs, positions, bodies, nodes = [], [], [], []
+        xs, features, coords, positions, bodies, nodes = [], [], [], [], [], []
         for k in picks:
             study = self.studies[k]
             offset = [int(rng.integers(0, (n - c) // self.stride + 1)) * self.stride
                       for n, c in zip(study.x.shape[1:], self.crop)]
             window = tuple(slice(o, o + c) for o, c in zip(offset, self.crop))
-            xs.append(study.x[(slice(None), *window)])
             grid = tuple(slice(o // self.stride, (o + c) // self.stride) for o, c in zip(offset, self.crop))
+            if study.features is None:
+                xs.append(study.x[(slice(None), *window)])
+            else:
+                features.append(study.features[(slice(None), *grid)])
+                coords.append(torch.nn.functional.avg_pool3d(study.x[None, 1:4][(slice(None), slice(None), *window)],
+                                                             self.stride)[0])
             nodes.append([torch.from_numpy(level[grid]) for level in study.nodes])
-            body = study.body[window][None, None].float()
-            bodies.append(torch.nn.functional.avg_pool3d(body, self.stride)[0, 0] > 0.5)
+            bodies.append(grid_body(study.body[window], self.stride))
             axes = [(o + self.stride * torch.arange(c // self.stride) + (self.stride - 1) / 2) * sp
                     for o, c, sp in zip(offset, self.crop, study.spacing)]
             positions.append(torch.stack(torch.meshgrid(*axes, indexing="ij")).float())
-        return {"x": torch.stack(xs), "positions": torch.stack(positions), "body": torch.stack(bodies),
+        inputs = {"x": torch.stack(xs)} if xs else {"features": torch.stack(features), "coords": torch.stack(coords)}
+        return {**inputs, "positions": torch.stack(positions), "body": torch.stack(bodies),
                 "nodes": [torch.stack(level) for level in zip(*nodes)] if nodes and nodes[0] else [],
                 **self._texts(picks)}
 

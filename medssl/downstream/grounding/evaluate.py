@@ -28,7 +28,7 @@ from medssl.data import io
 from medssl.data.manifest import Manifest
 from medssl.data.synthetic.reports import GRAMMAR, finding_sentence
 from medssl.data.volumes import whole_volume_pipeline
-from medssl.downstream.grounding.data import Statements, content_words, jaccard
+from medssl.downstream.grounding.data import Statements, content_words, grid_body, jaccard
 from medssl.downstream.grounding.graph import best_region_dice
 from medssl.downstream.grounding.infer import Grounder
 from medssl.seeding import numpy_generator
@@ -120,7 +120,7 @@ def evaluate(grounder: Grounder, manifest: Manifest, split: str, *, absent_per_s
             items.append((other["sentence"], row, target))
         phrases = [phrase for phrase, _, _ in items]
         cosine, scores = grounder.cosine_maps(grounded, phrases)
-        body = grounded.x[0].numpy() > 0.05
+        body = grounded.body.numpy()
         by_phrase = {phrase: index for index, phrase in enumerate(phrases)}
         for index, (phrase, row, target) in enumerate(items):
             map01 = np.clip((cosine[index] + 1) / 2, 0, 1)
@@ -160,7 +160,7 @@ def _graph_organ_dice(grounder: Grounder, grounded, study: EvalStudy, manifest: 
     features = grounder.model.graph_features(grounded.x[None].to(grounder.device))[0].cpu().numpy()
     stride = grounder.model.feature_stride
     coords = torch.nn.functional.avg_pool3d(grounded.x[None, 1:4], stride)[0].numpy()
-    body = torch.nn.functional.avg_pool3d((grounded.x[None, :1] > 0.05).float(), stride)[0, 0].numpy() > 0.5
+    body = grid_body(grounded.body, stride).numpy()
     nodes = grounder.graph.assign(features, coords, body)[0]
     grid = label[stride // 2::stride, stride // 2::stride, stride // 2::stride][tuple(slice(0, n) for n in nodes.shape)]
     return best_region_dice(nodes, grid, {int(k): v for k, v in (manifest.labels or {}).items()})

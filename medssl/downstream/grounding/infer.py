@@ -66,6 +66,7 @@ class GroundedImage:
     path: Path
     image: torch.Tensor
     x: torch.Tensor
+    body: torch.Tensor  # (D, H, W) bool on the preprocessed grid
     embeddings: torch.Tensor
     affine: np.ndarray
     shape: tuple[int, int, int]
@@ -123,10 +124,11 @@ class Grounder:
         notes, prep = self._check_input(volume, modality)
         predictor = SlidingWindowPredictor(prep, sw_batch_size=self.sw_batch_size, device=self.device)
         image = predictor.preprocess(path)
-        x = model_input(image.as_tensor(), prep.orientation)
+        x, body = model_input(image.as_tensor(), prep.orientation)
         with torch.no_grad():
             embeddings = predictor.windows(self.model.embed_voxels, x)
-        return GroundedImage(path, image, x, embeddings, volume.affine, tuple(volume.array.shape), notes, predictor)
+        return GroundedImage(path, image, x, body, embeddings, volume.affine, tuple(volume.array.shape), notes,
+                             predictor)
 
     def _check_input(self, volume: io.Volume, modality: str | None) -> tuple[list[str], VolumePreprocessing]:
         notes, prep = [], self.prep
@@ -147,13 +149,15 @@ class Grounder:
         return notes, prep
 
     def cosine_maps(self, grounded: GroundedImage, phrases: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(P, X, Y, Z) cosine maps on the input grid and (P,) peak cosine inside the body (feature grid)."""
+        """(P, X, Y, Z) cosine maps on the input grid, -1 outside the body (the model grounds inside the body
+        only), and (P,) peak cosine inside the body (feature grid)."""
         with torch.no_grad():
             embedded = self.model.embed_text(phrases).cpu()
         sims = torch.einsum("pe,edhw->pdhw", embedded, grounded.embeddings)
-        body = F.adaptive_avg_pool3d((grounded.x[:1] > 0.05).float()[None], sims.shape[1:])[0, 0] > 0.5
+        body = F.adaptive_avg_pool3d(grounded.body.float()[None, None], sims.shape[1:])[0, 0] > 0.5
         scores = sims.flatten(1)[:, body.flatten()].amax(dim=1) if body.any() else sims.flatten(1).amax(dim=1)
         full = F.interpolate(sims[None], size=grounded.x.shape[1:], mode="trilinear", align_corners=False)[0]
+        full = full.masked_fill(~grounded.body[None], -1.0)
         maps = grounded.predictor.to_input_grid(full, grounded.image)
         return maps, scores.numpy()
 

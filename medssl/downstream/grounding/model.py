@@ -2,13 +2,14 @@
 
 Image side: the 3D encoder (a `VolumeEncoder`, optionally pretrained) on the intensity channel; its maps
 of stride >= `feature_stride` are resized to that grid and concatenated with Fourier features of the
-normalised body coordinates (the other 3 input channels), then a 1x1x1 MLP gives unit-length voxel
-embeddings. Text side: a `medssl.text` encoder's pooled output, projected and normalised. A frozen copy
+normalised body coordinates (the other 3 input channels), then the voxel head (1x1x1 conv,
+`context_layers` 3x3x3 convs for neighbourhood context, 1x1x1 conv) gives unit-length voxel embeddings.
+With a frozen encoder, training feeds the head precomputed encoder features (`forward({"features",
+"coords"})`). Text side: a `medssl.text` encoder's pooled output, projected and normalised. A frozen copy
 of the initial encoder (`graph_encoder`) gives the features the anatomy graph was clustered on.
 
 Input layout: x (B, 4, D, H, W) = intensity in [0, 1] and the normalised RAS body coordinates
-(`input_channels`), so sliding-window inference needs no global information.
-"""
+(`input_channels`), so sliding-window inference needs no global information."""
 
 from __future__ import annotations
 
@@ -58,8 +59,10 @@ class GroundingModel(nn.Module):
                              f"{encoder.name} encoder ({self.encoder.strides})")
         fused = sum(c for c, s in zip(self.encoder.out_channels, self.encoder.strides) if s >= head.feature_stride)
         inputs = fused + 3 + 6 * head.coord_frequencies
-        self.voxel_head = nn.Sequential(nn.Conv3d(inputs, head.hidden, 1), nn.GELU(),
-                                        nn.Conv3d(head.hidden, head.embed_dim, 1))
+        layers: list[nn.Module] = [nn.Conv3d(inputs, head.hidden, 1), nn.GELU()]
+        for _ in range(head.context_layers):
+            layers += [nn.Conv3d(head.hidden, head.hidden, 3, padding=1), nn.GELU()]
+        self.voxel_head = nn.Sequential(*layers, nn.Conv3d(head.hidden, head.embed_dim, 1))
         self.text = text
         self.text_head = nn.Linear(text.output_dim, head.embed_dim)
         self.graph_encoder = build_volume_encoder(encoder)
@@ -70,19 +73,29 @@ class GroundingModel(nn.Module):
         self.graph_encoder.load_state_dict(copy.deepcopy(self.encoder.state_dict()))
         self.graph_encoder.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor, texts: list[str] | None = None
+    def forward(self, inputs: torch.Tensor | dict[str, torch.Tensor], texts: list[str] | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        voxels = self.embed_voxels(x)
+        """inputs: x (B, 4, D, H, W), or {"features": (B, C, d, h, w) encoder features, "coords": (B, 3, d, h, w)
+        body coordinates on the feature grid} (a frozen encoder's features, precomputed)."""
+        if isinstance(inputs, dict):
+            voxels = self.embed_features(inputs["features"].float(), inputs["coords"])
+        else:
+            voxels = self.embed_voxels(inputs)
         return voxels if texts is None else (voxels, self.embed_text(texts))
+
+    def encoder_features(self, image: torch.Tensor) -> torch.Tensor:
+        """image (B, 1, D, H, W) -> fused encoder maps (B, C, d, h, w) on the feature grid."""
+        return fuse_maps(self.encoder(image), self.encoder.strides, self.head_config.feature_stride)
+
+    def embed_features(self, fused: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """fused (B, C, d, h, w), coords (B, 3, d, h, w) -> (B, E, d, h, w) unit vectors."""
+        features = torch.cat([fused, fourier_coordinates(coords, self.head_config.coord_frequencies)], dim=1)
+        return F.normalize(self.voxel_head(features), dim=1)
 
     def embed_voxels(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 4, D, H, W) -> (B, E, d, h, w) unit vectors."""
-        image, coords = x[:, :1], x[:, 1:4]
-        maps = self.encoder(image)
-        fused = fuse_maps(maps, self.encoder.strides, self.head_config.feature_stride)
-        grid = F.adaptive_avg_pool3d(coords, fused.shape[2:])
-        features = torch.cat([fused, fourier_coordinates(grid, self.head_config.coord_frequencies)], dim=1)
-        return F.normalize(self.voxel_head(features), dim=1)
+        fused = self.encoder_features(x[:, :1])
+        return self.embed_features(fused, F.adaptive_avg_pool3d(x[:, 1:4], fused.shape[2:]))
 
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         """(N, E) unit vectors; an empty list gives (0, E)."""

@@ -27,7 +27,8 @@ class GroundingObjective:
 
     def __call__(self, model: nn.Module, batch: dict, generator: torch.Generator) -> StepOutput:
         texts = batch["phrases"] + batch["reports"] + batch["negated"] + [p for level in self.prompts for p in level]
-        voxels, embedded = model(batch["x"], texts)
+        inputs = batch["x"] if "x" in batch else {"features": batch["features"], "coords": batch["coords"]}
+        voxels, embedded = model(inputs, texts)
         sizes = [len(batch["phrases"]), len(batch["reports"]), len(batch["negated"])] + [len(p) for p in self.prompts]
         phrases, reports, negated, *prompts = embedded.split(sizes)
         device = voxels.device

@@ -34,7 +34,7 @@ from medssl.data.manifest import Manifest, load_manifest
 from medssl.data.preprocessing import VolumePreprocessing
 from medssl.data.volumes import manifest_volume_entries
 from medssl.downstream.grounding.config import GroundingConfig
-from medssl.downstream.grounding.data import GroundingBatches, Study, load_studies
+from medssl.downstream.grounding.data import GroundingBatches, Study, grid_body, load_studies
 from medssl.downstream.grounding.evaluate import calibrate, eval_studies, evaluate
 from medssl.downstream.grounding.graph import AnatomyGraph
 from medssl.downstream.grounding.infer import Grounder
@@ -83,7 +83,7 @@ def _graph_inputs(encoder: nn.Module, studies: list[Study], stride: int) -> list
             x = study.x[None]
             features = fuse_maps(encoder(x[:, :1]), encoder.strides, stride)[0].numpy()
             coords = torch.nn.functional.avg_pool3d(x[:, 1:4], stride)[0].numpy()
-            body = torch.nn.functional.avg_pool3d(study.body[None, None].float(), stride)[0, 0].numpy() > 0.5
+            body = grid_body(study.body, stride).numpy()
             out.append((features, coords, body))
     return out
 
@@ -119,6 +119,11 @@ def prepare(config: GroundingConfig, pretrained: Path | None) -> Prepared:
     model = GroundingModel(config.model, config.grounding, text)
     model.encoder.load_state_dict(encoder.state_dict())
     model.freeze_graph_encoder_from_encoder()
+    if config.grounding.encoder_lr_scale == 0:  # a frozen encoder: its features once per volume
+        with torch.no_grad():
+            model.encoder.eval()
+            for study in studies:
+                study.features = model.encoder_features(study.x[None, :1])[0].half()
     arch = {"encoder": config.model.model_dump(mode="json"), "grounding": config.grounding.model_dump(mode="json"),
             "text": config.text.model_dump(mode="json"), "tokenizer": text.tokenizer_state(),
             "graph": graph.to_dict() if graph else None}
