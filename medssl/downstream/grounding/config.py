@@ -30,10 +30,11 @@ class HeadConfig(StrictModel):
     """The `grounding` section: how voxels and phrases are embedded into one space."""
 
     embed_dim: PositiveInt = 64
-    hidden: PositiveInt = 128
+    hidden: PositiveInt = 64
     feature_stride: Literal[1, 2, 4] = 2  # voxel embeddings on the encoder grid of this stride
     coord_frequencies: NonNegativeInt = 4  # Fourier features of the normalised body coordinates (0: none)
-    context_layers: NonNegativeInt = 2  # 3x3x3 convolutions of the voxel head (neighbourhood context)
+    context_layers: NonNegativeInt = 1  # 3x3x3 convolutions of the voxel head (neighbourhood context)
+    context_channels: PositiveInt = 32  # their width
     encoder_lr_scale: confloat(ge=0.0, le=1.0) = 0.0  # encoder learning rate / train.lr; 0 freezes the encoder
                                                       # (its features are then computed once per volume)
     max_phrases: PositiveInt = 6  # finding statements per report used in a step (the first ones)

@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from medssl.data import io
 from medssl.data.manifest import Manifest
 from medssl.data.synthetic.reports import GRAMMAR, finding_sentence
 from medssl.data.volumes import whole_volume_pipeline
-from medssl.downstream.grounding.data import Statements, content_words, grid_body, jaccard
+from medssl.downstream.grounding.data import Statements, content_words, jaccard
 from medssl.downstream.grounding.graph import best_region_dice
 from medssl.downstream.grounding.infer import Grounder
 from medssl.seeding import numpy_generator
@@ -157,11 +156,8 @@ def _graph_organ_dice(grounder: Grounder, grounded, study: EvalStudy, manifest: 
     """Dice of the best-matching organ-level graph region per organ, on the feature grid."""
     pipeline = whole_volume_pipeline(grounder.prep, with_label=True)
     label = pipeline({"image": str(study.image), "label": str(study.label)})["label"][0].numpy().round().astype(int)
-    features = grounder.model.graph_features(grounded.x[None].to(grounder.device))[0].cpu().numpy()
+    nodes = grounder.graph_nodes(grounded)
     stride = grounder.model.feature_stride
-    coords = torch.nn.functional.avg_pool3d(grounded.x[None, 1:4], stride)[0].numpy()
-    body = grid_body(grounded.body, stride).numpy()
-    nodes = grounder.graph.assign(features, coords, body)[0]
     grid = label[stride // 2::stride, stride // 2::stride, stride // 2::stride][tuple(slice(0, n) for n in nodes.shape)]
     return best_region_dice(nodes, grid, {int(k): v for k, v in (manifest.labels or {}).items()})
 

@@ -27,7 +27,7 @@ from medssl.atomic import atomic_dir, write_json
 from medssl.data import io
 from medssl.data.preprocessing import VolumePreprocessing
 from medssl.downstream.grounding.config import HeadConfig
-from medssl.downstream.grounding.data import model_input
+from medssl.downstream.grounding.data import grid_body, model_input
 from medssl.downstream.grounding.graph import AnatomyGraph
 from medssl.downstream.grounding.model import GroundingModel
 from medssl.errors import UserError
@@ -191,6 +191,27 @@ class Grounder:
         if score < self.threshold:
             return kind, False, f"peak similarity {score:.3f} below the threshold {self.threshold:.3f}"
         return kind, True, ""
+
+    def graph_nodes(self, grounded: GroundedImage) -> np.ndarray:
+        """The anatomy graph's organ-level region of every feature-grid voxel: (d, h, w) long, -1 outside
+        the body (UserError when the model has no graph)."""
+        if self.graph is None:
+            raise UserError(f"{self.checkpoint}: this grounding model was trained without an anatomy graph")
+        stride = self.model.feature_stride
+        x = grounded.x[None].to(self.device)
+        features = self.model.graph_features(x)[0].cpu().numpy()
+        coords = F.avg_pool3d(grounded.x[None, 1:4], stride)[0].numpy()
+        return self.graph.assign(features, coords, grid_body(grounded.body, stride).numpy())[0]
+
+    def region_masks(self, grounded: GroundedImage) -> dict[str, np.ndarray]:
+        """The graph's organ-level regions on the input grid: {"<k>: <prompt>": (X, Y, Z) bool}."""
+        nodes = torch.from_numpy(self.graph_nodes(grounded))
+        onehot = torch.stack([(nodes == k).float() for k in range(self.graph.regions)])
+        full = F.interpolate(onehot[None], size=grounded.x.shape[1:], mode="nearest")[0]
+        back = grounded.predictor.to_input_grid(full, grounded.image)
+        best = back.argmax(axis=0)
+        inside = back.max(axis=0) > 0.5
+        return {f"{k}: {prompt}": (best == k) & inside for k, prompt in enumerate(self.graph.prompts(1))}
 
     def _unknown_words(self, phrase: str) -> list[str] | None:
         tokenizer = getattr(self.model.text, "tokenizer", None)

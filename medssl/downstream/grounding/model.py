@@ -3,7 +3,7 @@
 Image side: the 3D encoder (a `VolumeEncoder`, optionally pretrained) on the intensity channel; its maps
 of stride >= `feature_stride` are resized to that grid and concatenated with Fourier features of the
 normalised body coordinates (the other 3 input channels), then the voxel head (1x1x1 conv,
-`context_layers` 3x3x3 convs for neighbourhood context, 1x1x1 conv) gives unit-length voxel embeddings.
+`context_layers` 3x3x3 convs on `context_channels` for neighbourhood context, 1x1x1 conv) gives unit-length voxel embeddings.
 With a frozen encoder, training feeds the head precomputed encoder features (`forward({"features",
 "coords"})`). Text side: a `medssl.text` encoder's pooled output, projected and normalised. A frozen copy
 of the initial encoder (`graph_encoder`) gives the features the anatomy graph was clustered on.
@@ -60,9 +60,13 @@ class GroundingModel(nn.Module):
         fused = sum(c for c, s in zip(self.encoder.out_channels, self.encoder.strides) if s >= head.feature_stride)
         inputs = fused + 3 + 6 * head.coord_frequencies
         layers: list[nn.Module] = [nn.Conv3d(inputs, head.hidden, 1), nn.GELU()]
+        width = head.hidden
+        if head.context_layers:  # 3x3x3 neighbourhood context on a narrower bottleneck (CPU cost)
+            layers.append(nn.Conv3d(head.hidden, head.context_channels, 1))
+            width = head.context_channels
         for _ in range(head.context_layers):
-            layers += [nn.Conv3d(head.hidden, head.hidden, 3, padding=1), nn.GELU()]
-        self.voxel_head = nn.Sequential(*layers, nn.Conv3d(head.hidden, head.embed_dim, 1))
+            layers += [nn.Conv3d(width, width, 3, padding=1), nn.GELU()]
+        self.voxel_head = nn.Sequential(*layers, nn.Conv3d(width, head.embed_dim, 1))
         self.text = text
         self.text_head = nn.Linear(text.output_dim, head.embed_dim)
         self.graph_encoder = build_volume_encoder(encoder)
