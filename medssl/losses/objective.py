@@ -48,6 +48,7 @@ class ObjectiveContext:
     student: Callable[[], nn.Module]  # -> nn.ModuleDict(encoder=..., projector=...), the live student modules
     teacher_momentum: float
     total_steps: int
+    in_channels: int = 1  # channels of the crops
 
 
 @dataclass
@@ -56,13 +57,19 @@ class VolumeStep:
 
     batch: the `VolumePretrainBatches` item (crops "a".."d" (n, 1, S, S, S), ids, points, region maps);
     z: (4n, proj_dim) projected crop embeddings of a, b, c, d (in that order);
-    embed: crops (N, 1, S, S, S) -> (feature maps, (N, proj_dim)), the student's encoder + projector.
+    embed: crops (N, 1, S, S, S) -> (feature maps, (N, proj_dim)), the student's encoder + projector;
+    z is None when no active objective uses the shared encoder pass (`uses_encoder_pass`);
+    network: crops (N, C, S, S, S) -> (N, C_out, S, S, S), the whole segmentation network (encoder and
+    decoder), present when an active objective `needs_network`;
+    generator: the step's seeded generator (on the model's device), for an objective's random draws.
     """
 
     batch: dict[str, torch.Tensor]
-    z: torch.Tensor
+    z: torch.Tensor | None
     embed: Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]
     dense_maps: Callable[[], torch.Tensor]
+    network: Callable[[torch.Tensor], torch.Tensor] | None = None
+    generator: torch.Generator | None = None
     _dense: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -84,11 +91,17 @@ class VolumeObjective(nn.Module):
     """Base of the registered objectives: `forward(step) -> {term: scalar}`.
 
     needs_dense: the model then builds the dense 1x1x1 projection head of the feature map at
-    `views.feature_stride`. `after_step(step, total)` runs after every optimiser step (e.g. an EMA update).
+    `views.feature_stride`. needs_network: the model holds the whole segmentation network (encoder and
+    decoder, exported as `network.pt`) and passes it in `VolumeStep.network`. uses_encoder_pass (default
+    True): the objective reads the shared encoder pass over the four views (`view`, `dense`, `embed`); when
+    no active objective does, that pass and the projector are skipped. `after_step(step, total)` runs after
+    every optimiser step (e.g. an EMA update).
     """
 
     Config: ClassVar[type[ObjectiveConfig]]
     needs_dense: ClassVar[bool] = False
+    needs_network: ClassVar[bool] = False
+    uses_encoder_pass: ClassVar[bool] = True
 
     def __init__(self, config: ObjectiveConfig, context: ObjectiveContext) -> None:
         super().__init__()

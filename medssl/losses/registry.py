@@ -6,7 +6,8 @@ objective off. Unknown objective names, unknown keys and negative weights fail v
 dotted key (e.g. `voxel.weight`). Defaults: every weight 1.0 except part_whole 0.5, because part_whole
 yields two terms (compose and decompose) and each gets the weight, so together they count as one
 objective (Adam-v2 weights each branch 1 next to a single localizability loss; we have four other
-objectives). tau 0.2 throughout (between SimCLR's 0.1 and SwinUNETR's 0.5). fn_radius 0.1 of the body
+objectives), and masked 0: masked reconstruction trains the whole network (encoder and decoder) and is
+switched on by its own config (configs/pretrain_volume_mae.yaml). tau 0.2 throughout (between SimCLR's 0.1 and SwinUNETR's 0.5). fn_radius 0.1 of the body
 box (~4 cm on a 40 cm field) treats regions that close to the anchor as the same anatomy.
 
 The table's order is the order in which the objectives run (and their terms are summed).
@@ -19,6 +20,7 @@ from pydantic import Field, create_model, model_validator
 
 from medssl.config import StrictModel
 from medssl.losses.crop import CropObjective
+from medssl.losses.masked import MaskedObjective
 from medssl.losses.objective import VolumeObjective
 from medssl.losses.part_whole import PartWholeObjective
 from medssl.losses.patient import PatientObjective
@@ -27,7 +29,7 @@ from medssl.losses.voxel import VoxelObjective
 
 VOLUME_OBJECTIVES: dict[str, type[VolumeObjective]] = {
     "crop": CropObjective, "patient": PatientObjective, "voxel": VoxelObjective, "region": RegionObjective,
-    "part_whole": PartWholeObjective}
+    "part_whole": PartWholeObjective, "masked": MaskedObjective}
 
 
 class _ObjectivesSection(StrictModel):

@@ -9,6 +9,10 @@ anatomy in another patient. A single encoder pass over all of them feeds:
 - patient: `a` and `c` (another study of the same patient) are positives;
 - part_whole: `a`'s octants (each resized to the crop size, one more student pass) compose the EMA
   teacher's embedding of `a`, and `a` predicts the teacher's octant embeddings.
+Whole-network objectives (masked: masked-volume reconstruction, off by default) train the full MONAI
+segmentation network whose encoder this is, decoder included, in their own pass; the model then holds
+that network and the run also writes `network.pt` (kind "volume-network") beside `encoder.pt`. When no
+active objective reads the shared encoder pass, that pass and the projector are skipped.
 Labels, masks and reports are never read (the optional probe reads held-out labels only to score).
 """
 
@@ -28,7 +32,14 @@ from medssl.errors import UserError
 from medssl.losses.objective import VIEWS, ObjectiveContext, VolumeStep
 from medssl.losses.registry import VOLUME_OBJECTIVES, VolumeObjectivesConfig, total_loss
 from medssl.models.heads import ProjectionHead, grid_pool
-from medssl.models.volume_encoders import VolumeEncoderConfig, build_volume_encoder, export_encoder
+from medssl.models.volume_encoders import (
+    VolumeEncoderConfig,
+    build_segmentation_network,
+    build_volume_encoder,
+    export_encoder,
+    export_network,
+    network_encoder,
+)
 from medssl.pretrain.probe import OrganProbe
 from medssl.pretrain.volume_batches import VolumePretrainBatches
 from medssl.training.checkpoint import Kind
@@ -86,21 +97,30 @@ class PretrainVolumeConfig(StrictModel):
 
 
 class VolumePretrainModel(nn.Module):
-    """Encoder, projector, the dense head when an active objective needs it, and the active objectives
-    (`medssl.losses.registry.VOLUME_OBJECTIVES`); `forward(batch, generator) -> StepOutput`."""
+    """Encoder, projector (when an active objective uses the shared encoder pass), the dense head when one
+    needs it, the whole network (`network`, sharing the encoder's modules) when one needs it, and the
+    active objectives (`medssl.losses.registry.VOLUME_OBJECTIVES`); `forward(batch, generator) -> StepOutput`."""
 
     def __init__(self, config: PretrainVolumeConfig):
         super().__init__()
         self.config = config
         active = config.objectives.active()
-        self.encoder = build_volume_encoder(config.model)
+        self.encoder_pass = any(VOLUME_OBJECTIVES[name].uses_encoder_pass for name in active)
+        if any(VOLUME_OBJECTIVES[name].needs_network for name in active):
+            # the reconstruction has as many channels as the input; built as build_volume_encoder builds it
+            self.network = build_segmentation_network(config.model, out_channels=config.model.in_channels)
+            self.encoder = network_encoder(self.network, config.model)
+        else:
+            self.network = None
+            self.encoder = build_volume_encoder(config.model)
         strides = self.encoder.strides
         if config.views.feature_stride not in strides:
             raise UserError(f"views.feature_stride: {config.views.feature_stride} is not a stride of the "
                             f"{config.model.name} encoder ({strides})")
         self.dense_level = strides.index(config.views.feature_stride)
         dim = config.heads.proj_dim
-        self.projector = ProjectionHead(self.encoder.embed_dim * 8, config.heads.hidden, dim, norm=config.heads.norm)
+        self.projector = (ProjectionHead(self.encoder.embed_dim * 8, config.heads.hidden, dim, norm=config.heads.norm)
+                          if self.encoder_pass else None)
         if any(VOLUME_OBJECTIVES[name].needs_dense for name in active):
             self.dense = nn.Conv3d(self.encoder.out_channels[self.dense_level], dim, kernel_size=1)
         self.objectives = nn.ModuleDict({name: VOLUME_OBJECTIVES[name](getattr(config.objectives, name), self.context())
@@ -108,7 +128,8 @@ class VolumePretrainModel(nn.Module):
 
     def context(self) -> ObjectiveContext:
         return ObjectiveContext(proj_dim=self.config.heads.proj_dim, student=self.student,
-                                teacher_momentum=self.config.teacher.momentum, total_steps=self.config.train.steps)
+                                teacher_momentum=self.config.teacher.momentum, total_steps=self.config.train.steps,
+                                in_channels=self.config.model.in_channels)
 
     def student(self) -> nn.ModuleDict:
         """The live encoder and projector (what an EMA teacher copies and follows)."""
@@ -116,9 +137,12 @@ class VolumePretrainModel(nn.Module):
 
     def arch(self) -> dict:
         """What must match for a checkpoint to fit this model."""
-        return {"encoder": self.config.model.model_dump(mode="json"),
+        arch = {"encoder": self.config.model.model_dump(mode="json"),
                 "heads": self.config.heads.model_dump(mode="json"), "objectives": sorted(self.objectives),
                 "feature_stride": self.config.views.feature_stride}
+        if self.network is not None:
+            arch["network_out_channels"] = self.config.model.in_channels
+        return arch
 
     def embed(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """x (N,1,S,S,S) -> (feature maps fine to coarse, projected crop embeddings (N, proj_dim)).
@@ -128,8 +152,9 @@ class VolumePretrainModel(nn.Module):
         return feats, self.projector(grid_pool(feats[-1]))
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepOutput:
-        feats, z = self.embed(torch.cat([batch[k] for k in VIEWS]))
-        step = VolumeStep(batch, z, self.embed, lambda: self.dense(feats[self.dense_level]))
+        feats, z = self.embed(torch.cat([batch[k] for k in VIEWS])) if self.encoder_pass else (None, None)
+        step = VolumeStep(batch, z, self.embed, lambda: self.dense(feats[self.dense_level]), network=self.network,
+                          generator=generator)
         terms: dict[str, torch.Tensor] = {}
         for objective in self.objectives.values():
             terms.update(objective(step))
@@ -187,4 +212,7 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
         return {}
     export_encoder(run_dir / "encoder.pt", model.encoder, config.model, prep.to_dict(), config.model_dump(mode="json"),
                    trainer.step)
+    if model.network is not None:
+        export_network(run_dir / "network.pt", model.network, config.model, config.model.in_channels, prep.to_dict(),
+                       config.model_dump(mode="json"), trainer.step)
     return summary
