@@ -18,8 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "pre_redesign"
 PRETRAIN = ["train.steps=20", "train.log_every=1", "train.checkpoint_every=20", "probe.enabled=false",
             "model.width=4"]
+# seg.crops.sampler=uniform and seg.augment.enabled=false: the crops of the code before the redesign (the
+# fine-tuning recipe's defaults since then draw class-balanced crops and augment them)
 FINETUNE = ["train.steps=20", "train.log_every=1", "train.checkpoint_every=20", "model.width=4", "seg.eval_every=10",
-            "seg.layer_decay=0.8", "seg.freeze_encoder_steps=5", "seg.labelled_volumes=2", "seg.overlay_cases=0"]
+            "seg.layer_decay=0.8", "seg.freeze_encoder_steps=5", "seg.labelled_volumes=2", "seg.overlay_cases=0",
+            "seg.crops.sampler=uniform", "seg.augment.enabled=false"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -58,6 +58,10 @@ def prepare(config: FinetuneSegConfig, pretrained: Path | None) -> Prepared:
     manifest = load_manifest(config.data.manifest)
     source = str(config.data.manifest)
     classes = class_names(s, manifest, source)
+    for name, values in (("seg.class_weights", s.class_weights), ("seg.crops.ratios", s.crops.ratios)):
+        if values is not None and len(values) != len(classes):
+            raise UserError(f"{name}: {len(values)} values given, one per class is needed ({len(classes)}: "
+                            f"{', '.join(classes.values())})")
     declared_in = "seg.labels" if s.labels is not None else f"{source} 'labels'"
     splits = {split: manifest.patients(split) for split in (s.train_split, s.val_split, s.test_split)}
     raise_first(patient_split_problems(splits, source))
@@ -90,9 +94,11 @@ def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir) -> None:
         return mean_metrics(evaluate_cases(model, ready.val_cases, ready.predictor, ready.classes)[0], "val")
 
     arch = {"model": config.model.model_dump(mode="json"), "classes": {str(k): v for k, v in ready.classes.items()}}
-    trainer = Trainer(ready.network, DiceCEObjective(s.lambda_dice, s.lambda_ce),
+    objective = DiceCEObjective(s.lambda_dice, s.lambda_ce, class_weights=s.class_weights,
+                                deep_supervision=getattr(ready.network, "deep_supervision", None))
+    trainer = Trainer(ready.network, objective,
                       SegBatches(ready.images, ready.labels, crop=ready.prep.crop_size, size=cfg.batch_size,
-                                 seed=cfg.seed),
+                                 seed=cfg.seed, classes=len(ready.classes), crops=s.crops, augment=s.augment),
                       config=cfg, run_dir=run, ctx=DistContext(device=ready.device),
                       checkpointing=Checkpointing(kind=Kind.FINETUNE_SEG, arch=arch, preprocessing=ready.prep.to_dict(),
                                                   config=config.model_dump(mode="json")),
@@ -130,6 +136,7 @@ def finetune_seg(config: FinetuneSegConfig, run_dir: str | Path, *, pretrained: 
     summary. Every input is checked before anything is written: a UserError leaves `run_dir` as it was.
     Preprocessing warnings go to stderr (unless `quiet`) and into the summary."""
     run_dir = Path(run_dir)
+    tick = time.perf_counter()
     prepare_run_dir(run_dir, resume=False)
     ready = prepare(config, pretrained)
     if not quiet:
@@ -143,8 +150,10 @@ def finetune_seg(config: FinetuneSegConfig, run_dir: str | Path, *, pretrained: 
                "labelled_volumes": len(entries), "labelled_patients": len({e["patient_id"] for e in entries}),
                "labelled_cases": ",".join(Path(e["image"]).name.split(".")[0] for e in entries),
                "pretrained": str(pretrained) if pretrained else None,
-               "encoder_loaded_fraction": report.fraction if report else None,
-               "encoder_load_report": str(report) if report else None, "warnings": ready.warnings}
+               "pretrained_parts": report.parts if report else None,
+               "encoder_loaded_fraction": report.encoder_fraction if report else None,
+               "pretrained_load_report": str(report) if report else None, "warnings": ready.warnings,
+               "seconds": time.perf_counter() - tick}
     run.write_summary(summary)
     return summary
 

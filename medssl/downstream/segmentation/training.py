@@ -1,71 +1,227 @@
-"""Fine-tuning pieces for the shared Trainer: the network (and its pretrained encoder), random crops,
-the Dice + CE objective, layer-wise learning-rate groups."""
+"""Fine-tuning pieces for the shared Trainer: the network (and its pretrained weights), deep-supervision
+heads, training crops (class-balanced or uniform) with MONAI augmentation, the Dice + CE objective,
+layer-wise learning-rate groups."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from monai.losses import DiceCELoss
+import torch.nn.functional as F
+from monai.losses import DeepSupervisionLoss, DiceCELoss
+from monai.transforms import (
+    Compose,
+    RandAffined,
+    RandCropByLabelClassesd,
+    RandFlipd,
+    RandGaussianNoised,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
+from monai.transforms.utils import map_classes_to_indices
+from monai.utils import MAX_SEED
 from torch import nn
 from torch.utils.data import Dataset
 
-from medssl.downstream.segmentation.config import FinetuneSegConfig
-from medssl.models.volume_encoders import (EncoderLoadReport, VolumeEncoder, build_segmentation_network,
-                                          load_pretrained_encoder)
-from medssl.seeding import numpy_generator
+from medssl.downstream.segmentation.config import AugmentSettings, CropSettings, FinetuneSegConfig
+from medssl.errors import UserError
+from medssl.models.volume_encoders import (BACKBONES, EncoderLoadReport, VolumeEncoder, VolumeEncoderConfig,
+                                          build_segmentation_network, load_pretrained)
+from medssl.seeding import derive_seed, numpy_generator
 from medssl.training.loop import ParamGroup, StepOutput
+
+DEEP_SUPERVISION_LEVELS = 2  # decoder maps with auxiliary heads: the two finest below full resolution
+_AUGMENT_STREAM = 1  # random stream (with seed, i) of the class sampler and the augmentation
 
 
 def build_network(config: FinetuneSegConfig, classes: int, pretrained: Path | None
                   ) -> tuple[nn.Module, EncoderLoadReport | None]:
-    """The segmentation network (seeded by train.seed) and, with `pretrained`, its encoder's load report."""
+    """The segmentation network (seeded by train.seed), with deep-supervision heads when asked, and, with
+    `pretrained`, the load report of its encoder or whole network (`seg.pretrained_parts`)."""
     torch.manual_seed(config.train.seed)
     network = build_segmentation_network(config.model, classes)
+    if config.seg.deep_supervision:
+        network.deep_supervision = DeepSupervisionHeads(network, config.model, classes)
     if pretrained is None:
         return network, None
-    return network, load_pretrained_encoder(network, pretrained, arch=config.model, min_fraction=1.0)
+    return network, load_pretrained(network, pretrained, arch=config.model, parts=config.seg.pretrained_parts,
+                                    min_fraction=1.0, field_name="seg.pretrained_parts")
+
+
+class DeepSupervisionHeads(nn.Module):
+    """1x1x1 convolutions giving class logits from the decoder's `DEEP_SUPERVISION_LEVELS` finest maps below
+    full resolution (`VolumeEncoder.decoder_maps`), captured by forward hooks on those decoder blocks.
+
+    Attached to the network as its `deep_supervision` child, so its weights travel in the network's state
+    dict; the network's output (and inference) is unchanged. `outputs()`: the logits of the last forward
+    pass, finest first."""
+
+    def __init__(self, network: nn.Module, cfg: VolumeEncoderConfig, classes: int):
+        super().__init__()
+        maps = BACKBONES[cfg.name].decoder_maps(cfg)[-DEEP_SUPERVISION_LEVELS:][::-1]
+        self.heads = nn.ModuleList(nn.Conv3d(channels, classes, kernel_size=1) for _, channels, _ in maps)
+        self.strides = [stride for _, _, stride in maps]
+        self._maps: list[torch.Tensor | None] = [None] * len(maps)
+        for level, (name, _, _) in enumerate(maps):
+            network.get_submodule(name).register_forward_hook(functools.partial(self._keep, level))
+
+    def _keep(self, level: int, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        self._maps[level] = output
+
+    def outputs(self) -> list[torch.Tensor]:
+        if any(m is None for m in self._maps):
+            raise RuntimeError("deep supervision: no decoder maps captured (run the network first)")
+        return [head(m) for head, m in zip(self.heads, self._maps)]
+
+
+# ------------------------------------------------------------------------------------------------ crops
 
 
 class SegBatches(Dataset):
-    """Micro-batch i: `size` random crops of `crop` from the labelled volumes, drawn by (seed, i).
+    """Micro-batch i: `size` training crops of `crop` from the labelled volumes, drawn by (seed, i).
 
-    images, labels: (1, D, H, W) tensors, each at least `crop` per axis. Item: {"image": (B, 1, *crop)
-    float32, "label": (B, 1, *crop) int64}."""
+    images, labels: (1, D, H, W) tensors, each at least `crop` per axis (smaller ones are zero-padded to
+    the sampled size). For each crop a volume is drawn uniformly, then the crop's place:
+    - `crops.sampler` "classes": with probability `crops.uniform_fraction` as "uniform", else a class with
+      probability proportional to `crops.ratios` (None: equal; classes absent from the volume are
+      skipped), the centre uniformly among its voxels (MONAI `RandCropByLabelClassesd` with precomputed
+      class indices), the crop moved inside the volume;
+    - "uniform": the corner uniformly (the original sampler: with `augment` None the crops are exactly
+      those of the code before class-balanced sampling).
+    `augment` (enabled): `augmentation(augment, crop)`; with an affine step the sampled crop is larger by
+    `affine_margin` on each side (the volumes are zero-padded by as much, so its centre ranges as a crop's
+    would) and the affine resamples its centre. Item: {"image": (B, 1, *crop) float32,
+    "label": (B, 1, *crop) int64}."""
 
     def __init__(self, images: list[torch.Tensor], labels: list[torch.Tensor], *, crop: Sequence[int], size: int,
-                 seed: int):
-        self.images, self.labels, self.crop, self.size, self.seed = images, labels, tuple(crop), size, seed
+                 seed: int, classes: int | None = None, crops: CropSettings | None = None,
+                 augment: AugmentSettings | None = None):
+        crops = crops or CropSettings(sampler="uniform")
+        self.crop, self.size, self.seed = tuple(crop), size, seed
+        self.augment = augmentation(augment, self.crop) if augment is not None and augment.enabled else None
+        margin = augment.affine_margin if self.augment is not None and augment.affine_prob > 0 else 0
+        self.sampled = tuple(c + 2 * margin for c in self.crop)
+        # the margin is added on every side, so the larger crops are centred where the crops would be
+        self.images = [_pad(_pad_to(image, self.crop), margin) for image in images]
+        self.labels = [_pad(_pad_to(label, self.crop), margin) for label in labels]
+        self.sampler, self.uniform_fraction = None, crops.uniform_fraction
+        if crops.sampler == "classes":
+            if classes is None:
+                raise ValueError("SegBatches: the class sampler needs the number of classes")
+            ratios = list(crops.ratios) if crops.ratios is not None else [1.0] * classes
+            if len(ratios) != classes:
+                raise UserError(f"seg.crops.ratios: {len(ratios)} values given, one per class is needed ({classes})")
+            self.indices = [map_classes_to_indices(label, classes) for label in self.labels]
+            for k, indices in enumerate(self.indices):
+                if not any(len(ix) and r > 0 for ix, r in zip(indices, ratios)):
+                    raise UserError(f"seg.crops.ratios: labelled volume {k} holds no class with a ratio > 0")
+            self.sampler = RandCropByLabelClassesd(["image", "label"], "label", spatial_size=self.sampled,
+                                                   ratios=ratios, num_classes=classes, indices_key="indices",
+                                                   warn=False)
 
     def __len__(self) -> int:
         return 10**12
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = numpy_generator(self.seed, i)
+        if self.sampler is None and self.augment is None:  # the original uniform crops, draw for draw
+            images, labels = [], []
+            for _ in range(self.size):
+                k = int(rng.integers(len(self.images)))
+                image, label = self._uniform(k, rng)
+                images.append(image)
+                labels.append(label)
+            return {"image": torch.stack(images).float(), "label": torch.stack(labels).long()}
+        monai_seed = derive_seed(self.seed, i, _AUGMENT_STREAM) % MAX_SEED
+        if self.sampler is not None:
+            self.sampler.set_random_state(seed=monai_seed)
+        if self.augment is not None:
+            self.augment.set_random_state(seed=monai_seed + 1)
         images, labels = [], []
         for _ in range(self.size):
             k = int(rng.integers(len(self.images)))
-            shape = self.images[k].shape[1:]
-            start = [int(rng.integers(0, s - c + 1)) for s, c in zip(shape, self.crop)]
-            window = (slice(None),) + tuple(slice(a, a + c) for a, c in zip(start, self.crop))
-            images.append(self.images[k][window])
-            labels.append(self.labels[k][window])
-        return {"image": torch.stack(images).float(), "label": torch.stack(labels).long()}
+            if self.sampler is None or rng.random() < self.uniform_fraction:
+                image, label = self._uniform(k, rng)
+                item = {"image": image, "label": label.float()}
+            else:
+                item = self.sampler({"image": self.images[k], "label": self.labels[k].float(),
+                                     "indices": self.indices[k]})[0]
+            if self.augment is not None:
+                item = self.augment(item)
+            images.append(torch.as_tensor(item["image"]).float())
+            labels.append(torch.as_tensor(item["label"]).round().long())
+        return {"image": torch.stack(images), "label": torch.stack(labels)}
+
+    def _uniform(self, k: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = self.images[k].shape[1:]
+        start = [int(rng.integers(0, s - c + 1)) for s, c in zip(shape, self.sampled)]
+        window = (slice(None),) + tuple(slice(a, a + c) for a, c in zip(start, self.sampled))
+        return self.images[k][window], self.labels[k][window]
+
+
+def augmentation(settings: AugmentSettings, crop: Sequence[int]) -> Compose:
+    """MONAI dictionary transforms on {"image", "label"} (1, ...) crops: RandAffined (image bilinear, label
+    nearest; output `crop`, the centre of a larger input), RandFlipd per axis of `flip_axes` (both keys),
+    then on the image only RandScaleIntensityd, RandShiftIntensityd and RandGaussianNoised."""
+    keys = ["image", "label"]
+    steps = []
+    if settings.affine_prob > 0:
+        rotate = float(np.deg2rad(settings.rotate_deg))
+        steps.append(RandAffined(keys, prob=settings.affine_prob, rotate_range=(rotate,) * 3,
+                                 scale_range=(settings.scale,) * 3, spatial_size=tuple(crop),
+                                 mode=("bilinear", "nearest"), padding_mode="border"))
+    steps += [RandFlipd(keys, prob=settings.flip_prob, spatial_axis=axis) for axis in settings.flip_axes]
+    steps += [RandScaleIntensityd("image", factors=settings.intensity_scale, prob=settings.intensity_prob),
+              RandShiftIntensityd("image", offsets=settings.intensity_shift, prob=settings.intensity_prob),
+              RandGaussianNoised("image", prob=settings.noise_prob, std=settings.noise_std)]
+    return Compose(steps)
+
+
+def _pad_to(volume: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Zero-pad (1, D, H, W) symmetrically to at least `size` per axis."""
+    short = [max(0, c - s) for s, c in zip(volume.shape[1:], size)]
+    if not any(short):
+        return volume
+    pad = [p for n in reversed(short) for p in (n // 2, n - n // 2)]
+    return F.pad(volume, pad)
+
+
+def _pad(volume: torch.Tensor, margin: int) -> torch.Tensor:
+    """Zero-pad (1, D, H, W) by `margin` voxels on every side."""
+    return F.pad(volume, [margin] * 6) if margin else volume
+
+
+# ------------------------------------------------------------------------------------------------ objective
 
 
 class DiceCEObjective:
-    """`monai.losses.DiceCELoss` (softmax, one-hot target) as a Trainer objective; logs both terms."""
+    """`monai.losses.DiceCELoss` (softmax, one-hot target, optional class weights) as a Trainer objective,
+    wrapped in `monai.losses.DeepSupervisionLoss` (weights 1, 1/2, 1/4 fine to coarse, labels resized
+    nearest) when `deep_supervision` heads are given; logs the Dice and CE terms of the final output."""
 
-    def __init__(self, lambda_dice: float, lambda_ce: float):
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+    def __init__(self, lambda_dice: float, lambda_ce: float, *, class_weights: Sequence[float] | None = None,
+                 deep_supervision: DeepSupervisionHeads | None = None):
+        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=lambda_dice, lambda_ce=lambda_ce,
+                               weight=weight)
+        self.heads = deep_supervision
+        self.deep = DeepSupervisionLoss(self.loss, weight_mode="exp") if deep_supervision is not None else None
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepOutput:
         logits = model(batch["image"]).float()
-        loss = self.loss(logits, batch["label"])
+        if self.deep is not None:
+            loss = self.deep([logits, *self.heads.outputs()], batch["label"].float())
+        else:
+            loss = self.loss(logits, batch["label"])
         with torch.no_grad():
             terms = {"dice": self.loss.dice(logits, batch["label"]), "ce": self.loss.ce(logits, batch["label"])}
         return StepOutput(loss=loss, terms=terms, items=int(batch["image"].shape[0]))
+
+
+# ------------------------------------------------------------------------------------------------ groups
 
 
 def encoder_stages(encoder: VolumeEncoder) -> list[nn.Module]:
