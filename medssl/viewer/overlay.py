@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -172,12 +174,17 @@ def _draw_colorbar(fig: Figure, cax: Any, *, cmap: str, vmin: float, vmax: float
                    caption: str, rescaling: LinearRescaling | MinMaxRescaling | None) -> None:
     map_colours(np.zeros(1), cmap, vmin, vmax)  # validates cmap, vmin, vmax
     bar = fig.colorbar(ScalarMappable(Normalize(vmin, vmax), matplotlib.colormaps[cmap]), cax=cax)
-    label = f"map value [0, 1]: {caption}" if caption else "map value [0, 1]"
+    parts = re.split(r", (?![^\[]*\])", caption) if caption else []  # "<raw scale>, <rescaling>", not inside [..]
+    lines = [f"map value [0, 1]: {parts[0]}" if parts else "map value [0, 1]", *parts[1:]]
     if threshold is not None:
-        label += f"\ntransparent at or below {threshold:g}"
+        lines.append(f"transparent at or below {threshold:g}")
         if vmin <= threshold <= vmax:
             cax.axhline(threshold, color="cyan", linewidth=2)
-    bar.set_label(label, fontsize=8)
+    # the label runs along the bar: wrap it to the bar's length so that no word is cut off the figure
+    length_px = cax.get_position().height * fig.get_figheight() * fig.dpi
+    per_line = max(16, int(length_px / (8 * fig.dpi / 72 * 0.6)))
+    bar.set_label("\n".join(part for line in lines for part in textwrap.wrap(line, per_line, break_on_hyphens=False)),
+                  fontsize=8)
     if rescaling is not None and rescaling.from_[1] > rescaling.from_[0]:
         lo, hi = rescaling.from_
         to = rescaling.to if isinstance(rescaling, LinearRescaling) else (0.0, 1.0)

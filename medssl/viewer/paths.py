@@ -64,15 +64,15 @@ def resolve_under(roots: Sequence[str | os.PathLike], user_path: str) -> Path:
     raise UserError(f"{user_path}: no such file under the data folders")
 
 
-def check_upload(name: str, size: int) -> str:
-    """Check an uploaded file's name (a plain file name with a volume suffix) and size in bytes
-    (1 to `UPLOAD_LIMIT_BYTES`); returns the name. UserError (one line) otherwise."""
+def check_upload(name: str, size: int, *, suffixes: tuple[str, ...] = UPLOAD_SUFFIXES) -> str:
+    """Check an uploaded file's name (a plain file name with one of `suffixes`, by default a volume suffix)
+    and size in bytes (1 to `UPLOAD_LIMIT_BYTES`); returns the name. UserError (one line) otherwise."""
     if not isinstance(name, str) or not name or name != name.strip():
         raise UserError(f"upload {name!r}: needs a plain file name")
     if "/" in name or "\\" in name or "\x00" in name or name in (".", "..") or name.startswith("."):
         raise UserError(f"upload {name!r}: a file name must not contain path separators or start with '.'")
-    if not name.lower().endswith(UPLOAD_SUFFIXES):
-        raise UserError(f"upload {name}: unsupported type; expected one of {', '.join(UPLOAD_SUFFIXES)}")
+    if not name.lower().endswith(suffixes):
+        raise UserError(f"upload {name}: unsupported type; expected one of {', '.join(suffixes)}")
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
         raise UserError(f"upload {name}: empty file (size {size!r} bytes)")
     if size > UPLOAD_LIMIT_BYTES:
