@@ -211,11 +211,28 @@ def demo_command(output: Annotated[Path, typer.Option("--output", "-o", help="De
 
 @app.command("app")
 def app_command(
-    run_dir: Annotated[Optional[Path], typer.Argument(help="Run directory with attention maps.")] = None,
+    run_dir: Annotated[Optional[list[Path]], typer.Argument(
+        help="Grounding run directories (with grounding.pt) or 'medssl ground infer' outputs (results.json + maps).",
+    )] = None,
     port: Annotated[int, typer.Option(help="Port of the Streamlit server.")] = 8501,
+    data_root: Annotated[Optional[list[Path]], typer.Option(
+        "--data-root", help="More folders the app may read (volumes, manifests, runs).")] = None,
+    address: Annotated[str, typer.Option(help="Address to listen on (default: this machine only).")] = "127.0.0.1",
 ) -> None:
-    """Open the attention-map viewer (Streamlit) on a run directory."""
-    raise UserError("'medssl app' is not implemented yet in this version of medssl")
+    """Open the attention-map viewer (Streamlit): the run directories' cases, reports and maps in the browser. It
+    reads files only under the run directories, the --data-root folders and the folders those runs name (a grounding
+    run's manifest folder, a ground infer output's image folder)."""
+    import subprocess
+
+    from medssl.viewer.session import check_folders, streamlit_command
+
+    runs, roots = run_dir or [], data_root or []
+    check_folders(runs, roots)
+    command = streamlit_command(runs, roots, port=port, address=address)
+    typer.echo(f"medssl app: http://{address}:{port} (Ctrl-C stops it)", err=True)
+    code = subprocess.call(command)
+    if code not in (0, -2, 130):
+        raise UserError(f"the app's Streamlit server stopped with exit code {code}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,10 +41,10 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
     assert "Usage" in out
 
 
-def test_unbuilt_commands_say_so_and_exit_2(capsys: pytest.CaptureFixture) -> None:
+def test_app_without_a_folder_says_what_to_give_and_exits_2(capsys: pytest.CaptureFixture) -> None:
     code, _, err = run(["app"], capsys)
     assert code == 2
-    assert "not implemented yet" in err
+    assert "give a run directory (medssl app RUN_DIR) or a data folder (--data-root DIR)" in err
     assert err.count("\n") == 1
 
 
