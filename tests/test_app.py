@@ -378,3 +378,10 @@ def test_a_ground_infer_output_opens_with_its_stored_maps(app_data: AppData, tmp
     clean(at)
     assert any("not groundable" in w.value and "normal statement" in w.value for w in at.warning)
 
+
+
+def test_the_apps_entry_runs_the_packaged_app(app_data: AppData, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["attention_viewer.py", "--run", str(app_data.run)])
+    at = AppTest.from_file(str(REPO / "apps" / "attention_viewer.py"), default_timeout=180).run()
+    clean(at)
+    assert at.markdown[1].value == "### P007 / S2 (test)" and len(at.get("component_instance")) == 3
