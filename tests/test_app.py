@@ -385,3 +385,32 @@ def test_the_apps_entry_runs_the_packaged_app(app_data: AppData, monkeypatch) ->
     at = AppTest.from_file(str(REPO / "apps" / "attention_viewer.py"), default_timeout=180).run()
     clean(at)
     assert at.markdown[1].value == "### P007 / S2 (test)" and len(at.get("component_instance")) == 3
+
+
+def test_uploads_corrupt_nifti_and_zipped_dicom(tmp_path: Path, monkeypatch) -> None:
+    import gzip
+    import io as bytesio
+    import zipfile
+
+    from test_io import write_dicom_series
+
+    at = start(monkeypatch, "--data-root", tmp_path)
+    at.radio(key="source").set_value("upload a volume").run()
+    at.file_uploader(key="upload").upload("scan.nii.gz", b"\x1f\x8b\x08 corrupt").run()
+    assert not at.exception and len(at.error) == 1 and "cannot read" in at.error[0].value
+    cube = (np.random.default_rng(0).normal(size=(8, 9, 10)) * 50 - 900).astype(np.float32)
+    at.file_uploader(key="upload").set_value(
+        ("good.nii.gz", gzip.compress(nib.Nifti1Image(cube, np.diag([1.0, 1.0, 2.0, 1.0])).to_bytes()),
+         "application/gzip")).run()
+    clean(at)
+    assert len(at.get("component_instance")) == 3 and "8 x 9 x 10 voxels" in captions(at)
+    series = tmp_path / "dicom"
+    write_dicom_series(series, np.zeros((4, 5, 6), np.int16) - 1000, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0),
+                       "1.2.826.0.1.3680043.2.1125.7")
+    buffer = bytesio.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(series.iterdir()):
+            archive.write(path, f"series/{path.name}")
+    at.file_uploader(key="upload").set_value(("ct.zip", buffer.getvalue(), "application/zip")).run()
+    clean(at)
+    assert "6 x 5 x 4 voxels" in captions(at) and "stored LPS" in captions(at)
