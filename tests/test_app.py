@@ -228,7 +228,7 @@ def test_compare_two_phrases_and_two_checkpoints(app_data: AppData, monkeypatch)
     clean(at)
     control = planes(at)
     assert len(control) == 8 and control[3:6] != control[:3]
-    assert any(s.value.startswith("**B:**") for s in [*at.success, *at.warning])
+    assert any(s.value.startswith("**B (randomised control):**") for s in [*at.success, *at.warning])
 
 
 def test_export_writes_png_and_nifti_with_provenance(app_data: AppData, monkeypatch) -> None:

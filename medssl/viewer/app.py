@@ -446,6 +446,19 @@ def plane_row(view: session.ViewVolume, window: Window, result: session.Groundin
             st.caption("not groundable: no map")
 
 
+@st.fragment
+def viewer(view: session.ViewVolume, window: Window, results: list[tuple[str, session.Grounding | None]],
+           style: render.MapStyle, masks: list) -> None:
+    """The planes (row A clickable, with the sliders; row B when comparing) and the read-out. A fragment: moving
+    the crosshair reruns only this part of the page."""
+    with shown_errors("views"):
+        (label_a, result_a), (label_b, result_b) = results
+        plane_row(view, window, result_a, style, masks, row=label_a, clickable=True)
+        if result_b is not None:
+            plane_row(view, window, result_b, style, masks, row=label_b, clickable=False)
+    readout(view, results)
+
+
 def readout(view: session.ViewVolume, results: list[tuple[str, session.Grounding | None]]) -> None:
     voxel = S.crosshair
     mm = voxel_to_mm(view.volume.affine, voxel)
@@ -505,7 +518,7 @@ def signals_tab(library: session.Library, case: session.Case) -> None:
     if not case.signals:
         st.info("No ECG/PPG recordings for this patient in the manifest.")
         return
-    columns = st.columns([1, 1.4, 0.8, 0.6])
+    columns = st.columns([1, 1.5, 0.9, 0.7, 1.2])
     trial = columns[0].selectbox("Recording", case.signals, format_func=lambda s: f"{s.trial_id} ({s.path.name})",
                                  key="signal_trial")
     if not library.timeseries:
@@ -533,7 +546,7 @@ def signals_tab(library: session.Library, case: session.Case) -> None:
     duration = recording.duration
     start = 0.0
     if duration > 10.0:
-        start = st.slider("Start (s)", 0.0, max(0.0, duration - 10.0), 0.0, 0.5, key="ts_start")
+        start = columns[4].slider("Shown from (s), 10 s", 0.0, max(0.0, duration - 10.0), 0.0, 0.5, key="ts_start")
     st.caption(f"Attribution: **{result.method}** of the **{result.target}** ({model.kind} {checkpoint}), "
                f"{result.windows} window(s) of {model.prep.window_seconds:g} s at {model.prep.fs:g} Hz; patient "
                f"{case.patient_id}, trial {trial.trial_id}.")
@@ -668,13 +681,14 @@ def main() -> None:
         other = st.sidebar.selectbox("Checkpoint B", others, key="checkpoint_b",
                                      format_func=lambda p: p if isinstance(p, str) else _short(p, library))
         label_b = "B: "
+        S.b_name = other if isinstance(other, str) else _short(other, library)
         if other == CONTROL:
             result_b = grounding(case, view, checkpoint, S.get("phrase"), modality, control=True)
         elif other is not None:
             result_b = grounding(case, view, other, S.get("phrase"), modality)
     style = style_controls(result)
     st.sidebar.subheader("Outlines")
-    st.sidebar.checkbox("lesion masks (cyan)", value=True, key="show_lesions", disabled=case.lesion_mask is None)
+    st.sidebar.checkbox("lesion masks (magenta)", value=True, key="show_lesions", disabled=case.lesion_mask is None)
     st.sidebar.checkbox("organ labels (white)", value=False, key="show_organs", disabled=case.label is None)
     if case.lesion_mask is not None:
         lesions = attempt("lesion mask", label_masks, str(case.lesion_mask), _mtime(case.lesion_mask), str(case.image),
@@ -691,15 +705,10 @@ def main() -> None:
             col_jump.button("Jump to peak", key="jump", on_click=set_crosshair,
                             args=(tuple(result.sidecar.peak_voxel), view), width="stretch")
     if result_b is not None:
-        result_line(result_b, "B:")
+        result_line(result_b, f"B ({S.b_name}):" if compare == "another checkpoint" else "B:")
         st.caption("B is drawn with A's threshold and colour scale, so that the two maps compare.")
-    masks = outlines(case, view)
-    with shown_errors("views"):
-        plane_row(view, window, result, style, masks, row="A: " if result_b is not None else "", clickable=True)
-        if result_b is not None:
-            plane_row(view, window, result_b, style, masks, row=label_b, clickable=False)
     results = [("A: " if result_b is not None else "", result), (label_b, result_b)]
-    readout(view, results)
+    viewer(view, window, results, style, outlines(case, view))
     tabs = st.tabs(["Region statistics", "Signals", "Export", "Review"])
     with tabs[0], shown_errors("region statistics"):
         stats_tab(case, view, checkpoint, modality, result, style)

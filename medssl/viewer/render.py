@@ -27,7 +27,7 @@ from medssl.viewer.windowing import Window, apply_window
 DISPLAY_PX = 320  # longest side of one plane on screen at the default size
 LABEL_RGB = (255, 214, 0)
 CROSSHAIR_RGB = (0, 255, 0)
-LESION_RGB = (0, 255, 255)
+LESION_RGB = (255, 0, 255)  # magenta: apart from the crosshair (green) and the colour maps
 ORGAN_RGB = (255, 255, 255)
 
 
@@ -103,9 +103,11 @@ def _letters(rgb: np.ndarray, labels: dict[str, str]) -> np.ndarray:
     return np.asarray(img)
 
 
-def _crosshair(rgb: np.ndarray, view: PlaneView, gap: int = 6) -> np.ndarray:
+def _crosshair(rgb: np.ndarray, view: PlaneView) -> np.ndarray:
+    """Lines through the centre of the crosshair voxel, open for two voxels (at least 6 px) around it."""
     height, width = rgb.shape[:2]
     rows, cols = view.image.shape
+    gap = max(6, int(round(2 * max(height / rows, width / cols))))
     y = int((view.crosshair[0] + 0.5) * height / rows)
     x = int((view.crosshair[1] + 0.5) * width / cols)
     rgb[y, np.abs(np.arange(width) - x) > gap] = CROSSHAIR_RGB

@@ -202,7 +202,7 @@ def signal_figure(signal: io.Signal, result: Saliency, *, start: float = 0.0, se
         raise UserError(f"signal: nothing to show from {start:g} s (the recording lasts {signal.duration:.1f} s)")
     time = np.arange(first, last) / fs
     channels = signal.data.shape[0]
-    fig = Figure(figsize=(width_px / dpi, 1.0 + 1.3 * channels), dpi=dpi, facecolor=BACKGROUND)
+    fig = Figure(figsize=(width_px / dpi, 0.9 + 1.1 * channels), dpi=dpi, facecolor=BACKGROUND)
     axes = fig.subplots(channels, 1, sharex=True, squeeze=False)[:, 0]
     for c, ax in enumerate(axes):
         ax.set_facecolor(BACKGROUND)
