@@ -73,6 +73,8 @@ def test_discovery_roots_and_problems(hospital: Path, tmp_path: Path) -> None:
     assert "gone: run directory is not an existing folder" in problems
     assert f"{empty}: no grounding model (grounding.pt) and no maps (results.json)" in problems
     assert library.review_folder(run / "grounding.pt") == run.resolve()
+    assert session.discover([], [tmp_path]).review_folder(run / "grounding.pt") == run.resolve()  # found under a root
+    assert session.discover([], [hospital.parent]).review_folder(None) is None
     assert library.resolve("vol/P001_S1.nii.gz") == (hospital.parent / "vol" / "P001_S1.nii.gz").resolve()
     for bad in ("../../etc/passwd", "/etc/passwd"):
         with pytest.raises(UserError, match="outside"):

@@ -134,11 +134,11 @@ class Library:
         return paths.resolve_under(self.root_paths, str(user_path))
 
     def review_folder(self, checkpoint: str | os.PathLike | None) -> Path | None:
-        """Where the review table and exports go: the grounding run of `checkpoint` when the app was
-        given it, else the first run directory given, else None."""
+        """Where the review table and exports go: the grounding run of `checkpoint` (a run directory given or
+        found under a data root), else the first run directory given, else None."""
         if checkpoint is not None:
             folder = Path(checkpoint).resolve().parent
-            if any(folder == Path(run).resolve() for run in self.runs):
+            if folder in self.grounding_runs or any(folder == Path(run).resolve() for run in self.runs):
                 return folder
         for run in self.runs:
             if (Path(run) / "grounding.pt").is_file() or (Path(run) / "results.json").is_file():
