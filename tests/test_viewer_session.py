@@ -240,3 +240,10 @@ def test_review_rows_from_two_writers(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="verdict"):
         session.add_review(tmp_path, checkpoint="a.pt", image="x.nii", phrase="p", verdict="maybe")
     assert os.path.exists(tmp_path / "review.csv")
+
+
+def test_the_apps_plain_modules_do_not_import_streamlit() -> None:
+    code = ("import sys, medssl.viewer.session, medssl.viewer.render, medssl.viewer.signals, medssl.viewer.browser; "
+            "print('streamlit' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert result.stdout.strip() == "False"

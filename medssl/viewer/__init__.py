@@ -1,6 +1,6 @@
-"""Pure functions behind the attention-map viewer: windowing, orientation-aware slicing, overlays,
-region statistics and grounding metrics, the clinician review table and safe path handling.
+"""The clinician app (`app.py`, the Streamlit script `medssl app` runs) and the plain functions it calls.
 
-No module here imports streamlit; the app calls these functions. One job per module:
-`windowing`, `slicing`, `overlay`, `stats`, `review`, `paths`.
+Only `app.py` imports streamlit. Everything it does is a function tested without it, one job per module:
+`windowing`, `slicing`, `render`, `overlay`, `stats`, `review`, `paths`, `session`, `signals`, `figures`;
+`browser` drives the app in headless Chromium for the end-to-end test and the screenshots.
 """
