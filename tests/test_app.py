@@ -124,6 +124,12 @@ def test_crosshair_follows_sliders_clicks_and_the_peak(app_data: AppData, monkey
     clean(at)
     assert "crosshair voxel (27, 16, 1)" in captions(at)  # radiological: the screen's left is the patient's right
     assert at.slider(key="slice_axial").value == 1 and at.slider(key="slice_sagittal").value == 27
+    key = next(s.key for s in at.selectbox if s.key.startswith("case::"))
+    default = at.selectbox(key=key).index
+    at.selectbox(key=key).select_index(0 if default else 1).run()  # another case: its centre, the old click gone
+    at.run()
+    assert "crosshair voxel (16, 16, 16)" in captions(at)
+    at.selectbox(key=key).select_index(default).run()
     at.button(key="centre_lesion_0").click().run()  # the crosshair on the case's lesion mask
     clean(at)
     lesion = io.read_volume(app_data.manifest.parent / "lesion" / "P007_S2.nii.gz", label=True).array

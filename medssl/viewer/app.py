@@ -178,7 +178,7 @@ def reset_case(case: session.Case, view: session.ViewVolume) -> None:
     S.crosshair = view.centre
     S.phrase = None
     S.phrase_b = None
-    S.last_click = {}
+    S.last_click = {plane: (S.get(f"click_{plane}") or {}).get("unix_time") for plane in PLANES}  # old clicks
     S.panels = {}
     sync_sliders(view)
 
@@ -254,8 +254,10 @@ def pick_case(library: session.Library) -> session.Case | None:
             st.sidebar.error(f"{manifest}: no entry with an image")
             return None
         default = next((i for i, c in enumerate(cases) if "(test)" in c.title and c.lesion_names), 0)
-        return st.sidebar.selectbox("Case (patient / study)", cases, index=default, format_func=lambda c: c.title,
-                                    key=f"case::{manifest}")
+        titles = {(c.title if [d.title for d in cases].count(c.title) == 1 else f"{c.title} #{n}"): c
+                  for n, c in enumerate(cases)}
+        chosen = st.sidebar.selectbox("Case (patient / study)", list(titles), index=default, key=f"case::{manifest}")
+        return titles[chosen]
     if source == "maps of a ground infer output":
         output = st.sidebar.selectbox("Output folder", library.infer_outputs,
                                       format_func=lambda o: _short(o.folder, library), key="infer_output")
@@ -520,7 +522,7 @@ def signals_tab(library: session.Library, case: session.Case) -> None:
         return
     columns = st.columns([1, 1.5, 0.9, 0.7, 1.2])
     trial = columns[0].selectbox("Recording", case.signals, format_func=lambda s: f"{s.trial_id} ({s.path.name})",
-                                 key="signal_trial")
+                                 key=f"signal_trial::{case.key}")
     if not library.timeseries:
         st.info("No time-series checkpoint (pretrain-timeseries or eval runs with checkpoints/last.pt) under the "
                 "data folders: give one with --data-root to see a saliency.")
