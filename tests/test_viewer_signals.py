@@ -65,6 +65,8 @@ def test_saliency_of_both_checkpoint_kinds(tmp_path: Path, method: str) -> None:
         np.testing.assert_allclose(result.values[0], result.values[1], atol=1e-6)
     image = signals.signal_figure(signal, result, start=0.5, seconds=1.0, width_px=600)
     assert image.dtype == np.uint8 and image.shape[1] == 600 and image.std() > 0
+    bare = signals.signal_figure(signal, None, start=0.5, seconds=1.0, width_px=600)  # the waveform alone
+    assert bare.shape == image.shape and not np.array_equal(bare, image)
 
 
 def test_gradient_saliency_is_where_the_input_matters(tmp_path: Path) -> None:

@@ -164,6 +164,14 @@ def signal_picture(checkpoint: str, mtime: float, signal: str, fmt: str, method:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
+def waveform_picture(signal: str, mtime: float, fmt: str) -> np.ndarray:
+    from medssl.data.io import read_signal
+    from medssl.viewer.signals import signal_figure
+
+    return signal_figure(read_signal(signal, fmt), None, seconds=10.0)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
 def manifest_cases(_library: session.Library, library_key: tuple, manifest: str, mtime: float
                    ) -> tuple[list[session.Case], list[str]]:
     return session.cases_from_manifest(_library, Path(manifest))
@@ -443,7 +451,8 @@ def plane_row(view: session.ViewVolume, window: Window, result: session.Groundin
                           on_change=move_slice, args=(plane, view), label_visibility="collapsed")
     with columns[3]:
         if result is not None and result.map01 is not None:
-            st.image(colour_bar(style, result.sidecar.model_dump_json(by_alias=True)), output_format="PNG")
+            st.image(colour_bar(style, result.sidecar.model_dump_json(by_alias=True)), output_format="PNG",
+                     caption=f"{row}colour scale" if row else "colour scale")
         elif result is not None:
             st.caption("not groundable: no map")
 
@@ -525,7 +534,11 @@ def signals_tab(library: session.Library, case: session.Case) -> None:
                                  key=f"signal_trial::{case.key}")
     if not library.timeseries:
         st.info("No time-series checkpoint (pretrain-timeseries or eval runs with checkpoints/last.pt) under the "
-                "data folders: give one with --data-root to see a saliency.")
+                "data folders: the waveform alone; give one with --data-root to see a saliency.")
+        image = attempt("signal figure", waveform_picture, str(trial.path), _mtime(trial.path.with_suffix(".hea")),
+                        trial.format)
+        if image is not None:
+            st.image(image, output_format="PNG", caption=f"patient {case.patient_id}, trial {trial.trial_id}")
         return
     checkpoint, kind = columns[1].selectbox("Time-series model", library.timeseries,
                                             format_func=lambda c: f"{_short(c[0], library)} ({c[1]})",
@@ -555,7 +568,7 @@ def signals_tab(library: session.Library, case: session.Case) -> None:
     image = attempt("signal figure", signal_picture, str(checkpoint), _mtime(checkpoint), str(trial.path),
                     trial.format, method, target, float(start))
     if image is not None:
-        st.image(image, output_format="PNG")
+        st.image(image, output_format="PNG", caption=f"patient {case.patient_id}, trial {trial.trial_id}")
 
 
 def export_tab(library: session.Library, case: session.Case, view: session.ViewVolume, window: Window,

@@ -191,10 +191,11 @@ def _occlusion(model: TimeseriesModel, x: torch.Tensor, target: int | None, fs: 
     return out
 
 
-def signal_figure(signal: io.Signal, result: Saliency, *, start: float = 0.0, seconds: float | None = None,
+def signal_figure(signal: io.Signal, result: Saliency | None, *, start: float = 0.0, seconds: float | None = None,
                   title: str = "", width_px: int = 1100, dpi: int = 100) -> np.ndarray:
     """uint8 RGB: one row per channel, the waveform (light line) over its saliency (a band from the dark
-    background (0) to bright red (1, the recording's maximum)), time in seconds, dark like the app."""
+    background (0) to bright red (1, the recording's maximum); none when `result` is None), time in
+    seconds, dark like the app."""
     fs = signal.fs
     first = int(max(0.0, start) * fs)
     last = signal.data.shape[1] if seconds is None else min(signal.data.shape[1], first + int(seconds * fs))
@@ -210,8 +211,9 @@ def signal_figure(signal: io.Signal, result: Saliency, *, start: float = 0.0, se
         finite = trace[np.isfinite(trace)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         pad = (hi - lo) * 0.1 or 1.0
-        ax.imshow(result.values[c, first:last][None], aspect="auto", cmap=SALIENCY_CMAP, vmin=0, vmax=1,
-                  extent=(time[0], time[-1], lo - pad, hi + pad), interpolation="nearest", alpha=0.9)
+        if result is not None:
+            ax.imshow(result.values[c, first:last][None], aspect="auto", cmap=SALIENCY_CMAP, vmin=0, vmax=1,
+                      extent=(time[0], time[-1], lo - pad, hi + pad), interpolation="nearest", alpha=0.9)
         ax.plot(time, trace, color="#e8e8e8", linewidth=0.8)
         ax.set_ylim(lo - pad, hi + pad)
         unit = signal.units[c] if c < len(signal.units) and signal.units[c] else ""
@@ -220,8 +222,10 @@ def signal_figure(signal: io.Signal, result: Saliency, *, start: float = 0.0, se
         for spine in ax.spines.values():
             spine.set_color("#555555")
     axes[-1].set_xlabel("time (s)", color="#e8e8e8", fontsize=9)
-    fig.suptitle(title or f"{result.method} attribution of the {result.target}; red = high (relative, "
-                 "recording maximum = 1)", color="#e8e8e8", fontsize=10)
+    if not title:
+        title = ("waveform only: no time-series model" if result is None else
+                 f"{result.method} attribution of the {result.target}; red = high (relative, recording maximum = 1)")
+    fig.suptitle(title, color="#e8e8e8", fontsize=10)
     fig.tight_layout()
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
