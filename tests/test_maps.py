@@ -117,7 +117,7 @@ def test_write_refuses_inconsistent_sidecars(tmp_path):
     with pytest.raises(UserError, match="peak_mm"):
         write_map(tmp_path / "m", array, affine, _sidecar(array, affine, peak_mm=(0.0, 0.0, 0.0)))
     fields = json.loads(_sidecar(array, affine).to_json())
-    with pytest.raises(UserError, match=r"m\.json: invalid map sidecar: colour_map"):
+    with pytest.raises(UserError, match=r"m\.json: invalid map sidecar: unknown key 'colour_map'"):
         write_map(tmp_path / "m", array, affine, {**fields, "colour_map": "jet"})
     with pytest.raises(UserError, match="raw_scale"):
         write_map(tmp_path / "m", array, affine, {**fields, "raw_scale": {"name": "logits"}})
