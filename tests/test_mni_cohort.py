@@ -170,7 +170,7 @@ def test_label_efficiency_bench_on_the_mni_cohort(cohort, checkpoints, tmp_path,
     assert encoder["encoder_loaded_fraction"] == 1.0 and encoder["labelled_volumes"] == 2
     for name in ("label_efficiency.png", "label_efficiency_curves.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
-    markdown = (out / "label_efficiency.md").read_text()
+    markdown = (out / "label_efficiency.md").read_text(encoding="utf-8")
     assert "| mni152 | 1 |" in markdown and "whole network pretrained (masked) - scratch [95 % CI]" in markdown
     assert "label efficiency" in capsys.readouterr().out
 
@@ -208,3 +208,23 @@ def test_weight_drift_is_measured_from_the_weights_a_run_started_from(cohort, ch
     finetune_seg(frozen.model_copy(update={"seg": frozen.seg.model_copy(update={"freeze_encoder_steps": 0})}),
                  tmp_path / "free", quiet=True)
     assert 0 < weight_drift(tmp_path / "free")["drift_encoder"] < 1
+
+
+def test_label_efficiency_reuses_the_scratch_runs_and_pretraining_of_another_folder(cohort, checkpoints, tmp_path):
+    first = tmp_path / "main"
+    _bench(first, cohort, checkpoints, counts=[1], seeds=[0], inits=["scratch"], quiet=True)
+    earlier = tmp_path / "earlier" / "mni152" / "pretrain_network"
+    earlier.mkdir(parents=True)
+    (earlier / "network.pt").write_bytes(checkpoints["network"].read_bytes())
+    variant = tmp_path / "variant"
+    rows = label_efficiency(variant, cohorts=["mni152"], counts=[1], seeds=[0], inits=["scratch", "network"], steps=2,
+                            finetune_config=REPO / "configs" / "finetune_seg_tiny.yaml",
+                            overrides=[*BENCH, "seg.layer_decay=0.5"], manifests={"mni152": cohort},
+                            pretrained_from=tmp_path / "earlier", scratch_from=first, quiet=True)
+    copied = variant / "mni152" / "scratch_n1_seed0" / "summary.json"
+    assert copied.read_bytes() == (first / "mni152" / "scratch_n1_seed0" / "summary.json").read_bytes()
+    network = json.loads((variant / "mni152" / "network_n1_seed0" / "summary.json").read_text())
+    assert network["pretrained"] == str(earlier / "network.pt")
+    assert not (variant / "mni152" / "pretrain_network").exists()
+    assert [r["init"] for r in rows] == ["scratch", "network"]
+    assert (variant / "label_efficiency_paired.csv").is_file()

@@ -112,6 +112,10 @@ def label_efficiency_command(
         "configs/pretrain_volume_mae.yaml"),
     finetune_set: Annotated[Optional[list[str]], typer.Option(help="Fine-tuning config override (repeat).")] = None,
     pretrain_set: Annotated[Optional[list[str]], typer.Option(help="Override for both pretrainings (repeat).")] = None,
+    pretrained_from: Annotated[Optional[Path], typer.Option(
+        help="Reuse the cohorts and pretrained checkpoints of this earlier output folder.")] = None,
+    scratch_from: Annotated[Optional[Path], typer.Option(
+        help="Reuse (copy) the cohorts and finished scratch runs of this earlier output folder.")] = None,
 ) -> None:
     """Segmentation Dice vs number of labelled volumes: scratch, pretrained encoder, pretrained whole network;
     same budget, crops and seeds; paired differences; CSV, markdown, PNG. Resumes where it stopped."""
@@ -120,7 +124,8 @@ def label_efficiency_command(
     label_efficiency(output, cohorts=tuple(cohorts), counts=tuple(counts), seeds=tuple(seeds), inits=tuple(inits),
                      steps=steps, pretrain_steps=pretrain_steps, finetune_config=finetune_config,
                      pretrain_configs={"encoder": encoder_config, "network": network_config},
-                     overrides=tuple(finetune_set or ()), pretrain_overrides=tuple(pretrain_set or ()))
+                     overrides=tuple(finetune_set or ()), pretrain_overrides=tuple(pretrain_set or ()),
+                     pretrained_from=pretrained_from, scratch_from=scratch_from)
 
 
 @bench_app.command("seg-inference")

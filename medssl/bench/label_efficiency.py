@@ -118,7 +118,7 @@ def finetune_run(manifest: Path, run_dir: Path, *, labelled: int, seed: int, pre
 
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
-        return json.loads(summary_path.read_text())
+        return json.loads(summary_path.read_text(encoding="utf-8"))
     _clear_leftovers(run_dir)
     extra = [f"train.steps={steps}"] if steps is not None else []
     cfg = load_config(config, FinetuneSegConfig, [f"data.manifest={manifest}", f"seg.labelled_volumes={labelled}",
@@ -138,7 +138,7 @@ def weight_drift(run_dir: Path) -> dict[str, float]:
     from medssl.models.volume_encoders import network_encoder
     from medssl.training.checkpoint import load_checkpoint
 
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     cfg = load_config(run_dir / "config.yaml", FinetuneSegConfig, [])
     tested = run_dir / "checkpoints" / ("best.pt" if (run_dir / "checkpoints" / "best.pt").exists() else "last.pt")
     payload = load_checkpoint(tested)
@@ -151,6 +151,16 @@ def weight_drift(run_dir: Path) -> dict[str, float]:
         part[0] += float(((payload["model"][name].float() - w0.detach()) ** 2).sum())
         part[1] += float((w0.detach() ** 2).sum())
     return {f"drift_{k}": math.sqrt(a / b) if b else math.nan for k, (a, b) in moved.items()}
+
+
+def _copy_scratch(source: Path, target: Path, counts: Sequence[int], seeds: Sequence[int]) -> None:
+    """Copy the finished scratch cells of `source` (a cohort folder of another benchmark) into `target`."""
+    for labelled in counts:
+        for seed in seeds:
+            cell = source / f"scratch_n{labelled}_seed{seed}"
+            if (cell / "summary.json").is_file() and not (target / cell.name).exists():
+                with atomic_dir(target / cell.name) as tmp:
+                    shutil.copytree(cell, tmp, dirs_exist_ok=True)
 
 
 def _run_row(cohort: str, init: str, labelled: int, seed: int, summary: dict[str, Any],
@@ -278,7 +288,7 @@ def validation_curves(out: Path, runs: list[dict[str, Any]]) -> dict[tuple, list
         metrics = out / run["cohort"] / f"{run['init']}_n{run['labelled']}_seed{run['seed']}" / "metrics.jsonl"
         if not metrics.exists():
             continue
-        for record in map(json.loads, metrics.read_text().splitlines()):
+        for record in map(json.loads, metrics.read_text(encoding="utf-8").splitlines()):
             if record.get("val_dice_mean") is not None:
                 curves.setdefault((run["cohort"], run["init"], run["labelled"]), {}).setdefault(
                     record["step"], []).append(record["val_dice_mean"])
@@ -345,14 +355,20 @@ def label_efficiency(out_dir: str | Path, *, cohorts: Sequence[str] = tuple(BENC
                      pretrain_steps: int | None = None, finetune_config: str | Path = FINETUNE_CONFIG,
                      pretrain_configs: dict[str, Path] | None = None, overrides: Sequence[str] = (),
                      pretrain_overrides: Sequence[str] = (), manifests: dict[str, Path] | None = None,
-                     pretrained: dict[str, dict[str, Path]] | None = None, quiet: bool = False) -> list[dict[str, Any]]:
+                     pretrained: dict[str, dict[str, Path]] | None = None, pretrained_from: Path | None = None,
+                     scratch_from: Path | None = None, quiet: bool = False) -> list[dict[str, Any]]:
     """Run the label-efficiency benchmark (module docstring) and return the summary rows.
 
     steps / pretrain_steps: fine-tuning / pretraining steps (None: the configs' train.steps; pretrain_steps
     applies to both pretrainings); overrides / pretrain_overrides: `key=value` for the fine-tuning / both
     pretraining configs (their `model` sections must agree); pretrain_configs: per pretrained init, its
     config (default `PRETRAIN_CONFIGS`); manifests: per cohort, an existing manifest instead of writing the
-    cohort; pretrained: per cohort and init, an existing checkpoint instead of pretraining."""
+    cohort; pretrained: per cohort and init, an existing checkpoint instead of pretraining.
+    pretrained_from / scratch_from: another benchmark folder whose pretrained checkpoints / finished scratch
+    cells (copied in) this run reuses, so that a variant of the fine-tuning of the pretrained inits (e.g. a
+    frozen-encoder warm-up) is compared with the same scratch runs, or a variant of the pretraining (e.g. a
+    larger budget) with the same scratch runs; its cohorts are used too. The caller keeps the scratch
+    fine-tuning settings the same."""
     out = Path(out_dir)
     manifests, pretrained = dict(manifests or {}), {k: dict(v) for k, v in (pretrained or {}).items()}
     configs = {**PRETRAIN_CONFIGS, **(pretrain_configs or {})}
@@ -363,15 +379,22 @@ def label_efficiency(out_dir: str | Path, *, cohorts: Sequence[str] = tuple(BENC
         raise UserError(f"--init: {unknown[0] if unknown else 'none'!r} is not one of {', '.join(INITS)}")
     runs, pretraining, tick = [], {}, time.perf_counter()
     for cohort in cohorts:
-        manifest = manifests.get(cohort) or make_cohort(cohort, out / "data" / cohort)
+        source = next((Path(d) / "data" / cohort / "manifest.json" for d in (pretrained_from, scratch_from)
+                       if d is not None and (Path(d) / "data" / cohort / "manifest.json").is_file()), None)
+        manifest = manifests.get(cohort) or source or make_cohort(cohort, out / "data" / cohort)
+        if scratch_from is not None:
+            _copy_scratch(Path(scratch_from) / cohort, out / cohort, counts, seeds)
         checkpoints: dict[str, Path | None] = {"scratch": None}
         for init in (i for i in inits if i != "scratch"):
             given = pretrained.get(cohort, {}).get(init)
+            earlier = (Path(pretrained_from) / cohort / f"pretrain_{init}" / PRETRAINED_FILE[init]
+                       if pretrained_from else None)
+            given = given or (earlier if earlier is not None and earlier.is_file() else None)
             run_dir = out / cohort / f"pretrain_{init}"
             checkpoints[init] = given or pretrain_cohort(manifest, run_dir, init=init, config=Path(configs[init]),
                                                           steps=pretrain_steps, overrides=pretrain_overrides)
             if not given:
-                done = json.loads((run_dir / "summary.json").read_text())
+                done = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
                 pretraining[f"{cohort}/{init}"] = {"steps": done.get("steps"), "seconds": done.get("seconds")}
         for labelled in counts:
             for seed in seeds:
@@ -477,7 +500,7 @@ def inference_speed(config: str | Path = FINETUNE_CONFIG, *, size: int = 64, cla
 def current_rss_mib() -> float:
     """Resident memory of this process now, in MiB (Linux /proc; NaN elsewhere)."""
     try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        pages = int(Path("/proc/self/statm").read_text(encoding="utf-8").split()[1])
     except (OSError, IndexError, ValueError):
         return float("nan")
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
