@@ -29,7 +29,8 @@ class VolumeTaskConfig(StrictModel):
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-SCHEMA_OF = {"pretrain_volume": PretrainVolumeConfig, "finetune_seg": FinetuneSegConfig, "grounding": GroundingConfig,
+SCHEMA_OF = {"pretrain_volume": PretrainVolumeConfig, "pretrain_volume_mae": PretrainVolumeConfig,
+             "finetune_seg": FinetuneSegConfig, "grounding": GroundingConfig,
              "pretrain_timeseries": PretrainTimeseriesConfig, "pretrain_timeseries_physionet": PretrainTimeseriesConfig,
              "eval_timeseries": EvalTimeseriesConfig}
 

@@ -68,7 +68,7 @@ def _run(config_path: Path, manifest: Path, run_dir: Path, *, seed: int, pretrai
 
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
-        return json.loads(summary_path.read_text())
+        return json.loads(summary_path.read_text(encoding="utf-8"))
     config = load_config(config_path, GroundingConfig, [f"data.manifest={manifest}", f"train.seed={seed}", *overrides])
     tick = time.perf_counter()
     with atomic_dir(run_dir) as tmp:

@@ -111,7 +111,7 @@ def probe_vs_random_init(*, seeds: tuple[int, ...] = (0, 1, 2), steps: int = 150
                      "random_init_probe_accuracy": summary["init_probe_accuracy"],
                      "pretrained_probe_accuracy": summary["final_probe_accuracy"],
                      "minutes": (time.perf_counter() - tick) / 60})
-    with (out / "probe.csv").open("w", newline="") as handle:
+    with (out / "probe.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

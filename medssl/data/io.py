@@ -281,7 +281,7 @@ def _read_edf(path: Path, fs: float | None) -> Signal:
 def _read_csv(path: Path, fs: float | None) -> Signal:
     _existing(path)
     with _reading(path, "CSV"):
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8") as handle:
             names = [name.strip() for name in next(csv.reader(handle), [])]
             table = np.loadtxt(handle, delimiter=",", dtype=np.float64, ndmin=2)
     if not names or table.size == 0:

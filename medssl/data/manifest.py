@@ -132,7 +132,7 @@ def validated_labels(labels: Any) -> dict[str, str] | None:
 def read_json(path: Path) -> dict:
     """The manifest file as a dict; UserError naming the file for a missing file or bad JSON."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such manifest file") from None
     except (OSError, UnicodeDecodeError) as err:

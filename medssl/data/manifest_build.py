@@ -180,7 +180,7 @@ def build_manifest(folder: str | os.PathLike, *, name: str | None = None, modali
             warnings.append(f"{path}: report without an image or signal named {stem}; skipped")
             continue
         try:
-            entries[stem]["report"] = path.read_text().strip()
+            entries[stem]["report"] = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as err:
             warnings.append(f"{path}: cannot read report ({type(err).__name__}: {err}); skipped")
 

@@ -50,7 +50,7 @@ class RunDir:
         if not self.enabled:
             return
         record = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
-        with self.metrics_file.open("a") as handle:
+        with self.metrics_file.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
         writer = self._writer()
         for key, value in metrics.items():
@@ -60,7 +60,7 @@ class RunDir:
         """Keep only records with step <= `after_step` (on resume, the log matches the checkpoint)."""
         if not self.enabled or not self.metrics_file.exists():
             return
-        kept = [line for line in self.metrics_file.read_text().splitlines()
+        kept = [line for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line)["step"] <= after_step]
         write_text(self.metrics_file, "".join(line + "\n" for line in kept))
         self._purge_step = after_step + 1
@@ -68,7 +68,7 @@ class RunDir:
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_file.exists():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def close(self) -> None:
         if self._tb is not None:

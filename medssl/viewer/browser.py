@@ -90,7 +90,8 @@ class AppServer:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"medssl app exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
+                log = self.log.read_text(encoding="utf-8")[-2000:]
+                raise RuntimeError(f"medssl app exited with {self.process.returncode}: {log}")
             try:
                 if _get(f"{self.url}/_stcore/health").strip() == "ok":
                     return self
@@ -98,7 +99,8 @@ class AppServer:
                 pass
             time.sleep(0.3)
         self.__exit__()
-        raise RuntimeError(f"medssl app did not answer on {self.url} within 90 s: {self.log.read_text()[-2000:]}")
+        log = self.log.read_text(encoding="utf-8")[-2000:]
+        raise RuntimeError(f"medssl app did not answer on {self.url} within 90 s: {log}")
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None:

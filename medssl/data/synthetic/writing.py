@@ -27,7 +27,7 @@ def check_replaceable(out: Path, manifest_name: str, what: str) -> None:
     if not out.is_dir() or not any(out.iterdir()):
         return
     try:
-        previous = json.loads((out / "manifest.json").read_text()).get("name") == manifest_name
+        previous = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("name") == manifest_name
     except (OSError, ValueError, AttributeError):
         previous = False
     if not previous:

@@ -159,4 +159,4 @@ def finetune_seg(config: FinetuneSegConfig, run_dir: str | Path, *, pretrained: 
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
