@@ -61,6 +61,10 @@ def test_local_score_finds_the_volume_that_holds_the_phrase() -> None:
     # voxels outside the body get no attention
     body[0, 10] = False
     assert phrase_attention(phrases, voxels, body, attention_tau=0.05).attention[0, 0, 10] == 0
+    # a crop without any body voxel is attended over all of it instead of giving NaN
+    body[1] = False
+    empty = phrase_attention(phrases, voxels, body, attention_tau=0.05)
+    assert torch.isfinite(empty.scores).all() and torch.allclose(empty.attention[:, 1].sum(-1), torch.ones(3))
 
 
 def test_global_and_anatomy_contrast_reward_matching_pairs() -> None:

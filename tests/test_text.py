@@ -30,6 +30,7 @@ from medssl.text.statements import (
     negation_scopes,
     split_statements,
     stated_size_mm,
+    without_measurements,
 )
 from medssl.text.tokenizer import SPECIAL_TOKENS, ReportTokenizer
 
@@ -396,3 +397,21 @@ def test_minilm_paraphrases_are_close_and_unrelated_text_is_not(minilm: FrozenMi
     similarity = torch.nn.functional.normalize(pooled, dim=1) @ torch.nn.functional.normalize(pooled, dim=1).T
     assert similarity[0, 1] > 0.9
     assert similarity[0, 2] < 0.5 and similarity[1, 2] < 0.5
+
+
+def test_zero_layers_is_a_bag_of_words(tokenizer: ReportTokenizer) -> None:
+    """No transformer layer: a token's feature depends on itself and its position only."""
+    encoder = build_text_encoder(TextEncoderConfig(dim=16, layers=0, heads=2, dropout=0.0), tokenizer).eval()
+    a = encoder(["cyst in the liver"]).tokens[0]
+    b = encoder(["cyst in the spleen"]).tokens[0]
+    same = a.shape[0] - 2  # the last word piece and [SEP] differ
+    torch.testing.assert_close(a[:same], b[:same])
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("A 14 mm hypodense lesion in the upper liver.", "A hypodense lesion in the upper liver."),
+    ("Nodule of 1.4 x 1 cm, right lung.", "Nodule of, right lung."),
+    ("No focal lesion.", "No focal lesion."),
+])
+def test_without_measurements_removes_sizes_and_keeps_the_words(text: str, expected: str) -> None:
+    assert without_measurements(text) == expected

@@ -38,10 +38,12 @@ class PhraseAttention:
 
 def phrase_attention(phrases: torch.Tensor, voxels: torch.Tensor, body: torch.Tensor, *,
                      attention_tau: float) -> PhraseAttention:
-    """Shape: phrases (P, E) and voxels (B, E, V) unit vectors, body (B, V) bool -> PhraseAttention."""
+    """Shape: phrases (P, E) and voxels (B, E, V) unit vectors, body (B, V) bool -> PhraseAttention (a volume
+    without any body voxel is attended over all its voxels, so that nothing is NaN)."""
     with torch.autocast(device_type=phrases.device.type, enabled=False):
         phrases, voxels = phrases.float(), voxels.float()
         sims = torch.einsum("pe,bev->pbv", phrases, voxels)
+        body = body | ~body.any(dim=1, keepdim=True)  # a crop without body voxels: attend over all of it
         logits = (sims / attention_tau).masked_fill(~body[None], float("-inf"))
         attention = torch.softmax(logits, dim=-1)
         pooled = torch.nn.functional.normalize(torch.einsum("pbv,bev->pbe", attention, voxels), dim=-1)

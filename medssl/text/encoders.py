@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, PositiveInt, ValidationInfo, field_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, ValidationInfo, field_validator
 from torch import nn
 
 from medssl.config import StrictModel
@@ -39,7 +39,7 @@ class TextEncoderConfig(StrictModel):
 
     name: Literal["compact", "minilm"] = "compact"
     dim: PositiveInt = 64
-    layers: PositiveInt = 2
+    layers: NonNegativeInt = 2  # transformer layers; 0: a bag of words (no token sees another)
     heads: PositiveInt = 4
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     max_tokens: int = Field(64, ge=2)  # [CLS] + [SEP] at least
@@ -114,8 +114,10 @@ class CompactTextEncoder(TextEncoder):
         layer = nn.TransformerEncoderLayer(config.dim, config.heads, dim_feedforward=4 * config.dim,
                                            dropout=config.dropout, activation="gelu", batch_first=True,
                                            norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, config.layers, norm=nn.LayerNorm(config.dim),
-                                             enable_nested_tensor=False)
+        # 0 layers: a bag of words (each token normalised on its own, no token sees another)
+        self.encoder = (nn.TransformerEncoder(layer, config.layers, norm=nn.LayerNorm(config.dim),
+                                              enable_nested_tensor=False)
+                        if config.layers else nn.LayerNorm(config.dim))
 
     @classmethod
     def build(cls, config: TextEncoderConfig, tokenizer_or_fit_texts: Any = None) -> CompactTextEncoder:
@@ -148,7 +150,8 @@ class CompactTextEncoder(TextEncoder):
         if length > self.max_tokens:
             raise UserError(f"text.max_tokens: got {length} tokens, the encoder was built for {self.max_tokens}")
         x = self.dropout(self.embed(ids) + self.position[:, :length])
-        x = self.encoder(x, src_key_padding_mask=~mask)
+        x = (self.encoder(x, src_key_padding_mask=~mask) if isinstance(self.encoder, nn.TransformerEncoder)
+             else self.encoder(x))
         x = x * mask.unsqueeze(-1).to(x.dtype)
         return TextFeatures(tokens=x, mask=mask, pooled=masked_mean(x, mask))
 
@@ -256,7 +259,7 @@ class FrozenMiniLM(TextEncoder):
 
 def _max_seq_length(path: Path) -> int:
     try:
-        return int(json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"])
+        return int(json.loads((path / "sentence_bert_config.json").read_text(encoding="utf-8"))["max_seq_length"])
     except (OSError, ValueError, KeyError, TypeError):
         return 256
 

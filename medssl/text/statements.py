@@ -347,6 +347,13 @@ def stated_size_mm(text: str) -> float | None:
     return None
 
 
+def without_measurements(text: str) -> str:
+    """`text` with its measurements ("14 mm", "1.4 x 1 cm") and bare numbers removed and spaces tidied:
+    "A 14 mm hypodense lesion in the upper liver." -> "A hypodense lesion in the upper liver."."""
+    text = _require_str(text, "text")
+    return re.sub(r"\s+([.,;:])", r"\1", " ".join(_SIZE.sub(" ", text).split()))
+
+
 def mentions(text: str, vocabulary: dict[str, list[str]]) -> list[str]:
     """The keys of `vocabulary` that `text` names, in order of first appearance, each once.
 

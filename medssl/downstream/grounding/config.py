@@ -38,6 +38,9 @@ class HeadConfig(StrictModel):
     encoder_lr_scale: confloat(ge=0.0, le=1.0) = 0.0  # encoder learning rate / train.lr; 0 freezes the encoder
                                                       # (its features are then computed once per volume)
     max_phrases: PositiveInt = 6  # finding statements per report used in a step (the first ones)
+    edge_margin: NonNegativeInt = 4  # voxels next to the volume's faces where nothing is grounded (padding)
+    strip_measurements: bool = True  # texts are embedded without their sizes and numbers: a size identifies one
+                                     # lesion (the model would memorise volumes by it); the prior reads it instead
 
 
 class GraphConfig(StrictModel):

@@ -67,7 +67,7 @@ class Study:
     study_id: str
     image_path: Path
     x: torch.Tensor
-    body: torch.Tensor  # (D, H, W) bool, the body mask (lungs included)
+    body: torch.Tensor  # (D, H, W) bool, where phrases are grounded (`model_input`)
     spacing: tuple[float, float, float]
     report: str
     statements: Statements
@@ -75,13 +75,20 @@ class Study:
     features: torch.Tensor | None = None  # (C, d, h, w) float16 frozen-encoder features (frozen encoder only)
 
 
-def model_input(image: torch.Tensor, orientation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A preprocessed image (1, D, H, W) in [0, 1] -> the model's input (4, D, H, W) and the body mask
-    (D, H, W) bool (`medssl.data.body`: the largest component, holes such as the lungs filled)."""
+def model_input(image: torch.Tensor, orientation: str, edge_margin: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A preprocessed image (1, D, H, W) in [0, 1] -> the model's input (4, D, H, W) and the region where
+    phrases are grounded (D, H, W) bool: the body mask (`medssl.data.body`: the largest component, holes
+    such as the lungs filled) without the `edge_margin` voxels next to the array's faces, where a body cut
+    by the field of view meets the convolutions' zero padding (features there fingerprint a volume)."""
     volume = torch.as_tensor(image)[0].numpy()
     mask = body_mask(volume)
     coords = torch.from_numpy(ras_body_coordinates(volume, orientation, mask=mask))
-    return torch.cat([torch.as_tensor(image).float(), coords]), torch.from_numpy(mask)
+    region = torch.from_numpy(mask)
+    if edge_margin:
+        inner = torch.zeros_like(region)
+        inner[(slice(edge_margin, -edge_margin),) * 3] = True
+        region &= inner
+    return torch.cat([torch.as_tensor(image).float(), coords]), region
 
 
 def grid_body(body: torch.Tensor, stride: int) -> torch.Tensor:
@@ -89,7 +96,7 @@ def grid_body(body: torch.Tensor, stride: int) -> torch.Tensor:
     return torch.nn.functional.avg_pool3d(body[None, None].float(), stride)[0, 0] > 0.5
 
 
-def load_studies(entries: list[dict], reports: dict[str, str], prep: VolumePreprocessing,
+def load_studies(entries: list[dict], reports: dict[str, str], prep: VolumePreprocessing, *, edge_margin: int,
                  cache_dir: Path | None = None) -> list[Study]:
     """Preprocess the images of `entries` (dicts of `manifest_volume_entries`) and parse their reports
     (`reports`: image path -> report text). An entry without a report is a UserError naming it."""
@@ -101,7 +108,7 @@ def load_studies(entries: list[dict], reports: dict[str, str], prep: VolumePrepr
     studies = []
     for entry, item in zip(entries, data):
         image = item["image"]
-        x, body = model_input(image.as_tensor(), prep.orientation)
+        x, body = model_input(image.as_tensor(), prep.orientation, edge_margin)
         studies.append(Study(Path(entry["image"]).name.split(".")[0], entry["patient_id"], entry["study_id"],
                              Path(entry["image"]), x, body, tuple(float(s) for s in image.pixdim),
                              reports[entry["image"]],

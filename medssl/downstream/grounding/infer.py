@@ -124,7 +124,7 @@ class Grounder:
         notes, prep = self._check_input(volume, modality)
         predictor = SlidingWindowPredictor(prep, sw_batch_size=self.sw_batch_size, device=self.device)
         image = predictor.preprocess(path)
-        x, body = model_input(image.as_tensor(), prep.orientation)
+        x, body = model_input(image.as_tensor(), prep.orientation, self.model.head_config.edge_margin)
         with torch.no_grad():
             embeddings = predictor.windows(self.model.embed_voxels, x)
         return GroundedImage(path, image, x, body, embeddings, volume.affine, tuple(volume.array.shape), notes,

@@ -3,7 +3,8 @@
 Image side: the 3D encoder (a `VolumeEncoder`, optionally pretrained) on the intensity channel; its maps
 of stride >= `feature_stride` are resized to that grid and concatenated with Fourier features of the
 normalised body coordinates (the other 3 input channels), then the voxel head (1x1x1 conv,
-`context_layers` 3x3x3 convs on `context_channels` for neighbourhood context, 1x1x1 conv) gives unit-length voxel embeddings.
+`context_layers` 3x3x3 convs on `context_channels` for neighbourhood context, 1x1x1 conv) gives unit-length
+voxel embeddings.
 With a frozen encoder, training feeds the head precomputed encoder features (`forward({"features",
 "coords"})`). Text side: a `medssl.text` encoder's pooled output, projected and normalised. A frozen copy
 of the initial encoder (`graph_encoder`) gives the features the anatomy graph was clustered on.
@@ -23,6 +24,7 @@ from torch import nn
 from medssl.downstream.grounding.config import HeadConfig
 from medssl.models.volume_encoders import VolumeEncoderConfig, build_volume_encoder
 from medssl.text.encoders import TextEncoder
+from medssl.text.statements import without_measurements
 
 
 def fuse_maps(maps: list[torch.Tensor], strides: list[int], stride: int) -> torch.Tensor:
@@ -102,9 +104,12 @@ class GroundingModel(nn.Module):
         return self.embed_features(fused, F.adaptive_avg_pool3d(x[:, 1:4], fused.shape[2:]))
 
     def embed_text(self, texts: list[str]) -> torch.Tensor:
-        """(N, E) unit vectors; an empty list gives (0, E)."""
+        """(N, E) unit vectors (sizes and numbers removed first with `strip_measurements`); an empty list
+        gives (0, E)."""
         if not texts:
             return self.text_head.weight.new_zeros(0, self.head_config.embed_dim)
+        if self.head_config.strip_measurements:
+            texts = [without_measurements(t) or t for t in texts]
         return F.normalize(self.text_head(self.text(texts).pooled), dim=-1)
 
     @torch.no_grad()

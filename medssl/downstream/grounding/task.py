@@ -43,6 +43,7 @@ from medssl.downstream.grounding.objective import GroundingObjective
 from medssl.errors import UserError
 from medssl.models.volume_encoders import build_volume_encoder, load_pretrained_encoder
 from medssl.text.encoders import build_text_encoder
+from medssl.text.statements import without_measurements
 from medssl.training.checkpoint import Kind, save_checkpoint
 from medssl.training.distributed import init_distributed
 from medssl.training.loop import Checkpointing, ParamGroup, Trainer
@@ -100,7 +101,8 @@ def prepare(config: GroundingConfig, pretrained: Path | None) -> Prepared:
     encoder.check_input_size(prep.crop_size)
     entries = manifest_volume_entries(manifest, config.train_split)
     reports = {str(manifest.path(e.image)): e.report or "" for e in manifest.split(config.train_split) if e.image}
-    studies = load_studies(entries, reports, prep, config.data.cache_dir)
+    studies = load_studies(entries, reports, prep, edge_margin=config.grounding.edge_margin,
+                           cache_dir=config.data.cache_dir)
     if not any(study.statements.findings for study in studies):
         raise UserError(f"{config.data.manifest}: no finding statement in any '{config.train_split}' report; "
                         "grounding learns from reports that state findings")
@@ -115,6 +117,8 @@ def prepare(config: GroundingConfig, pretrained: Path | None) -> Prepared:
         for study, (features, coords, body) in zip(studies, _graph_inputs(encoder, studies, stride)):
             study.nodes = graph.assign(features, coords, body)
     texts = [s.report for s in studies] + ([p for level in (1, 2) for p in graph.prompts(level)] if graph else [])
+    if config.grounding.strip_measurements:
+        texts = [without_measurements(t) for t in texts]
     text = build_text_encoder(config.text, texts)
     model = GroundingModel(config.model, config.grounding, text)
     model.encoder.load_state_dict(encoder.state_dict())
