@@ -1,6 +1,8 @@
 """Atomic writes: write to a temporary sibling, then rename over the target.
 
-A reader never sees a half-written file, and a failure leaves the target as it was.
+A reader never sees a half-written file, and a failure (even a SIGKILL half-way) leaves the target as it
+was. Written files and folders get the modes the umask gives (mkstemp/mkdtemp alone would make them 0600 /
+0700, unreadable to colleagues on a shared server).
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _suffixes(path: Path) -> str:
@@ -30,7 +38,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, 0o666 & ~_umask())
         yield tmp_path
+        if tmp_path.is_file():  # on disk before the rename: a crash never leaves a renamed, empty file
+            with open(tmp_path, "rb") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -58,6 +70,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from medssl.atomic import atomic_path
-from medssl.errors import UserError, one_line
+from medssl.errors import UserError
 
 FORMAT = "medssl-checkpoint-v1"
 
@@ -68,7 +68,9 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, A
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as err:
-        raise UserError(f"{path}: not a readable checkpoint ({one_line(err)[:200]})") from None
+        empty = path.stat().st_size == 0
+        raise UserError(f"{path}: not a readable checkpoint ({'empty file' if empty else 'corrupt or truncated'}"
+                        f": {type(err).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not a medssl checkpoint (no '{FORMAT}' format tag)")
     if kind is not None and payload["kind"] != kind:
