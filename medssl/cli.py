@@ -25,8 +25,9 @@ pretrain_app = typer.Typer(help="Self-supervised pretraining.", no_args_is_help=
 finetune_app = typer.Typer(help="Fine-tune downstream heads.", no_args_is_help=True)
 eval_app = typer.Typer(help="Evaluate pretrained encoders downstream.", no_args_is_help=True)
 ground_app = typer.Typer(help="Report grounding: phrases located in the volume.", no_args_is_help=True)
+config_app = typer.Typer(help="The configs shipped with medssl (`-c NAME` uses one).", no_args_is_help=True)
 for sub, name in ((manifest_app, "manifest"), (pretrain_app, "pretrain"), (finetune_app, "finetune"),
-                  (eval_app, "eval"), (ground_app, "ground"), (bench_app, "bench")):
+                  (eval_app, "eval"), (ground_app, "ground"), (bench_app, "bench"), (config_app, "config")):
     app.add_typer(sub, name=name)
 
 # ---------------------------------------------------------------------------------------- data
@@ -233,6 +234,30 @@ def app_command(
     code = subprocess.call(command)
     if code not in (0, -2, 130):
         raise UserError(f"the app's Streamlit server stopped with exit code {code}")
+
+
+# ---------------------------------------------------------------------------------------- configs
+
+
+@config_app.command("list")
+def config_list() -> None:
+    """The shipped configs, each with its first comment line (the command it is for)."""
+    from medssl.config import SHIPPED_CONFIGS, shipped_configs
+
+    for name in shipped_configs():
+        first = (SHIPPED_CONFIGS / f"{name}.yaml").read_text(encoding="utf-8").splitlines()[:1]
+        typer.echo(f"{name:32s} {first[0].lstrip('# ') if first and first[0].startswith('#') else ''}")
+
+
+@config_app.command("show")
+def config_show(name: Annotated[str, typer.Argument(help="A shipped config's name (`medssl config list`).")]) -> None:
+    """Print a shipped config (with its comments) to start from: `medssl config show grounding > my.yaml`."""
+    from medssl.config import SHIPPED_CONFIGS, resolve_config
+
+    path = resolve_config(name)
+    if path.resolve().parent != SHIPPED_CONFIGS:
+        raise UserError(f"{name}: not the name of a shipped config (`medssl config list`)")
+    typer.echo(path.read_text(encoding="utf-8"), nl=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="YAML config file.")]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help=(
+    "YAML config file, or the name of a shipped config (`medssl config list`; `medssl config show NAME` prints "
+    "one to start from)."))]
 RunDirOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory (default: runs/<task>).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from RUN_DIR/checkpoints/last.pt.")]
 PretrainedOpt = Annotated[Optional[Path], typer.Option("--pretrained", help="Pretrained medssl checkpoint.")]

@@ -113,8 +113,32 @@ def validate_config(tree: dict[str, Any], schema: type[ConfigT], *, source: str 
         raise UserError(f"{source}: {validation_message(err)}") from None
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs installed with medssl (`-c NAME`, `medssl config show NAME`)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config(path: str | os.PathLike) -> Path:
+    """`path` if it exists, else the shipped config it names: `pretrain_volume`, `pretrain_volume.yaml` or
+    `configs/pretrain_volume.yaml` (run from any folder). An unknown name is a UserError listing the shipped
+    configs."""
+    path = Path(path)
+    if path.exists() or (len(path.parts) > 1 and path.parent.name != "configs"):
+        return path
+    shipped = SHIPPED_CONFIGS / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.suffix in ("", ".yaml") and shipped.is_file():
+        return shipped
+    raise UserError(f"{path}: config file not found, and not the name of a shipped config "
+                    f"({', '.join(shipped_configs())}; `medssl config show NAME` prints one)")
+
+
 def load_config(path: str | os.PathLike, schema: type[ConfigT], overrides: list[str] | None = None) -> ConfigT:
-    """Read YAML at `path`, apply `key=value` overrides, validate into `schema`."""
+    """Read the YAML at `path` (or the shipped config it names, `resolve_config`), apply `key=value`
+    overrides, validate into `schema`."""
+    path = resolve_config(path)
     tree = apply_overrides(read_yaml(path), parse_overrides(overrides or []))
     return validate_config(tree, schema, source=str(path))
 

@@ -20,6 +20,7 @@ COMMANDS = [
     ["finetune", "seg"], ["eval", "timeseries"], ["ground", "train"], ["ground", "infer"], ["bench"], ["demo"],
     ["app"], ["bench", "data"], ["bench", "pretrain-volume"], ["bench", "volume-probe"], ["bench", "ts-throughput"],
     ["bench", "ts-label-efficiency"], ["bench", "label-efficiency"], ["bench", "seg-inference"],
+    ["config", "list"], ["config", "show"],
 ]
 
 
@@ -54,6 +55,21 @@ def test_config_errors_exit_2_naming_the_key(tmp_path: Path, capsys: pytest.Capt
     assert code == 2 and "train.steps" in err and "Traceback" not in err
     code, _, err = run(["pretrain", "volume", "-c", str(tmp_path / "missing.yaml")], capsys)
     assert code == 2 and "missing.yaml: config file not found" in err
+
+
+def test_shipped_configs_are_found_by_name_from_any_folder(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(["config", "show", "grounding"], capsys)
+    assert code == 0 and out == (REPO / "medssl" / "configs" / "grounding.yaml").read_text(encoding="utf-8")
+    code, out, _ = run(["config", "list"], capsys)
+    assert code == 0 and "pretrain_volume_tiny" in out
+    for name in ("pretrain_volume_tiny", "configs/pretrain_volume_tiny.yaml"):  # resolved, then the manifest
+        code, _, err = run(["pretrain", "volume", "-c", name, "data.manifest=m.json"], capsys)
+        assert code == 2 and err == f"error: {tmp_path / 'm.json'}: no such manifest file\n"
+    code, _, err = run(["pretrain", "volume", "-c", "pretrain_volme"], capsys)
+    assert code == 2 and "pretrain_volme: config file not found, and not the name of a shipped config (" in err
+    assert not list(tmp_path.iterdir())
 
 
 def test_console_script_exits_2_without_traceback(tmp_path: Path) -> None:
