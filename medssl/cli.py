@@ -12,6 +12,11 @@ from typing import Annotated, Optional
 
 import typer
 
+try:  # typer >= 0.22 vendors click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer on click
+    import click.exceptions as click_errors
+
 from medssl.bench.cli import bench_app
 from medssl.cli_options import ConfigOpt, OverridesArg, PretrainedOpt, ResumeOpt, RunDirOpt
 from medssl.config import load_config
@@ -30,6 +35,20 @@ for sub, name in ((manifest_app, "manifest"), (pretrain_app, "pretrain"), (finet
                   (eval_app, "eval"), (ground_app, "ground"), (bench_app, "bench"), (config_app, "config")):
     app.add_typer(sub, name=name)
 
+
+
+@app.callback()
+def _threads(threads: Annotated[Optional[int], typer.Option(
+        min=1, help="torch CPU threads (default: OMP_NUM_THREADS when set, else the cores the load average leaves "
+                    "free, so that two jobs on one machine do not slow each other 3-20x).")] = None) -> None:
+    from medssl.threads import choose_threads
+
+    chosen = choose_threads(threads)
+    if chosen is not None:
+        import torch
+
+        torch.set_num_threads(chosen)
+
 # ---------------------------------------------------------------------------------------- data
 
 
@@ -37,14 +56,14 @@ for sub, name in ((manifest_app, "manifest"), (pretrain_app, "pretrain"), (finet
 def synth(
     out: Annotated[Path, typer.Argument(help="Output folder (created; a previous cohort of the same kind is "
                                              "replaced).")],
-    patients: Annotated[int, typer.Option(help="Number of patients (subjects).")] = 8,
-    studies: Annotated[int, typer.Option(help="Studies (scans) per patient.")] = 2,
-    size: Annotated[int, typer.Option(help="Volume edge length in voxels.")] = 64,
-    seed: Annotated[int, typer.Option(help="Random seed; the output is deterministic per seed.")] = 0,
-    trials: Annotated[Optional[int], typer.Option(help="hospital: signal recording sessions (trials) per study "
-                                                       "[default: 2].")] = None,
-    signal_seconds: Annotated[Optional[float], typer.Option(help="hospital: length of each signal trial in seconds "
-                                                                 "[default: 20].")] = None,
+    patients: Annotated[int, typer.Option(min=1, help="Number of patients (subjects).")] = 8,
+    studies: Annotated[int, typer.Option(min=1, help="Studies (scans) per patient.")] = 2,
+    size: Annotated[int, typer.Option(min=16, max=256, help="Volume edge length in voxels.")] = 64,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed; the output is deterministic per seed.")] = 0,
+    trials: Annotated[Optional[int], typer.Option(min=1, help="hospital: signal recording sessions (trials) per "
+                                                              "study [default: 2].")] = None,
+    signal_seconds: Annotated[Optional[float], typer.Option(min=1.0, help="hospital: length of each signal trial "
+                                                                          "in seconds [default: 20].")] = None,
     cohort: Annotated[str, typer.Option(help="hospital (CT torso, organ labels, lesions, reports, ECG/PPG) or mni152 "
                                              "(brain tissue MR from nilearn's MNI152 template).")] = "hospital",
 ) -> None:
@@ -88,6 +107,8 @@ def manifest_build(
     from medssl.data.manifest import write_manifest
     from medssl.data.manifest_build import build_manifest
 
+    if output.is_dir():
+        raise UserError(f"{output}: is a folder; -o names the manifest file to write (e.g. {output / 'manifest.json'})")
     manifest, warnings = build_manifest(folder, name=name, modality=modality, val_fraction=val_fraction,
                                         test_fraction=test_fraction, seed=seed)
     for warning in warnings:
@@ -101,10 +122,21 @@ def manifest_build(
 
 
 def _print_summary(run_dir: Path, summary: dict) -> None:
+    """The run's summary as a two-column table (every value of summary.json but its warnings, which were
+    printed as they arose)."""
     if not summary:  # a non-main rank of a distributed run
         return
-    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(summary.items()))
-    typer.echo(f"run directory: {run_dir}\n{shown}")
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{run_dir / 'summary.json'}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", overflow="fold")
+    for key in sorted(k for k in summary if k != "warnings"):
+        value = summary[key]
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    typer.echo(f"run directory: {run_dir}")
 
 
 @pretrain_app.command("volume")
@@ -131,14 +163,14 @@ def pretrain_timeseries_command(config: ConfigOpt, output: RunDirOpt = None, res
 
 @finetune_app.command("seg")
 def finetune_seg_command(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
-                         overrides: OverridesArg = None) -> None:
+                         resume: ResumeOpt = False, overrides: OverridesArg = None) -> None:
     """Fine-tune a 3D segmentation network, from scratch or from a pretrained encoder."""
     from medssl.downstream.segmentation.config import FinetuneSegConfig
     from medssl.downstream.segmentation.task import finetune_seg
 
     run_dir = output or Path("runs/finetune_seg")
     _print_summary(run_dir, finetune_seg(load_config(config, FinetuneSegConfig, overrides), run_dir,
-                                         pretrained=pretrained))
+                                         pretrained=pretrained, resume=resume))
 
 
 @eval_app.command("timeseries")
@@ -263,7 +295,19 @@ def config_show(name: Annotated[str, typer.Argument(help="A shipped config's nam
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: exit 2 with a one-line message on user errors."""
     try:
-        app(args=argv, prog_name="medssl")
+        code = app(args=argv, prog_name="medssl", standalone_mode=False)
+        if isinstance(code, int) and code:  # --help and no-args help return their exit code
+            sys.exit(code)
+    except click_errors.NoArgsIsHelpError as err:  # `medssl manifest`: its help
+        err.show()
+        sys.exit(err.exit_code)
+    except click_errors.UsageError as err:  # a bad option value, a missing argument: one line, not a box
+        command = f" (see {err.ctx.command_path} --help)" if err.ctx is not None else ""
+        typer.echo(f"error: {one_line(err.format_message())}{command}", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
     except UserError as err:
         message = one_line(err)
         typer.echo(f"error: {message}", err=True)

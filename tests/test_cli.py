@@ -132,3 +132,18 @@ def test_manifest_build_cli_roundtrip(hospital: Path, tmp_path: Path, capsys: py
     assert code == 0 and "wrote" in stdout
     code, _, _ = run(["manifest", "check", str(out)], capsys)
     assert code == 0
+
+
+def test_threads_default_respects_omp_and_leaves_busy_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medssl import threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.choose_threads(None) is None and threads.choose_threads(2) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert threads.choose_threads(None) == 1  # one core busy with another job
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert threads.choose_threads(None) == 2
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+    assert threads.choose_threads(None) == 1
