@@ -90,7 +90,7 @@ def test_itk_formats_read_like_the_nifti_they_came_from(tmp_path: Path, suffix: 
 
 
 def write_dicom_series(folder: Path, array_zyx: np.ndarray, spacing: tuple[float, float, float],
-                       origin: tuple[float, float, float], series_uid: str) -> None:
+                       origin: tuple[float, float, float], series_uid: str, extra_tags: dict | None = None) -> None:
     """One axial int16 slice per file, LPS origin/spacing (x, y, z), identity orientation."""
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
@@ -103,7 +103,7 @@ def write_dicom_series(folder: Path, array_zyx: np.ndarray, spacing: tuple[float
         tags = {"0008|0060": "CT", "0020|000d": STUDY_UID, "0020|000e": series_uid,
                 "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
                 "0020|0032": "\\".join(f"{v:g}" for v in position), "0020|0037": "1\\0\\0\\0\\1\\0",
-                "0028|0030": f"{spacing[1]:g}\\{spacing[0]:g}", "0018|0050": f"{spacing[2]:g}"}
+                "0028|0030": f"{spacing[1]:g}\\{spacing[0]:g}", "0018|0050": f"{spacing[2]:g}", **(extra_tags or {})}
         for key, value in tags.items():
             img.SetMetaData(key, value)
         writer.SetFileName(str(folder / f"{series_uid[-1]}_{k:03d}.dcm"))
@@ -120,6 +120,29 @@ def test_dicom_series_folder_gives_array_and_ras_affine(tmp_path: Path) -> None:
     expected = np.array([[-0.5, 0, 0, 10], [0, -0.75, 0, -20], [0, 0, 2, 30], [0, 0, 0, 1]])
     np.testing.assert_allclose(vol.affine, expected, atol=1e-6)
     assert vol.orientation == "LPS" and vol.spacing == pytest.approx((0.5, 0.75, 2.0))
+
+
+PATIENT_TAGS = {"0010|0010": "Roe^Jane", "0010|0020": "MRN-4711", "0010|0030": "19500203",
+                "0008|0090": "Dr^Who", "0008|0080": "St Elsewhere Hospital"}
+
+
+def test_dicom_patient_tags_reach_no_manifest_volume_or_check(tmp_path: Path) -> None:
+    """De-identification on read: the volume carries voxels and geometry only, so the patient's name, id,
+    birth date, physician and institution appear nowhere medssl writes or prints."""
+    from medssl.data.manifest import write_manifest
+    from medssl.data.manifest_build import build_manifest
+    from medssl.data.manifest_check import check_manifest
+
+    for stem in ("P001_S1", "P002_S1"):
+        write_dicom_series(tmp_path / "data" / "images" / stem, np.zeros((4, 5, 6), np.int16), (1.0, 1.0, 2.0),
+                           (0.0, 0.0, 0.0), f"{STUDY_UID}.{stem[3]}", PATIENT_TAGS)
+    manifest, warnings = build_manifest(tmp_path / "data", val_fraction=0.0, test_fraction=0.0)
+    write_manifest(manifest, tmp_path / "m.json")
+    problems = check_manifest(tmp_path / "m.json")
+    volume = read_volume(tmp_path / "data" / "images" / "P001_S1")
+    written = (tmp_path / "m.json").read_text(encoding="utf-8") + repr(volume) + repr(problems) + repr(warnings)
+    for value in ("Roe", "Jane", "MRN-4711", "19500203", "Who", "Elsewhere"):
+        assert value not in written
 
 
 def test_dicom_folder_with_two_series_or_none_is_refused(tmp_path: Path) -> None:
@@ -225,7 +248,7 @@ def test_physionet_metadata_and_path_forms(physionet_dir: Path) -> None:
     assert "age: 81" in ptb.meta["comments"] and "sex: female" in ptb.meta["comments"]
     assert read_signal(physionet_dir / "a103l").meta["comments"] == ["Asystole", "False alarm"]
     mgh = read_signal(physionet_dir / "03700181")
-    assert mgh.meta["start"] == "1994-08-15T17:27:45"
+    assert "start" not in mgh.meta  # the recording date is dropped on read (de-identification)
     assert mgh.meta["smoothed_channels"] == ["MCL1"]  # 4 samples per frame, averaged to the 125 Hz frame rate
     nan_v102s = np.isnan(read_signal(physionet_dir / "v102s").data)
     assert 0 < nan_v102s.sum() < 100  # invalid samples are returned as NaN, not repaired
@@ -295,11 +318,12 @@ def test_edf_and_bdf_with_two_rates(tmp_path: Path, suffix: str) -> None:
     headers = [edf.make_signal_header("ECG", dimension="mV", sample_frequency=256, physical_min=-5, physical_max=5),
                edf.make_signal_header("Resp", dimension="NU", sample_frequency=32, physical_min=-5, physical_max=5)]
     edf.write_edf(str(path), [np.sin(2 * np.pi * 5 * t_fast), np.sin(2 * np.pi * 0.5 * t_slow)], headers,
-                  edf.make_header(patientcode="P001", equipment="bench"))
+                  edf.make_header(patientcode="MRN-4711", patientname="Jane Roe", birthdate="1950-02-03",
+                                  technician="Tech Smith", equipment="bench"))
     signal = read_signal(path)
     assert signal.fs == 256 and signal.channels == ["ECG", "Resp"] and signal.units == ["mV", "NU"]
-    assert signal.data.shape == (2, 2560) and signal.meta["resampled_channels"] == ["Resp"]
-    assert signal.meta["patientcode"] == "P001" and "start" in signal.meta
+    assert signal.data.shape == (2, 2560) and signal.meta == {"resampled_channels": ["Resp"]}  # de-identified
+    assert not any(word in repr(signal) for word in ("MRN-4711", "Jane", "Roe", "1950", "Smith"))
     np.testing.assert_allclose(signal.data[0], np.sin(2 * np.pi * 5 * t_fast), atol=1e-3)
     np.testing.assert_allclose(signal.data[1, 100:-100], np.sin(2 * np.pi * 0.5 * t_fast)[100:-100], atol=1e-2)
 

@@ -162,6 +162,28 @@ def test_build_loose_wfdb_records(physionet_dir: Path) -> None:
     assert [e["patient_id"] for e in entries] == ["03700181", "100", "a103l", "s0010_re", "v102s"]
     assert all(len(e["signals"]) == 1 and "image" not in e for e in entries)
     assert entries[1]["signals"] == [{"path": str(physionet_dir / "100"), "format": "wfdb", "trial_id": "100"}]
+    assert "modality" not in manifest  # signals only: no volume modality is made up
+
+
+def test_build_a_flat_folder_of_scans(tmp_path: Path) -> None:
+    """Volumes directly in the folder are images, <stem>_seg their label maps, <stem>.txt their reports;
+    a file that only looks like a volume is refused by name, a modality outside CT/MR too."""
+    for stem in ("P1_S1", "P2_S1", "P3_S1"):
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), str(tmp_path / f"{stem}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), str(tmp_path / "P1_S1_seg.nii.gz"))
+    (tmp_path / "P2_S1.txt").write_text("Findings: a cyst in the liver.", encoding="utf-8")
+    (tmp_path / "notes.doc").write_text("x", encoding="utf-8")
+    manifest, warnings = build_manifest(tmp_path, modality="mr", val_fraction=0.0, test_fraction=0.0)
+    entries = {e["patient_id"]: e for e in manifest["training"]}
+    assert sorted(entries) == ["P1", "P2", "P3"] and manifest["modality"] == {"0": "MR"}
+    assert entries["P1"]["label"] == str(tmp_path / "P1_S1_seg.nii.gz") and "label" not in entries["P2"]
+    assert entries["P2"]["report"] == "Findings: a cyst in the liver."
+    assert f"{tmp_path / 'notes.doc'}: not a volume, label map or report of a scan in this folder; skipped" in warnings
+    with pytest.raises(UserError, match="--modality: 'PET' is not one of CT, MR"):
+        build_manifest(tmp_path, modality="PET")
+    (tmp_path / "P4_S1.nii.gz").write_text("a text file", encoding="utf-8")
+    with pytest.raises(UserError, match=r"P4_S1.nii.gz: cannot read NIfTI"):
+        build_manifest(tmp_path)
 
 
 def test_write_manifest_stores_paths_relative_to_its_folder(hospital: Path, tmp_path: Path) -> None:

@@ -107,6 +107,23 @@ def read_volume(path: str | os.PathLike, *, label: bool = False) -> Volume:
     return Volume(_as_labels(path, array) if label else array.astype(np.float32, copy=False), affine, path)
 
 
+def read_shape(path: str | os.PathLike) -> tuple[int, ...]:
+    """A volume file's array shape from its header alone (no voxel is read); a file that is not a volume is a
+    UserError naming it."""
+    path = _existing(path)
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        with _reading(path, "NIfTI"):
+            return tuple(int(n) for n in nib.load(path).shape)
+    if name.endswith(ITK_SUFFIXES):
+        with _reading(path, "image"):
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            return tuple(int(n) for n in reader.GetSize())
+    raise UserError(f"{path}: unknown volume format; expected one of {', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)}")
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with _reading(path, "NIfTI"):
         img = nib.load(path)
@@ -245,10 +262,9 @@ def _read_wfdb(path: Path, fs: float | None) -> Signal:
             raise UserError(f"{header}: signal file {base.parent / name} is missing")
     with _reading(header, "WFDB record"):
         rec = wfdb.rdrecord(str(base), return_res=32)
+    # the recording date is not kept (de-identification); comments (conditions, alarms, age/sex in PTB) are
     meta = {"record_name": rec.record_name, "comments": list(rec.comments or []),
             "samples_per_frame": list(rec.samps_per_frame)}
-    if rec.base_date is not None and rec.base_time is not None:
-        meta["start"] = f"{rec.base_date.isoformat()}T{rec.base_time.isoformat()}"
     smoothed = [name for name, spf in zip(rec.sig_name, rec.samps_per_frame) if spf > 1]
     if smoothed:
         meta["smoothed_channels"] = smoothed
@@ -270,9 +286,8 @@ def _read_edf(path: Path, fs: float | None) -> Signal:
             for s, r in zip(signals, rates)]
     if any(len(row) != length for row in rows):
         raise UserError(f"{path}: channels of different durations cannot be stacked")
-    meta = {key: value for key, value in header.items() if key != "startdate" and value not in ("", [], None)}
-    if header.get("startdate"):
-        meta["start"] = header["startdate"].isoformat()
+    meta: dict = {}  # de-identified on read: none of the patient and recording fields (name, code, birth date,
+    # sex, technician, admin code, start date, free text) is kept
     if resampled:
         meta["resampled_channels"] = resampled
     return Signal(np.stack(rows), top, [h["label"] for h in headers], [h["dimension"] for h in headers], path, meta)

@@ -80,7 +80,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     name: str
-    modality: dict[str, str]
+    modality: dict[str, str] = {}  # channel -> CT or MR for volumes (`manifest check` says so); free for signals
     labels: dict[str, str] | None = None
     training: list[Entry]
     validation: list[Entry] = []

@@ -5,6 +5,10 @@ other stem is a patient of its own with no study (decathlon ``liver_003``). A si
 ``<study or patient>_T<n>`` (``P001_S1_T1`` -> study ``P001_S1``, trial ``S1_T1``); a record without
 a ``_T<n>`` suffix is a patient of its own (PhysioNet ``100``). The trial id is the record name
 without its ``<patient>_`` prefix (the whole name when nothing is left).
+
+Layout: role sub-folders (``vol/`` or ``images*/``, ``seg/`` or ``labels*/``, ``lesion/``, ``report(s)/``),
+or a flat folder of scans: volume files directly in the folder are images, ``<stem>_seg`` /
+``<stem>_label`` files beside them their label maps and ``<stem>.txt`` their reports.
 """
 
 from __future__ import annotations
@@ -41,6 +45,34 @@ def _ids(stem: str) -> dict[str, str]:
     """'P001_S1' -> {patient_id: 'P001', study_id: 'S1'}; any other stem is a patient with no study."""
     match = STUDY_RE.match(stem)
     return {"patient_id": match["patient"], "study_id": match["study"]} if match else {"patient_id": stem}
+
+
+LABEL_SUFFIXES = ("_seg", "_label")  # flat folders: <stem>_seg.nii.gz is the label map of <stem>.nii.gz
+MODALITIES = ("CT", "MR")
+
+
+def _flat_folder(folder: Path, warnings: list[str]) -> tuple[dict[str, Path], dict[str, Path], dict[str, Path]]:
+    """A flat folder of scans: (images, label maps, reports) by stem."""
+    volumes = _files_by_stem([folder], VOLUME_SUFFIXES, "volume", [], series_dirs=False)
+    volumes = {stem: path for stem, path in volumes.items() if path.is_file()}
+    labels = {stem[: -len(s)]: path for stem, path in volumes.items() for s in LABEL_SUFFIXES if stem.endswith(s)}
+    images = {stem: path for stem, path in volumes.items() if path not in labels.values()}
+    reports = {p.stem: p for p in sorted(folder.glob("*.txt")) if p.stem in images}
+    for path in sorted(folder.iterdir()) if images else ():
+        if path.is_file() and not path.name.startswith(".") and path not in {*volumes.values(), *reports.values()} \
+                and path.suffix.lower() not in SIGNAL_SUFFIXES and path.suffix.lower() != ".dat":
+            warnings.append(f"{path}: not a volume, label map or report of a scan in this folder; skipped")
+    return images, labels, reports
+
+
+def _check_readable(paths: list[Path]) -> None:
+    """Open each volume's header: a file that is not a volume, or not 3D, is a UserError naming it."""
+    for path in paths:
+        if path.is_dir():
+            continue
+        shape = io.read_shape(path)
+        if len(shape) != 3 and not (len(shape) > 3 and all(n == 1 for n in shape[3:])):
+            raise UserError(f"{path}: expected a 3D volume, got shape {shape}")
 
 
 def _role_folders(folder: Path, accepts: Callable[[str], bool]) -> list[Path]:
@@ -112,18 +144,20 @@ def _dataset_json_labels(path: Path, warnings: list[str]) -> dict[str, str] | No
 
 def _split_patients(patients: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
     """patient -> split: seeded shuffle; at least one validation/test patient each when asked and >= 3 patients."""
-    for key, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+    for key, fraction in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0.0 <= fraction < 1.0:
             raise UserError(f"{key}: must be in [0, 1), got {fraction}")
     patients = sorted(set(patients))
     n = len(patients)
+    if not n:
+        return {}
 
     def count(fraction: float) -> int:
         return max(1, round(n * fraction)) if fraction > 0 and n >= 3 else round(n * fraction)
 
     n_val, n_test = count(val_fraction), count(test_fraction)
     if n - n_val - n_test < 1:
-        raise UserError(f"val_fraction, test_fraction: {val_fraction} + {test_fraction} of {n} patient(s) "
+        raise UserError(f"--val-fraction, --test-fraction: {val_fraction} + {test_fraction} of {n} patient(s) "
                         "leaves no training patient")
     order = np.random.default_rng(seed).permutation(patients)
     return {str(p): "test" if i < n_test else "validation" if i < n_test + n_val else "training"
@@ -146,6 +180,10 @@ def build_manifest(folder: str | os.PathLike, *, name: str | None = None, modali
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder")
+    if str(modality).upper() not in MODALITIES:
+        raise UserError(f"--modality: {modality!r} is not one of {', '.join(MODALITIES)}")
+    modality = str(modality).upper()
+    _split_patients([], val_fraction, test_fraction, seed)  # the fractions, before any file is read
     folder = Path(os.path.abspath(folder))
     warnings: list[str] = []
 
@@ -156,10 +194,13 @@ def build_manifest(folder: str | os.PathLike, *, name: str | None = None, modali
     labels = files(lambda n: n == "seg" or n.startswith("labels"), VOLUME_SUFFIXES, "label map")
     lesions = files(lambda n: n == "lesion", VOLUME_SUFFIXES, "lesion mask")
     reports = files(lambda n: n in ("report", "reports"), (".txt",), "report")
+    if not images:
+        images, labels, reports = _flat_folder(folder, warnings)
     records = _signal_records(folder, warnings)
     if not images and not records:
-        raise UserError(f"{folder}: found no volumes (in vol/ or images*/) and no signal records "
-                        "(.hea, .edf, .bdf)")
+        raise UserError(f"{folder}: found no volumes (in vol/ or images*/, or volume files in the folder itself) "
+                        "and no signal records (.hea, .edf, .bdf)")
+    _check_readable([*images.values(), *labels.values(), *lesions.values()])
 
     entries: dict[str, dict[str, Any]] = {stem: {"image": str(path), **_ids(stem)} for stem, path in images.items()}
     for stem, (path, fmt) in records.items():
@@ -185,7 +226,7 @@ def build_manifest(folder: str | os.PathLike, *, name: str | None = None, modali
             warnings.append(f"{path}: cannot read report ({type(err).__name__}: {err}); skipped")
 
     split_of = _split_patients([e["patient_id"] for e in entries.values()], val_fraction, test_fraction, seed)
-    manifest: dict[str, Any] = {"name": name or folder.name, "modality": {"0": modality}}
+    manifest: dict[str, Any] = {"name": name or folder.name, **({"modality": {"0": modality}} if images else {})}
     label_maps = [Path(e["label"]) for e in entries.values() if "label" in e]
     if label_maps:
         manifest["labels"] = _label_names(folder, label_maps, warnings)

@@ -120,6 +120,12 @@ def _cross_problems(path: Path, root: Path, data: dict, located: list[_Located])
     """Label maps without `labels`, entries with nothing to load, images listed twice, patients in more
     than one split."""
     problems = []
+    modality = data.get("modality") if isinstance(data.get("modality"), dict) else {}
+    if any(item.entry.image is not None for item in located) and str(modality.get("0", "")).upper() not in ("CT", "MR"):
+        problems.append(Problem(str(path), f"modality: {modality.get('0')!r} for the volumes is not CT or MR (their "
+                                "intensity normalisation follows it)"))
+    if isinstance(data.get("training"), list) and not data["training"]:
+        problems.append(Problem(str(path), "training: the split is empty; every training command needs entries"))
     labelled = sum(item.entry.label is not None for item in located)
     if labelled and data.get("labels") is None:
         problems.append(Problem(str(path), f"labels: missing, but {labelled} entries have a label map"))
