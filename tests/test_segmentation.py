@@ -118,6 +118,23 @@ def test_finetune_learns_and_writes_the_run_directory(hospital, tmp_path):
     assert (run / "test_overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_resume_continues_a_stopped_fine_tuning(hospital, tmp_path):
+    """A run stopped at step 2 (last.pt) resumes to step 4 with the same model and data; a refused resume
+    (another architecture) changes nothing in the run folder."""
+    run = tmp_path / "run"
+    short = ["train.checkpoint_every=2", "train.log_every=1", "seg.eval_every=0"]
+    finetune_seg(_config(hospital, "train.steps=2", *short), run, quiet=True)
+    config_before = (run / "config.yaml").read_bytes()
+    with pytest.raises(UserError, match="architecture"):
+        finetune_seg(_config(hospital, "train.steps=4", "model.width=16", "seg.eval_every=0"), run, resume=True,
+                     quiet=True)
+    assert (run / "config.yaml").read_bytes() == config_before
+    summary = finetune_seg(_config(hospital, "train.steps=4", *short), run, resume=True, quiet=True)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 4 and [r["step"] for r in records] == [1, 2, 3, 4]
+    assert load_checkpoint(run / "checkpoints" / "last.pt", kind="finetune-seg")["step"] == 4
+
+
 def test_pretrained_encoder_is_loaded_whole(hospital, tmp_path):
     cfg = _config(hospital)
     stored = _checkpoint(tmp_path / "encoder.pt", cfg)

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medssl.data import io
 from medssl.errors import UserError
+
+if TYPE_CHECKING:
+    from medssl.data.manifest import Manifest
 
 AFFINE_TOLERANCE_MM = 1e-3
 
@@ -91,3 +95,8 @@ def patient_split_problems(patients_by_split: Mapping[str, Iterable[str]], sourc
                 splits_of[patient].append(split)
     return [Problem(source, f"patient {patient!r} is in more than one split: {' and '.join(names)}")
             for patient, names in splits_of.items() if len(names) > 1]
+
+
+def require_patient_independent(manifest: Manifest, splits: Iterable[str], source: str) -> None:
+    """UserError naming the first patient of `manifest` found in more than one of `splits`."""
+    raise_first(patient_split_problems({split: manifest.patients(split) for split in splits}, source))

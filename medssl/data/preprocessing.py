@@ -53,6 +53,13 @@ class DataSource(StrictModel):
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else Path(os.path.abspath(Path(value).expanduser()))
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _a_folder(cls, value: Path | None) -> Path | None:
+        if value is not None and value.exists() and not value.is_dir():
+            raise ValueError(f"{value} is a file, not a folder")
+        return value
+
 
 # ------------------------------------------------------------------------------------------------ volumes
 

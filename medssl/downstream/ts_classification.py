@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from medssl.config import StrictModel, TrainConfig, dump_config
-from medssl.data.checks import patient_split_problems, raise_first
+from medssl.data.checks import require_patient_independent
 from medssl.data.manifest import Manifest, load_manifest
 from medssl.data.preprocessing import SignalDataConfig
 from medssl.data.timeseries import WindowDataset, signal_windows
@@ -100,8 +100,7 @@ class EvalTimeseriesConfig(StrictModel):
 
 def check_patient_independent(manifest: Manifest, train_split: str, test_splits: Sequence[str]) -> None:
     """UserError naming a patient that is in the train split and a test split (or in two test splits)."""
-    splits = {split: manifest.patients(split) for split in [train_split, *test_splits]}
-    raise_first(patient_split_problems(splits, str(manifest.root)))
+    require_patient_independent(manifest, [train_split, *test_splits], str(manifest.root))
 
 
 def patient_labels(windows: WindowDataset, source: str) -> np.ndarray:

@@ -52,13 +52,17 @@ def mean_dice(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> float:
     return float(dice[classes].mean())
 
 
+class ProbeUnavailable(UserError):
+    """The probe split cannot host the probe (no labelled volume, one patient): pretraining runs without it."""
+
+
 class OrganProbe:
     """Fit on the volumes of the first half of the patients, score on the rest (patient-independent)."""
 
     def __init__(self, volumes: list[dict], *, stride: int = 2, voxels_per_class: int = 200, seed: int = 0):
         patients = sorted({v["patient_id"] for v in volumes})
         if len(patients) < 2:
-            raise UserError(f"probe.split: its labelled volumes come from {len(patients)} patient(s); the probe "
+            raise ProbeUnavailable(f"probe.split: its labelled volumes come from {len(patients)} patient(s); the probe "
                             "needs at least 2 (it fits on half of them and scores on the rest)")
         fit_patients = set(patients[: len(patients) // 2])
         self.fit_volumes = [v for v in volumes if v["patient_id"] in fit_patients]
@@ -74,7 +78,10 @@ class OrganProbe:
         the patients in turn so that both halves of the probe have patients."""
         entries = patients_in_turn(manifest_volume_entries(manifest, split, with_label=True))[:max_volumes]
         if not entries:
-            raise UserError(f"{manifest.root}: probe split '{split}' has no labelled volume")
+            raise ProbeUnavailable(f"{manifest.root}: probe split '{split}' has no labelled volume")
+        if len({entry["patient_id"] for entry in entries}) < 2:
+            raise ProbeUnavailable(f"probe.split: the labelled volumes of '{split}' come from 1 patient; the probe "
+                                   "needs at least 2 (it fits on half of them and scores on the rest)")
         data = volume_dataset(entries, volume_transforms(prep, with_label=True))
         volumes = [{"image": item["image"].as_tensor(), "label": item["label"].as_tensor(),
                     "patient_id": entry["patient_id"]} for entry, item in zip(entries, data)]

@@ -216,7 +216,6 @@ def pretrain_timeseries(config: PretrainTimeseriesConfig, run_dir: Path, *, resu
                                   seed=config.train.seed, rank=ctx.rank)
     torch.manual_seed(config.train.seed)
     rundir = RunDir(run_dir, enabled=ctx.is_main)
-    rundir.write_config(dump_config(config))
     trainer = Trainer(TimeseriesPretrainer(config.model, config.objectives), HierarchicalObjective(config.views),
                       batches, config=config.train, run_dir=rundir,
                       checkpointing=Checkpointing(kind=Kind.PRETRAIN_TIMESERIES, arch=config.model.model_dump(),
@@ -224,5 +223,6 @@ def pretrain_timeseries(config: PretrainTimeseriesConfig, run_dir: Path, *, resu
                                                   config=config.model_dump(mode="json")), ctx=ctx)
     if resume:
         trainer.resume()
+    rundir.write_config(dump_config(config))  # after a resume is accepted: a refused one changes nothing
     return trainer.fit({"windows": len(windows), "patients": len(windows.patient_ids),
                         "trials": len(windows.trial_ids), "batches_per_epoch": len(batches.sampler), "notes": notes})

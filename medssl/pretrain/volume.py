@@ -18,6 +18,7 @@ Labels, masks and reports are never read (the optional probe reads held-out labe
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +27,8 @@ from pydantic import Field, PositiveFloat, PositiveInt, confloat
 from torch import nn
 
 from medssl.config import StrictModel, TrainConfig, dump_config
-from medssl.data.manifest import load_manifest
+from medssl.data.checks import require_patient_independent
+from medssl.data.manifest import SPLITS, load_manifest
 from medssl.data.preprocessing import VolumeDataConfig
 from medssl.errors import UserError
 from medssl.losses.objective import VIEWS, ObjectiveContext, VolumeStep
@@ -40,7 +42,7 @@ from medssl.models.volume_encoders import (
     export_network,
     network_encoder,
 )
-from medssl.pretrain.probe import OrganProbe
+from medssl.pretrain.probe import OrganProbe, ProbeUnavailable
 from medssl.pretrain.volume_batches import VolumePretrainBatches
 from medssl.training.checkpoint import Kind
 from medssl.training.distributed import init_distributed
@@ -179,6 +181,7 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
     prepare_run_dir(run_dir, resume=resume)
     ctx = init_distributed()
     manifest = load_manifest(config.data.manifest)
+    require_patient_independent(manifest, SPLITS, str(config.data.manifest))  # later evaluations stay honest
     prep = config.data.preprocessing(manifest.modality.get("0"))
     torch.manual_seed(config.train.seed)
     model = VolumePretrainModel(config)
@@ -189,14 +192,18 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
         batch_size=config.train.batch_size, points=views.points, stride=views.feature_stride, grid=views.region_grid,
         scale_range=views.scale_range, max_shift_fraction=views.max_shift_fraction, flip_prob=views.flip_prob,
         jitter=views.jitter, match_retries=views.match_retries, seed=config.train.seed, rank=ctx.rank)
-    probe = None
+    probe, probe_off = None, {}
     if config.probe.enabled and ctx.is_main:
         probe_prep = prep.model_copy(update={"crop_size": config.probe.crop_size})
-        probe = OrganProbe.from_manifest(manifest, config.probe.split, probe_prep, max_volumes=config.probe.max_volumes,
-                                         stride=config.probe.stride, voxels_per_class=config.probe.voxels_per_class,
-                                         seed=config.train.seed)
+        try:
+            probe = OrganProbe.from_manifest(manifest, config.probe.split, probe_prep,
+                                             max_volumes=config.probe.max_volumes, stride=config.probe.stride,
+                                             voxels_per_class=config.probe.voxels_per_class, seed=config.train.seed)
+        except ProbeUnavailable as err:  # a small cohort: pretrain without the probe, and say so
+            print(f"warning: {err}; the organ probe is off for this run (probe.enabled=false hides this)",
+                  file=sys.stderr)
+            probe_off = {"probe_off": str(err)}
     run = RunDir(run_dir, enabled=ctx.is_main)
-    run.write_config(dump_config(config))
     trainer = Trainer(model, _objective, batches, config=config.train, run_dir=run, ctx=ctx,
                       checkpointing=Checkpointing(kind=Kind.PRETRAIN_VOLUME, arch=model.arch(), preprocessing=prep.to_dict(),
                                                   config=config.model_dump(mode="json")),
@@ -206,8 +213,9 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
                       find_unused_parameters=model.encoder.find_unused_parameters)
     if resume:
         trainer.resume()
+    run.write_config(dump_config(config))  # after a resume is accepted: a refused one changes nothing
     initial_probe = probe(model.encoder) if probe and trainer.step == 0 else {}
-    summary = trainer.fit({f"init_{k}": v for k, v in initial_probe.items()})
+    summary = trainer.fit({**probe_off, **{f"init_{k}": v for k, v in initial_probe.items()}})
     if not ctx.is_main:
         return {}
     export_encoder(run_dir / "encoder.pt", model.encoder, config.model, prep.to_dict(), config.model_dump(mode="json"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,16 @@ class RunDir:
 
 
 def prepare_run_dir(path: Path, *, resume: bool) -> None:
-    """Refuse to mix runs: a fresh run needs an empty (or new) folder, --resume needs last.pt."""
+    """Refuse to mix runs: a fresh run needs an empty (or new) folder, --resume needs last.pt; a path that is a
+    file, lies under a file or cannot be written is refused too. Nothing is created here."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: exists and is not a folder; -o names the run folder")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{path}: {existing} is a file, so the run folder cannot be made under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot write in {existing} (permission denied); choose another -o")
     last = path / "checkpoints" / "last.pt"
     if resume:
         if not last.exists():

@@ -29,7 +29,7 @@ from torch import nn
 
 from medssl.atomic import write_text
 from medssl.config import dump_config
-from medssl.data.checks import patient_split_problems, raise_first
+from medssl.data.checks import require_patient_independent
 from medssl.data.manifest import Manifest, load_manifest
 from medssl.data.preprocessing import VolumePreprocessing
 from medssl.data.volumes import manifest_volume_entries
@@ -92,8 +92,8 @@ def _graph_inputs(encoder: nn.Module, studies: list[Study], stride: int) -> list
 def prepare(config: GroundingConfig, pretrained: Path | None) -> Prepared:
     """Read and check every input, build the graph, the tokenizer and the model; writes nothing."""
     manifest = load_manifest(config.data.manifest)
-    splits = {s: manifest.patients(s) for s in (config.train_split, config.eval.split, config.eval.calibration_split)}
-    raise_first(patient_split_problems(splits, str(config.data.manifest)))
+    require_patient_independent(manifest, (config.train_split, config.eval.split, config.eval.calibration_split),
+                                str(config.data.manifest))
     torch.manual_seed(config.train.seed)
     encoder = build_volume_encoder(config.model)
     report = load_pretrained_encoder(encoder, pretrained, arch=config.model) if pretrained else None
@@ -180,7 +180,6 @@ def ground_train(config: GroundingConfig, run_dir: str | Path, *, pretrained: Pa
         for message in ready.warnings:
             print(f"warning: {message}", file=sys.stderr)
     run = RunDir(run_dir, enabled=ctx.is_main)
-    run.write_config(dump_config(config))
     batches = GroundingBatches(ready.studies, crop=ready.prep.crop_size, stride=config.grounding.feature_stride,
                                batch_size=config.train.batch_size, max_phrases=config.grounding.max_phrases,
                                seed=config.train.seed + 1000 * ctx.rank)
@@ -192,6 +191,7 @@ def ground_train(config: GroundingConfig, run_dir: str | Path, *, pretrained: Pa
                       find_unused_parameters=True)
     if resume:
         trainer.resume()
+    run.write_config(dump_config(config))  # after a resume is accepted: a refused one changes nothing
     summary = trainer.fit({"train_studies": len(ready.studies),
                            "train_phrases": sum(len(s.statements.findings) for s in ready.studies)})
     if not ctx.is_main:

@@ -14,7 +14,7 @@ from torch import nn
 
 from medssl.config import dump_config
 from medssl.data import io
-from medssl.data.checks import patient_split_problems, raise_first
+from medssl.data.checks import require_patient_independent
 from medssl.data.manifest import load_manifest
 from medssl.data.preprocessing import VolumePreprocessing
 from medssl.data.volumes import manifest_volume_entries
@@ -63,8 +63,7 @@ def prepare(config: FinetuneSegConfig, pretrained: Path | None) -> Prepared:
             raise UserError(f"{name}: {len(values)} values given, one per class is needed ({len(classes)}: "
                             f"{', '.join(classes.values())})")
     declared_in = "seg.labels" if s.labels is not None else f"{source} 'labels'"
-    splits = {split: manifest.patients(split) for split in (s.train_split, s.val_split, s.test_split)}
-    raise_first(patient_split_problems(splits, source))
+    require_patient_independent(manifest, (s.train_split, s.val_split, s.test_split), source)
     network, report = build_network(config, len(classes), pretrained)
     prep, notes = resolve_preprocessing(config.data, manifest, report.preprocessing if report else None,
                                         str(pretrained))
@@ -86,8 +85,9 @@ def prepare(config: FinetuneSegConfig, pretrained: Path | None) -> Prepared:
                     val_cases, test_cases, device)
 
 
-def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir) -> None:
-    """Fine-tune `ready.network` through the shared Trainer (layer-wise groups, freezing, validation)."""
+def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir, *, resume: bool = False) -> None:
+    """Fine-tune `ready.network` through the shared Trainer (layer-wise groups, freezing, validation); with
+    `resume`, from the run's last.pt. The config is written once the run can go ahead."""
     s, cfg = config.seg, config.train
 
     def validate(model: nn.Module, step: int) -> dict[str, float]:
@@ -106,6 +106,9 @@ def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir) -> None:
                       best_metric="val_dice_mean" if ready.val_cases else None,
                       param_groups=layerwise_param_groups(ready.network, ready.encoder, s.layer_decay),
                       freeze=Freeze(ready.encoder, s.freeze_encoder_steps) if s.freeze_encoder_steps else None)
+    if resume:
+        trainer.resume()
+    run.write_config(dump_config(config))
     trainer.fit()
 
 
@@ -131,20 +134,19 @@ def score_test_split(config: FinetuneSegConfig, ready: Prepared, run: RunDir) ->
 
 
 def finetune_seg(config: FinetuneSegConfig, run_dir: str | Path, *, pretrained: Path | None = None,
-                 quiet: bool = False) -> dict[str, Any]:
+                 resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Fine-tune, evaluate on the test split and write the run directory (module docstring); returns the
     summary. Every input is checked before anything is written: a UserError leaves `run_dir` as it was.
     Preprocessing warnings go to stderr (unless `quiet`) and into the summary."""
     run_dir = Path(run_dir)
     tick = time.perf_counter()
-    prepare_run_dir(run_dir, resume=False)
+    prepare_run_dir(run_dir, resume=resume)
     ready = prepare(config, pretrained)
     if not quiet:
         for message in ready.warnings:
             print(f"warning: {message}", file=sys.stderr)
     run = RunDir(run_dir)
-    run.write_config(dump_config(config))
-    train(config, ready, run)
+    train(config, ready, run, resume=resume)
     entries, report = ready.train_entries, ready.report
     summary = {**_read_json(run.path / "summary.json"), **score_test_split(config, ready, run),
                "labelled_volumes": len(entries), "labelled_patients": len({e["patient_id"] for e in entries}),
