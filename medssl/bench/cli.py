@@ -9,6 +9,7 @@ import typer
 
 from medssl.cli_options import OverridesArg
 from medssl.config import load_config
+from medssl.errors import UserError
 
 bench_app = typer.Typer(help="Benchmarks that print their numbers (speed, memory, label efficiency).",
                         no_args_is_help=True)
@@ -51,6 +52,8 @@ def volume_probe_command(
     """Organ probe of the pretrained encoder vs the same encoder at random init, over seeds."""
     from medssl.bench.pretrain_volume import probe_vs_random_init
 
+    if manifest is not None and not manifest.is_file():
+        raise UserError(f"{manifest}: no such manifest file")
     probe_vs_random_init(seeds=tuple(seeds), steps=steps, batch_size=batch_size, manifest=manifest, out=output)
 
 
@@ -61,13 +64,15 @@ def ts_throughput_command(
     steps: Annotated[int, typer.Option(help="Timed steps.")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up steps.")] = 3,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads.")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads.")] = None,
     overrides: OverridesArg = None,
 ) -> None:
     """Signal pretraining step: one pair of views for all levels vs re-encoding per level (ratio)."""
     from medssl.bench.timeseries import throughput
     from medssl.pretrain.timeseries import PretrainTimeseriesConfig
 
+    if device is not None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device: {device!r} is not cpu, cuda or cuda:N")
     throughput(load_config(config, PretrainTimeseriesConfig, overrides), steps=steps, warmup=warmup, device=device,
                threads=threads)
 
