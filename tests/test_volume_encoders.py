@@ -101,6 +101,22 @@ def test_export_then_load_puts_every_encoder_tensor_into_the_monai_network(tmp_p
     assert all(torch.equal(state[k], v) for k, v in decoder_before.items())
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_an_exported_encoder_loads_into_plain_monai_without_medssl(tmp_path: Path, name: str) -> None:
+    """The three lines of the README: the file names the MONAI class and its arguments."""
+    cfg = VolumeEncoderConfig(name=name)
+    encoder = build_volume_encoder(cfg)
+    export_encoder(tmp_path / "encoder.pt", encoder, cfg, PREP, {}, step=1)
+
+    import monai.networks.nets
+
+    ckpt = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    net = getattr(monai.networks.nets, ckpt["monai"]["class"].rsplit(".", 1)[1])(**ckpt["monai"]["kwargs"])
+    missing, unexpected = net.load_state_dict(ckpt["model"], strict=False)
+    assert not unexpected and missing and all(k.split(".")[0] not in PARTS[name] for k in missing)
+    assert type(net) is type(build_segmentation_network(cfg, 1))
+
+
 def test_a_checkpoint_of_another_architecture_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "seg.pt"
     cfg = VolumeEncoderConfig(name="segresnet")

@@ -110,9 +110,15 @@ class VolumeEncoder(nn.Module):
         """ValueError (for the config validator) when `cfg` does not fit this backbone."""
 
     @classmethod
+    def monai_arguments(cls, cfg: VolumeEncoderConfig, out_channels: int) -> dict[str, Any]:
+        """The MONAI constructor's keyword arguments for `network` (exported with the weights, so that plain
+        MONAI rebuilds the network without medssl)."""
+        raise NotImplementedError
+
+    @classmethod
     def network(cls, cfg: VolumeEncoderConfig, out_channels: int) -> nn.Module:
         """The full MONAI network (3D) whose encoder this is."""
-        raise NotImplementedError
+        return cls.network_class(**cls.monai_arguments(cfg, out_channels))
 
     @classmethod
     def decoder_maps(cls, cfg: VolumeEncoderConfig) -> list[tuple[str, int, int]]:
@@ -178,9 +184,9 @@ class BasicUNetEncoder(VolumeEncoder):
         return [("upcat_4", 4 * w, 8), ("upcat_3", 2 * w, 4), ("upcat_2", w, 2)]
 
     @classmethod
-    def network(cls, cfg: VolumeEncoderConfig, out_channels: int) -> nn.Module:
-        return BasicUNet(spatial_dims=3, in_channels=cfg.in_channels, out_channels=out_channels,
-                         features=_basicunet_features(cfg.width))
+    def monai_arguments(cls, cfg: VolumeEncoderConfig, out_channels: int) -> dict[str, Any]:
+        return {"spatial_dims": 3, "in_channels": cfg.in_channels, "out_channels": out_channels,
+                "features": list(_basicunet_features(cfg.width))}
 
     @staticmethod
     def _layout(cfg: VolumeEncoderConfig) -> tuple[list[int], list[int]]:
@@ -213,10 +219,10 @@ class SegResNetEncoder(VolumeEncoder):
             raise ValueError("segresnet_blocks: at least 2 stages are needed")
 
     @classmethod
-    def network(cls, cfg: VolumeEncoderConfig, out_channels: int) -> nn.Module:
-        return SegResNet(spatial_dims=3, init_filters=cfg.width, in_channels=cfg.in_channels,
-                         out_channels=out_channels, blocks_down=cfg.segresnet_blocks,
-                         blocks_up=(1,) * (len(cfg.segresnet_blocks) - 1))
+    def monai_arguments(cls, cfg: VolumeEncoderConfig, out_channels: int) -> dict[str, Any]:
+        return {"spatial_dims": 3, "init_filters": cfg.width, "in_channels": cfg.in_channels,
+                "out_channels": out_channels, "blocks_down": list(cfg.segresnet_blocks),
+                "blocks_up": [1] * (len(cfg.segresnet_blocks) - 1)}
 
     @staticmethod
     def _layout(cfg: VolumeEncoderConfig) -> tuple[list[int], list[int]]:
@@ -259,9 +265,11 @@ class SwinUNETREncoder(VolumeEncoder):
         return [("decoder5", 8 * w, 16), ("decoder4", 4 * w, 8), ("decoder3", 2 * w, 4), ("decoder2", w, 2)]
 
     @classmethod
-    def network(cls, cfg: VolumeEncoderConfig, out_channels: int) -> nn.Module:
-        return SwinUNETR(in_channels=cfg.in_channels, out_channels=out_channels, feature_size=cfg.width,
-                         depths=cfg.swin_depths, num_heads=cfg.swin_heads, window_size=cfg.swin_window, spatial_dims=3)
+    def monai_arguments(cls, cfg: VolumeEncoderConfig, out_channels: int) -> dict[str, Any]:
+        return {"in_channels": cfg.in_channels, "out_channels": out_channels, "feature_size": cfg.width,
+                "depths": list(cfg.swin_depths), "num_heads": list(cfg.swin_heads),
+                "window_size": cfg.swin_window,
+                "spatial_dims": 3}
 
     @staticmethod
     def _layout(cfg: VolumeEncoderConfig) -> tuple[list[int], list[int]]:
@@ -307,11 +315,13 @@ def encoder_state(encoder: VolumeEncoder) -> dict[str, torch.Tensor]:
 
 def export_encoder(path: str | Path, encoder: VolumeEncoder, cfg: VolumeEncoderConfig, preprocessing: dict,
                    config: dict, step: int) -> None:
-    """Atomically write a "volume-encoder" checkpoint: weights, `arch` = cfg, preprocessing, config."""
+    """Atomically write a "volume-encoder" checkpoint: weights, `arch` = cfg, preprocessing, config, and `monai`
+    (`monai_network_spec`: the MONAI class and constructor arguments, for loading without medssl)."""
     if cfg != encoder.cfg:
         raise ValueError(f"export_encoder: cfg {cfg} is not the encoder's {encoder.cfg}")
-    save_checkpoint(path, kind=Kind.VOLUME_ENCODER, step=step, model=encoder_state(encoder), arch=cfg.model_dump(mode="json"),
-                    preprocessing=preprocessing, config=config)
+    save_checkpoint(path, kind=Kind.VOLUME_ENCODER, step=step, model=encoder_state(encoder),
+                    arch=cfg.model_dump(mode="json"), preprocessing=preprocessing, config=config,
+                    extra={"monai": monai_network_spec(cfg, 1)})
 
 
 def export_network(path: str | Path, network: nn.Module, cfg: VolumeEncoderConfig, out_channels: int,
@@ -323,7 +333,15 @@ def export_network(path: str | Path, network: nn.Module, cfg: VolumeEncoderConfi
         raise ValueError(f"export_network: a {type(network).__name__} is not the network of {cfg.name}")
     save_checkpoint(path, kind=Kind.VOLUME_NETWORK, step=step, model=network.state_dict(),
                     arch={"encoder": cfg.model_dump(mode="json"), "out_channels": int(out_channels)},
-                    preprocessing=preprocessing, config=config)
+                    preprocessing=preprocessing, config=config, extra={"monai": monai_network_spec(cfg, out_channels)})
+
+
+def monai_network_spec(cfg: VolumeEncoderConfig, out_channels: int) -> dict[str, Any]:
+    """{"class": "monai.networks.nets.<Name>", "kwargs": {...}}: the MONAI network whose (encoder) weights an
+    exported file holds; `out_channels` is the caller's choice for an encoder-only file (1 stored)."""
+    backbone = BACKBONES[cfg.name]
+    return {"class": f"monai.networks.nets.{backbone.network_class.__name__}",
+            "kwargs": backbone.monai_arguments(cfg, out_channels)}
 
 
 @dataclass

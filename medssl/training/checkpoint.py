@@ -51,10 +51,10 @@ def library_versions() -> dict[str, str]:
 
 
 def save_checkpoint(path: str | Path, *, kind: str, step: int, model: dict[str, torch.Tensor], arch: dict,
-                    preprocessing: dict, config: dict, state: dict | None = None) -> None:
-    """Atomically write a checkpoint; tensors are moved to the CPU."""
-    payload = {"format": FORMAT, "kind": kind, "step": int(step), "model": _to_cpu(model), "arch": arch,
-               "preprocessing": preprocessing, "config": config, "versions": library_versions(),
+                    preprocessing: dict, config: dict, state: dict | None = None, extra: dict | None = None) -> None:
+    """Atomically write a checkpoint; tensors are moved to the CPU. `extra`: more top-level keys (plain data)."""
+    payload = {**(extra or {}), "format": FORMAT, "kind": kind, "step": int(step), "model": _to_cpu(model),
+               "arch": arch, "preprocessing": preprocessing, "config": config, "versions": library_versions(),
                "state": _to_cpu(state or {})}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
