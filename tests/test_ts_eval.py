@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from medssl.config import load_config
 from medssl.data.manifest import load_manifest
@@ -20,6 +21,7 @@ from medssl.downstream.ts_classification import (
     eval_timeseries,
     evaluate_predictions,
     fraction_key,
+    load_encoder,
     patient_probabilities,
 )
 from medssl.errors import UserError
@@ -126,3 +128,21 @@ def test_eval_from_scratch_and_preprocessing_mismatch(hospital: Path, checkpoint
         eval_timeseries(eval_config(hospital, "model.depth=3"), tmp_path / "arch", pretrained=checkpoint)
     with pytest.raises(UserError, match="checkpoint not found"):
         eval_timeseries(eval_config(hospital), tmp_path / "missing", pretrained=tmp_path / "nope.pt")
+
+
+def test_the_exported_encoder_loads_like_the_pretraining_checkpoint(hospital: Path, checkpoint: Path) -> None:
+    config = eval_config(hospital)
+    from_run, report = load_encoder(config, checkpoint)
+    from_export, exported = load_encoder(config, checkpoint.parents[1] / "encoder.pt")
+    assert report.fraction == exported.fraction == 1.0
+    for key, value in from_run.state_dict().items():
+        assert torch.equal(value, from_export.state_dict()[key])
+    with pytest.raises(UserError, match="expected 'pretrain-timeseries' or 'timeseries-encoder'"):
+        load_encoder(config, _wrong_kind(checkpoint.parents[1].parent / "wrong.pt"))
+
+
+def _wrong_kind(path: Path) -> Path:
+    from medssl.training.checkpoint import save_checkpoint
+
+    save_checkpoint(path, kind="volume-encoder", step=1, model={}, arch={}, preprocessing={}, config={})
+    return path

@@ -102,6 +102,9 @@ def test_pretraining_learns_and_writes_the_run_dir(hospital: Path, tmp_path: Pat
     assert ckpt["preprocessing"]["fs"] == 50.0 and ckpt["preprocessing"]["channels"] == ["ECG", "PPG"]
     assert ckpt["preprocessing"]["window"] == 100 and ckpt["arch"]["depth"] == 4
     assert any(k.startswith("encoder.") for k in ckpt["model"]) and "loss.dbpm_mean" in ckpt["model"]
+    exported = load_checkpoint(run / "encoder.pt", kind="timeseries-encoder")  # the encoder alone
+    assert exported["model"].keys() == {k[len("encoder."):] for k in ckpt["model"] if k.startswith("encoder.")}
+    assert exported["arch"] == ckpt["arch"] and exported["preprocessing"] == ckpt["preprocessing"]
 
 
 def test_resume_matches_an_uninterrupted_run(hospital: Path, tmp_path: Path, monkeypatch) -> None:

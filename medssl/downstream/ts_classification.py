@@ -214,10 +214,14 @@ class Classifier(nn.Module):
 
 
 def load_encoder(config: EvalTimeseriesConfig, pretrained: Path | None) -> tuple[TSEncoder, LoadReport | None]:
-    """A fresh encoder (scratch) or the pretraining checkpoint's, with its LoadReport (min_fraction 1.0)."""
+    """A fresh encoder (scratch) or a pretrained one (a pretraining checkpoint or its exported encoder.pt),
+    with its LoadReport (min_fraction 1.0)."""
     if pretrained is None:
         return TSEncoder(config.model), None
-    payload = load_checkpoint(pretrained, kind=Kind.PRETRAIN_TIMESERIES)
+    payload = load_checkpoint(pretrained)
+    if payload["kind"] not in (Kind.PRETRAIN_TIMESERIES, Kind.TIMESERIES_ENCODER):
+        raise UserError(f"{pretrained}: checkpoint is a '{payload['kind']}' checkpoint, expected "
+                        f"'{Kind.PRETRAIN_TIMESERIES}' or '{Kind.TIMESERIES_ENCODER}'")
     arch = TSEncoderConfig(**payload["arch"])
     if arch != config.model:
         raise UserError(f"model: {config.model.model_dump()} differs from the checkpoint's architecture "
@@ -229,7 +233,8 @@ def load_encoder(config: EvalTimeseriesConfig, pretrained: Path | None) -> tuple
             raise UserError(f"{field}: {ours[key]!r} differs from the pretraining preprocessing {theirs.get(key)!r} "
                             f"of {pretrained}")
     encoder = TSEncoder(arch)
-    weights = {k[len(ENCODER_PREFIX):]: v for k, v in payload["model"].items() if k.startswith(ENCODER_PREFIX)}
+    weights = payload["model"] if payload["kind"] == Kind.TIMESERIES_ENCODER else {
+        k[len(ENCODER_PREFIX):]: v for k, v in payload["model"].items() if k.startswith(ENCODER_PREFIX)}
     return encoder, load_weights(encoder, weights, min_fraction=1.0, source=str(pretrained))
 
 

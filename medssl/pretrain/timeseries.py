@@ -33,7 +33,7 @@ from medssl.errors import UserError
 from medssl.losses.hierarchical import HierarchicalContrast, HierarchyConfig
 from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, pool
 from medssl.seeding import derive_seed
-from medssl.training.checkpoint import Kind
+from medssl.training.checkpoint import Kind, save_checkpoint
 from medssl.training.distributed import init_distributed
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
@@ -224,5 +224,12 @@ def pretrain_timeseries(config: PretrainTimeseriesConfig, run_dir: Path, *, resu
     if resume:
         trainer.resume()
     rundir.write_config(dump_config(config))  # after a resume is accepted: a refused one changes nothing
-    return trainer.fit({"windows": len(windows), "patients": len(windows.patient_ids),
-                        "trials": len(windows.trial_ids), "batches_per_epoch": len(batches.sampler), "notes": notes})
+    summary = trainer.fit({"windows": len(windows), "patients": len(windows.patient_ids),
+                           "trials": len(windows.trial_ids), "batches_per_epoch": len(batches.sampler),
+                           "notes": notes})
+    if ctx.is_main:  # the encoder alone, like volume pretraining's encoder.pt
+        encoder = trainer.model.encoder
+        save_checkpoint(run_dir / "encoder.pt", kind=Kind.TIMESERIES_ENCODER, step=trainer.step,
+                        model=encoder.state_dict(), arch=config.model.model_dump(), preprocessing=config.data.to_dict(),
+                        config=config.model_dump(mode="json"))
+    return summary

@@ -32,6 +32,7 @@ class Kind:
     VOLUME_ENCODER = "volume-encoder"  # an exported encoder, MONAI key names
     VOLUME_NETWORK = "volume-network"  # an exported whole segmentation network (encoder + decoder), MONAI key names
     PRETRAIN_TIMESERIES = "pretrain-timeseries"  # the signal pretraining model (encoder under "encoder.")
+    TIMESERIES_ENCODER = "timeseries-encoder"  # an exported signal encoder (its own key names)
     FINETUNE_SEG = "finetune-seg"
     FINETUNE_TIMESERIES = "finetune-timeseries"
     GROUNDING = "grounding"  # a grounding training run (--resume)
