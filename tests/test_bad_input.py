@@ -80,6 +80,7 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _manifest(ws, "truncated.json", with_image("truncated.nii.gz"))
     _manifest(ws, "nan.json", with_image("nan.nii.gz"))
     _manifest(ws, "fourd.json", with_image("fourd.nii.gz"))
+    _manifest(ws, "constant.json", with_image("constant.nii.gz"))
     _manifest(ws, "singular.json", with_image("singular.nii.gz"))
     _manifest(ws, "label_shape.json", lambda t: t["training"][0].update(label="seg/small_label.nii.gz"))
     _manifest(ws, "empty_training.json", lambda t: t.update(training=[]))
@@ -171,6 +172,7 @@ CASES: list[tuple[str, list[str], str]] = [
     # pretrain volume: data and run folder
     ("volume-missing-manifest", cfg("pretrain volume", manifest="hospital/none.json"), "none.json"),
     ("volume-nan-volume", cfg("pretrain volume", manifest="hospital/nan.json"), "nan.nii.gz"),
+    ("volume-constant-volume", cfg("pretrain volume", manifest="hospital/constant.json"), "constant.nii.gz"),
     ("volume-truncated-volume", cfg("pretrain volume", manifest="hospital/truncated.json"), "truncated.nii.gz"),
     ("volume-two-splits", cfg("pretrain volume", manifest="hospital/two_splits.json"), "P00"),
     ("volume-out-is-file", [*cfg("pretrain volume"), "-o", "a_file"], "a_file"),

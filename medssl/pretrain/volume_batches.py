@@ -142,10 +142,14 @@ class VolumePretrainBatches(Dataset):
         dataset = volume_dataset(entries, whole_volume_pipeline(prep), cache_dir=cache_dir)
         images = [dataset[i]["image"] for i in range(len(entries))]
         for entry, image in zip(entries, images):
-            bad = int((~torch.isfinite(image.as_tensor())).sum())
+            values = image.as_tensor()
+            bad = int((~torch.isfinite(values)).sum())
             if bad:
                 raise UserError(f"{entry['image']}: {bad} NaN/inf voxel(s) after preprocessing; fix or drop the volume "
                                 "(medssl manifest check lists every such file)")
+            if values.numel() and values.max() == values.min():
+                raise UserError(f"{entry['image']}: constant after preprocessing (every voxel {float(values.max()):g}): "
+                                "nothing to learn from; check its intensities and data.window / data.modality")
         return cls([image.as_tensor().float() for image in images], [e["patient_id"] for e in entries],
                    [e["study_id"] for e in entries], spacings=[image.pixdim.tolist() for image in images],
                    names=[e["image"] for e in entries], matcher=matcher_name, small_volume=prep.small_volume,
