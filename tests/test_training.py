@@ -50,9 +50,15 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         killed.fit()
     assert load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["step"] == 4
+    # the stopped run is marked failed: a fresh run into it is refused, a resume is offered
+    assert (tmp_path / "cut" / "FAILED").read_text() == "stopped at step 5: interrupted\n"
+    with pytest.raises(UserError, match=r"cut: a failed run \(stopped at step 5: interrupted\); --resume continues"):
+        prepare_run_dir(tmp_path / "cut", resume=False)
+    prepare_run_dir(tmp_path / "cut", resume=True)
     resumed = make_trainer(tmp_path / "cut", steps=8)
     resumed.resume()
     resumed.fit()
+    assert not (tmp_path / "cut" / "FAILED").exists()
     full = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     cut = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in cut] == list(range(1, 9))

@@ -210,7 +210,7 @@ def pretrain_timeseries(config: PretrainTimeseriesConfig, run_dir: Path, *, resu
                         f"{len(windows.channels)} channels ({', '.join(windows.channels)})")
     console = Console(stderr=True)
     for note in notes if ctx.is_main else []:
-        console.print(f"warning: {note}", markup=False, highlight=False)
+        console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)  # never cut a path
     batches = HierarchicalBatches(windows, patients=config.sampler.patients, trials=config.sampler.trials,
                                   samples=config.samples_per_trial, batches_per_epoch=config.sampler.batches_per_epoch,
                                   seed=config.train.seed, rank=ctx.rank)

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from medssl.config import TrainConfig
-from medssl.errors import UserError
+from medssl.errors import UserError, one_line
 from medssl.seeding import torch_generator
 from medssl.training.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from medssl.training.distributed import DistContext, mean_across_ranks
@@ -174,7 +174,19 @@ class Trainer:
 
     def fit(self, extra_summary: dict[str, Any] | None = None) -> dict[str, Any]:
         """Train to `config.steps`; write and return summary.json: `steps`, the last logged metrics as
-        `final_*`, `best_<metric>` when a best metric is tracked, plus `extra_summary`."""
+        `final_*`, `best_<metric>` when a best metric is tracked, plus `extra_summary`. A run that stops on
+        an error or an interrupt is marked failed in its folder (`FAILED`, naming the step and the reason)
+        until a resumed run completes."""
+        try:
+            summary = self._fit(extra_summary)
+        except BaseException as err:
+            reason = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {one_line(err)}"
+            self.run_dir.mark_failed(f"stopped at step {self.step}: {reason}")
+            raise
+        self.run_dir.clear_failed()
+        return summary
+
+    def _fit(self, extra_summary: dict[str, Any] | None) -> dict[str, Any]:
         cfg = self.config
         accum = cfg.grad_accum
         loader = DataLoader(self.batches, batch_size=None, sampler=range(self.step * accum, cfg.steps * accum),

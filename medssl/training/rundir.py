@@ -12,6 +12,9 @@ from medssl.atomic import write_json, write_text
 from medssl.errors import UserError
 
 
+FAILED = "FAILED"  # marks a run folder whose training stopped on an error or an interrupt
+
+
 class RunDir:
     """Writes one run's files. Only the process with `enabled=True` (rank 0) writes anything."""
 
@@ -41,6 +44,15 @@ class RunDir:
     def write_config(self, text: str) -> None:
         if self.enabled:
             write_text(self.path / "config.yaml", text)
+
+    def mark_failed(self, reason: str) -> None:
+        """Write FAILED (one line: where and why the run stopped), so that it is never taken for a good run."""
+        if self.enabled:
+            write_text(self.path / FAILED, reason + "\n")
+
+    def clear_failed(self) -> None:
+        if self.enabled:
+            (self.path / FAILED).unlink(missing_ok=True)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         if self.enabled:
@@ -96,6 +108,11 @@ def prepare_run_dir(path: Path, *, resume: bool) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{path}: cannot write in {existing} (permission denied); choose another -o")
     last = path / "checkpoints" / "last.pt"
+    failed = path / FAILED
+    if failed.is_file() and not (resume and last.exists()):
+        reason = failed.read_text(encoding="utf-8").strip()
+        hint = "--resume continues it from its last checkpoint" if last.exists() else "it has no checkpoint"
+        raise UserError(f"{path}: a failed run ({reason}); {hint}, or remove the folder")
     if resume:
         if not last.exists():
             raise UserError(f"{last}: no checkpoint to resume from")
