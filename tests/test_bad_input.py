@@ -226,6 +226,9 @@ CASES: list[tuple[str, list[str], str]] = [
      "none.json"),
     ("bench-speed-checkpoint", ["bench", "grounding-speed", "--checkpoint", "gone.pt", "--image", "fake.nii.gz",
                                 "--report", "report.txt"], "gone.pt"),
+    ("bench-ceiling-manifest", ["bench", "grounding-ceiling", "--manifest", "hospital/none.json", "--pretrained",
+                                "gone.pt"], "none.json"),
+    ("bench-grounding-manifest", ["bench", "grounding", "-o", "bg", "--manifest", "hospital/none.json"], "none.json"),
     ("config-show-unknown", ["config", "show", "nope"], "nope"),
 ]
 

@@ -20,7 +20,8 @@ COMMANDS = [
     ["finetune", "seg"], ["eval", "timeseries"], ["ground", "train"], ["ground", "infer"], ["bench"], ["demo"],
     ["app"], ["bench", "data"], ["bench", "pretrain-volume"], ["bench", "volume-probe"], ["bench", "ts-throughput"],
     ["bench", "ts-label-efficiency"], ["bench", "label-efficiency"], ["bench", "seg-inference"],
-    ["config", "list"], ["config", "show"],
+    ["config", "list"], ["config", "show"], ["bench", "grounding"], ["bench", "grounding-speed"],
+    ["bench", "grounding-ceiling"],
 ]
 
 

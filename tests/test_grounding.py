@@ -332,3 +332,11 @@ def test_read_report_keeps_the_findings(tmp_path: Path) -> None:
     assert read_report(report) == ["A 9 mm cyst in the left kidney.", "Spine: no focal lesion."]
     report.write_text("Nodule of 8 mm in the lower right lung.\nThe heart is normal in size.", encoding="utf-8")
     assert read_report(report) == ["Nodule of 8 mm in the lower right lung.", "The heart is normal in size."]
+
+
+def test_the_feature_ceiling_probe_scores_lesion_voxels_of_held_out_patients(hospital: Path) -> None:
+    from medssl.bench.grounding import feature_ceiling
+
+    figures = feature_ceiling(hospital, None, config=TINY)
+    assert 0.0 <= figures["auroc_lesion_voxels"] <= 1.0 and 0.0 <= figures["pointing_game"] <= 1.0
+    assert figures["studies_with_lesion"] >= 1 and 0.0 < figures["lesion_share_of_body"] < 0.1

@@ -165,6 +165,20 @@ def grounding_command(
                         overrides=tuple(overrides or ()))
 
 
+@bench_app.command("grounding-ceiling")
+def grounding_ceiling_command(
+    manifest: Annotated[Path, typer.Option(help="Manifest with lesion masks (the synthetic hospital's).")],
+    pretrained: Annotated[Path, typer.Option(help="Pretrained encoder (RUN/encoder.pt).")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="Grounding config.")] = Path("configs/grounding.yaml"),
+) -> None:
+    """With labels, how well can the frozen grounding features point at lesions? (AUROC, pointing game)"""
+    from medssl.bench.grounding import feature_ceiling
+
+    if not manifest.is_file():
+        raise UserError(f"{manifest}: no such manifest file")
+    feature_ceiling(manifest, pretrained, config=config)
+
+
 @bench_app.command("grounding-speed")
 def grounding_speed_command(
     checkpoint: Annotated[Path, typer.Option(help="Grounding model (RUN/grounding.pt).")],

@@ -1,4 +1,5 @@
-"""Grounding benchmarks: `medssl bench grounding` (ours vs baselines over seeds) and `grounding-speed`.
+"""Grounding benchmarks: `medssl bench grounding` (ours vs baselines over seeds), `grounding-speed` and
+`grounding-ceiling` (a supervised probe on the frozen features: how far they can point at all).
 
 `grounding_benchmark` trains, with the same config, budget and seeds:
 - "ours": the grounding heads on the encoder pretrained by `medssl pretrain volume` on the cohort's
@@ -120,6 +121,9 @@ def grounding_benchmark(out_dir: str | Path, *, seeds: Sequence[int] = (0, 1, 2)
     if unknown or not seeds:
         raise UserError(f"--variant: {unknown or 'none'} (known: {', '.join(VARIANTS)}); give at least one seed")
     out = Path(out_dir)
+    for given, what in ((manifest, "manifest"), (pretrained, "pretrained encoder")):
+        if given is not None and not Path(given).is_file():
+            raise UserError(f"{given}: no such {what} file")
     if manifest is None:
         from medssl.data.synthetic.cohorts import write_cohort
 
@@ -165,4 +169,62 @@ def grounding_speed(checkpoint: Path, image: Path, report: Path, *, repeats: int
                "seconds_whole_report": min(whole), "phrases_per_s_report": len(phrases) / min(whole)}
     print_table(f"grounding speed ({image.name}, best of {repeats})", ["figure", "value"],
                 [[k, v] for k, v in figures.items()])
+    return figures
+
+
+def feature_ceiling(manifest: Path, pretrained: Path | None, *, config: Path = GROUNDING_CONFIG,
+                    seed: int = 0) -> dict[str, float]:
+    """How well the frozen encoder features the grounding head reads can point at lesions *with* labels: a
+    class-balanced logistic regression (scikit-learn) on them, fitted on the lesion masks of two thirds of
+    the training patients and scored on the other third: lesion-vs-body AUROC per cell of the feature grid (a
+    cell is a lesion cell when any of its voxels is) and the pointing game of its top body cell per study
+    with a lesion. A head trained from reports alone
+    on the same features is not expected to beat it."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from medssl.data import io
+    from medssl.data.manifest import load_manifest
+    from medssl.downstream.grounding.config import GroundingConfig
+    from medssl.downstream.grounding.data import grid_body
+    from medssl.downstream.grounding.task import prepare
+
+    cfg = load_config(config, GroundingConfig, [f"data.manifest={manifest}", "grounding.encoder_lr_scale=0"])
+    ready = prepare(cfg, pretrained)
+    masks = {str(ready.manifest.path(e.image)): ready.manifest.path(e.lesion_mask)
+             for e in load_manifest(manifest).split(cfg.train_split) if e.image and e.lesion_mask}
+    stride = cfg.grounding.feature_stride
+    features, targets, patients, studies = [], [], [], []
+    for k, study in enumerate(s for s in ready.studies if str(s.image_path) in masks):
+        lesion = io.read_volume(masks[str(study.image_path)], label=True).array > 0
+        on_grid = torch.nn.functional.max_pool3d(torch.from_numpy(lesion).float()[None, None], stride)[0, 0] > 0
+        body = grid_body(study.body, stride).numpy()
+        features.append(study.features.float().numpy()[:, body].T)
+        targets.append(on_grid.numpy()[body])
+        patients += [study.patient_id] * int(body.sum())
+        studies += [k] * int(body.sum())
+    if not features:
+        raise UserError(f"{manifest}: no '{cfg.train_split}' study with a lesion mask")
+    x, y, patients, studies = (np.concatenate(features), np.concatenate(targets), np.asarray(patients),
+                               np.asarray(studies))
+    rng = np.random.default_rng(seed)
+    names = np.unique(patients)
+    held_out = np.isin(patients, rng.choice(names, max(1, len(names) // 3), replace=False))
+    fit = np.flatnonzero(~held_out)
+    fit = np.union1d(rng.choice(fit, min(len(fit), 60_000), replace=False), fit[y[fit]])  # every lesion voxel
+    score = LogisticRegression(max_iter=2000, class_weight="balanced").fit(x[fit], y[fit]).decision_function(
+        x[held_out])
+    y_test, study_test = y[held_out], studies[held_out]
+    with_lesion = [k for k in np.unique(study_test) if y_test[study_test == k].any()]
+    if not with_lesion or y_test.all() or not y_test.any():
+        raise UserError(f"{manifest}: the held-out third of the training patients has no lesion to score; use a "
+                        "larger cohort")
+    hits = sum(bool(y_test[study_test == k][np.argmax(score[study_test == k])]) for k in with_lesion)
+    figures = {"auroc_lesion_voxels": float(roc_auc_score(y_test, score)), "pointing_game": hits / len(with_lesion),
+               "studies_with_lesion": len(with_lesion), "lesion_share_of_body": float(y.mean()),
+               "feature_channels": int(x.shape[1])}
+    print_table("supervised linear probe on the frozen grounding features (held-out training patients)",
+                ["figure", "value"], [[k, v] for k, v in figures.items()])
     return figures
