@@ -27,7 +27,7 @@ from medssl.losses.alignment import phrase_attention
 from medssl.losses.anatomy_prompts import region_prompt_contrast
 from medssl.losses.phrase_local import phrase_volume_contrast
 from medssl.losses.report_global import report_volume_contrast
-from medssl.losses.report_prior import absence_loss, ball_mass_loss, volume_loss
+from medssl.losses.report_prior import absence_loss, ball_mass_loss, region_mass_loss, volume_loss
 from medssl.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +101,12 @@ def test_priors_measure_size_place_and_emptiness() -> None:
     assert absence_loss(torch.full((1, 1000), -0.5), body, 0.05, 0.1) == 0
     assert absence_loss(sims, body, 0.05, 0.1) > 1.0
     assert absence_loss(sims[:0], body[:0], 0.05, 0.1) == 0
+    nodes = torch.where(near, 3, 1)[None]  # the peak's region holds the focused map whole, half of the split one
+    split = 0.5 * focused + 0.5 * (~near).float() / (~near).sum()
+    assert region_mass_loss(focused[None], nodes) < 1e-6
+    assert region_mass_loss(split[None], nodes) == pytest.approx(0.5, abs=1e-5)
+    empty = region_mass_loss(focused[:0][None][:0], nodes[:0])  # a batch whose reports state no finding
+    assert empty == 0 and torch.isfinite(empty)
 
 
 def test_statement_parsing_and_text_similarity() -> None:

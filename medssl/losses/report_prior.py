@@ -61,7 +61,10 @@ def volume_loss(sims: torch.Tensor, body: torch.Tensor, size_mm: torch.Tensor, v
 def region_mass_loss(attention: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
     """1 - attention mass inside the graph region of the attention's peak, mean over phrases.
 
-    Shape: attention (P, V), nodes (P, V) long node ids (-1 outside) -> scalar."""
+    Shape: attention (P, V), nodes (P, V) long node ids (-1 outside) -> scalar (a zero with a gradient when
+    P = 0: a batch whose reports state no finding)."""
+    if attention.shape[0] == 0:
+        return attention.sum() * 0.0
     peak_node = nodes.gather(1, attention.argmax(dim=1, keepdim=True))
     return (1 - (attention * (nodes == peak_node)).sum(dim=1)).mean()
 
