@@ -1,11 +1,13 @@
-"""`medssl demo`: the main job end to end on the embedded default data, in minutes on a CPU.
+"""`medssl demo`: the main job end to end on the synthetic hospital, about 10 minutes on a 2-core CPU.
 
-Steps: write the synthetic hospital, check its manifest, pretrain a tiny 3D encoder on it (with
-the frozen-feature organ probe against its random initialisation), pretrain a signal encoder on its
-ECG/PPG with four-level contrast and classify the patient condition with a linear probe on
-held-out patients, fine-tune organ segmentation from the pretrained encoder with 2 labelled volumes,
-and print a summary. Every step writes under the output folder; results are on
-*synthetic* data and labelled so.
+Steps: write a 20-patient synthetic hospital (64^3 CT, reports, lesion masks, ECG/PPG), check its manifest,
+pretrain a tiny 3D encoder (with the frozen-feature organ probe against its random initialisation),
+fine-tune organ segmentation with 2 labelled volumes from the pretrained encoder and from scratch (same
+recipe, steps and seed), pretrain a signal encoder with four-level contrast and probe the patient condition
+on held-out patients, train report grounding on the pretrained encoder and ground the report of a
+held-out study (maps written), then print a summary table and the `medssl app` command that opens the
+result. Every run starts from the shipped configs (`medssl config show NAME`) with the demo's budget as
+overrides, and writes under the output folder; every number is on *synthetic* data and labelled so.
 """
 
 from __future__ import annotations
@@ -19,10 +21,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from medssl.config import validate_config
+from medssl.config import load_config
 from medssl.errors import UserError
 
 console = Console()
+
+PATIENTS = 20  # 12 / 4 / 4 patients in training / validation / test
+RUNS = ("pretrain_volume", "finetune_seg", "finetune_seg_scratch", "pretrain_timeseries", "eval_timeseries",
+        "grounding", "ground_infer")
 
 
 def _step(title: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -36,7 +42,7 @@ def _step(title: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def _synth(out: Path) -> dict[str, Any]:
     from medssl.data.synthetic.hospital import make_hospital
 
-    manifest = make_hospital(out / "hospital", patients=8, studies=2, size=64, seed=0, progress=True)
+    manifest = make_hospital(out / "hospital", patients=PATIENTS, studies=2, size=64, seed=0, progress=True)
     return {"manifest": manifest}
 
 
@@ -52,91 +58,130 @@ def _check(manifest: Path) -> dict[str, Any]:
 def _pretrain_volume(manifest: Path, run_dir: Path) -> dict[str, Any]:
     from medssl.pretrain.volume import PretrainVolumeConfig, pretrain_volume
 
-    config = validate_config({
-        "data": {"manifest": str(manifest), "crop_size": [32, 32, 32]},
-        "train": {"steps": 60, "batch_size": 4, "seed": 0, "lr": 1e-3, "warmup_steps": 6, "log_every": 5,
-                  "checkpoint_every": 30},
-        "views": {"points": 32},
-        "probe": {"enabled": True, "every": 30, "max_volumes": 4},
-    }, PretrainVolumeConfig, source="demo pretrain volume config")
+    config = load_config("pretrain_volume", PretrainVolumeConfig, [
+        f"data.manifest={manifest}", "train.steps=150", "train.batch_size=2", "train.warmup_steps=15",
+        "train.checkpoint_every=50", "probe.every=75"])
     return pretrain_volume(config, run_dir)
 
 
+def _finetune(manifest: Path, encoder: Path | None, run_dir: Path) -> dict[str, Any]:
+    from medssl.downstream.segmentation.config import FinetuneSegConfig
+    from medssl.downstream.segmentation.task import finetune_seg
+
+    config = load_config("finetune_seg", FinetuneSegConfig, [
+        f"data.manifest={manifest}", "train.steps=400", "train.checkpoint_every=100", "seg.labelled_volumes=2",
+        "seg.eval_every=200", "seg.overlay_cases=2"])
+    return finetune_seg(config, run_dir, pretrained=encoder)
+
+
 def _timeseries(manifest: Path, pretrain_dir: Path, eval_dir: Path) -> dict[str, Any]:
-    from medssl.downstream.ts_classification import (
-        EvalTimeseriesConfig,
-        eval_timeseries,
-    )
+    from medssl.downstream.ts_classification import EvalTimeseriesConfig, eval_timeseries
     from medssl.pretrain.timeseries import PretrainTimeseriesConfig, pretrain_timeseries
 
-    data = {"manifest": str(manifest), "fs": 125.0, "channels": ["ECG", "PPG"], "window_seconds": 4.0,
-            "stride_seconds": 2.0}
-    pretrain = validate_config({"data": data, "train": {"steps": 60, "batch_size": 32, "seed": 0, "warmup_steps": 6,
-                                                        "log_every": 10, "checkpoint_every": 60}},
-                               PretrainTimeseriesConfig, source="demo pretrain timeseries config")
+    data = [f"data.manifest={manifest}", "data.fs=125.0", "data.channels=[ECG, PPG]", "data.window_seconds=4.0",
+            "data.stride_seconds=2.0"]
+    pretrain = load_config("pretrain_timeseries", PretrainTimeseriesConfig, [
+        *data, "train.steps=100", "train.batch_size=32", "train.warmup_steps=10", "train.checkpoint_every=50"])
     summary = pretrain_timeseries(pretrain, pretrain_dir, resume=False)
-    evaluation = validate_config({"data": data, "train": {"steps": 30, "batch_size": 32, "seed": 0},
-                                  "eval": {"fractions": [1.0], "modes": ["probe"], "test_splits": ["validation", "test"],
-                                           "bootstrap": 200}},
-                                 EvalTimeseriesConfig, source="demo eval timeseries config")
+    evaluation = load_config("eval_timeseries", EvalTimeseriesConfig, [
+        *data, "train.steps=50", "train.batch_size=32", "eval.fractions=[1.0]", "eval.modes=[probe]",
+        "eval.test_splits=[validation, test]", "eval.bootstrap=500"])
     scores = eval_timeseries(evaluation, eval_dir, pretrained=pretrain_dir / "checkpoints" / "last.pt")
     return {"final_loss": summary["final_loss"], **scores}
 
 
-def _finetune(manifest: Path, encoder: Path, run_dir: Path) -> dict[str, Any]:
-    from medssl.downstream.segmentation.config import FinetuneSegConfig
-    from medssl.downstream.segmentation.task import finetune_seg
+def _grounding(manifest: Path, encoder: Path, run_dir: Path) -> dict[str, Any]:
+    from medssl.downstream.grounding.config import GroundingConfig
+    from medssl.downstream.grounding.task import ground_train
 
-    config = validate_config({
-        "data": {"manifest": str(manifest), "crop_size": [32, 32, 32]},
-        "train": {"steps": 60, "batch_size": 2, "seed": 0, "lr": 0.005, "warmup_steps": 5, "log_every": 10,
-                  "checkpoint_every": 60},
-        "seg": {"labelled_volumes": 2, "eval_every": 60, "sw_batch_size": 2, "overlay_cases": 2},
-    }, FinetuneSegConfig, source="demo finetune seg config")
-    return finetune_seg(config, run_dir, pretrained=encoder)
+    config = load_config("grounding", GroundingConfig, [
+        f"data.manifest={manifest}", "data.spacing=null", "train.steps=120", "train.warmup_steps=10",
+        "train.checkpoint_every=60"])
+    return ground_train(config, run_dir, pretrained=encoder)
+
+
+def _ground_infer(manifest: Path, checkpoint: Path, out_dir: Path) -> dict[str, Any]:
+    """Ground every finding of the first held-out study that has one; maps under `out_dir`."""
+    from medssl.data.manifest import load_manifest
+    from medssl.downstream.grounding.evaluate import eval_studies
+    from medssl.downstream.grounding.infer import Grounder, report_phrases, write_results
+
+    study = next((s for s in eval_studies(load_manifest(manifest), "test") if s.lesions), None)
+    if study is None:
+        raise UserError(f"{manifest}: no test study with a lesion to ground")
+    grounder = Grounder.load(checkpoint)
+    grounded = grounder.prepare(study.image)
+    results = grounder.ground(grounded, report_phrases(study.report))
+    listing = write_results(grounder, grounded, results, out_dir)
+    return {"image": study.image, "phrases": len(listing),
+            "grounded": sum(bool(row["groundable"]) for row in listing)}
 
 
 def run_demo(out: str | Path) -> dict[str, dict[str, Any]]:
-    """Run every built step under `out` and print the summary; returns each step's results."""
+    """Run every step under `out` and print the summary; returns each step's results."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another -o")
     if out.exists() and any(out.iterdir()) and not (out / "hospital" / "manifest.json").exists():
         raise UserError(f"{out}: folder exists and is not a previous demo output; choose another -o")
     results: dict[str, dict[str, Any]] = {}
-    results["synth"] = _step("1. synthetic hospital", lambda: _synth(out))
+    results["synth"] = _step(f"1. synthetic hospital ({PATIENTS} patients, 2 CT studies each, reports, ECG/PPG)",
+                             lambda: _synth(out))
     manifest = results["synth"]["manifest"]
     results["check"] = _step("2. manifest check", lambda: _check(manifest))
-    for run in ("pretrain_volume", "finetune_seg", "pretrain_timeseries", "eval_timeseries"):
+    for run in RUNS:
         shutil.rmtree(out / run, ignore_errors=True)  # a previous demo's runs: the demo always starts fresh
+    encoder = out / "pretrain_volume" / "encoder.pt"
     results["pretrain_volume"] = _step("3. 3D pretraining (anatomical consistency, multi-level contrast)",
                                        lambda: _pretrain_volume(manifest, out / "pretrain_volume"))
-    results["finetune_seg"] = _step("4. segmentation fine-tuning from the pretrained encoder (2 labelled volumes)",
-                                    lambda: _finetune(manifest, out / "pretrain_volume" / "encoder.pt",
-                                                      out / "finetune_seg"))
+    results["finetune_seg"] = _step("4a. organ segmentation, 2 labelled volumes: from the pretrained encoder",
+                                    lambda: _finetune(manifest, encoder, out / "finetune_seg"))
+    results["finetune_seg_scratch"] = _step("4b. organ segmentation, 2 labelled volumes: from scratch (same recipe)",
+                                            lambda: _finetune(manifest, None, out / "finetune_seg_scratch"))
     results["timeseries"] = _step("5. signal pretraining (four levels) and patient-level condition probe",
                                   lambda: _timeseries(manifest, out / "pretrain_timeseries", out / "eval_timeseries"))
+    results["grounding"] = _step("6. report grounding on the pretrained encoder (volumes and reports only)",
+                                 lambda: _grounding(manifest, encoder, out / "grounding"))
+    results["ground_infer"] = _step("7. ground a held-out study's report (maps written)",
+                                    lambda: _ground_infer(manifest, out / "grounding" / "grounding.pt",
+                                                          out / "ground_infer"))
     _print_summary(out, results)
     return results
 
 
 def _print_summary(out: Path, results: dict[str, dict[str, Any]]) -> None:
-    table = Table(title="medssl demo (synthetic hospital: numbers are on synthetic data)")
-    for column in ("step", "result", "seconds"):
+    table = Table(title="medssl demo: synthetic hospital, every number is on synthetic data")
+    for column in ("step", "result (what the number is)", "seconds"):
         table.add_column(column)
     pre = results["pretrain_volume"]
-    table.add_row("synthetic hospital", str(results["synth"]["manifest"]), f"{results['synth']['seconds']:.1f}")
-    table.add_row("manifest check", "0 problems", f"{results['check']['seconds']:.1f}")
-    table.add_row("3D pretraining",
-                  f"loss {pre['final_loss']:.3f}; organ probe Dice {pre['final_probe_dice']:.3f} "
-                  f"(random init {pre['init_probe_dice']:.3f})", f"{pre['seconds']:.1f}")
-    seg = results["finetune_seg"]
-    table.add_row("segmentation fine-tuning", f"test Dice {seg['test_dice_mean']:.3f} (mean of 9 organs, "
-                  f"60 steps, 2 labelled volumes); predictions in {out / 'finetune_seg' / 'predictions'}",
-                  f"{seg['seconds']:.1f}")
+    table.add_row("synthetic hospital", f"{PATIENTS} patients -> {results['synth']['manifest']}",
+                  f"{results['synth']['seconds']:.0f}")
+    table.add_row("manifest check", "0 problems", f"{results['check']['seconds']:.0f}")
+    table.add_row("3D pretraining", f"organ probe Dice {pre['final_probe_dice']:.3f} vs {pre['init_probe_dice']:.3f} "
+                  "at random init (linear probe on frozen features, validation volumes)", f"{pre['seconds']:.0f}")
+    for key, label in (("finetune_seg", "pretrained"), ("finetune_seg_scratch", "scratch")):
+        seg = results[key]
+        table.add_row(f"segmentation, {label}", f"test Dice {seg['test_dice_mean']:.3f} (mean over 9 organs of the "
+                      "held-out patients; 2 labelled volumes, 400 steps)", f"{seg['seconds']:.0f}")
     ts = results["timeseries"]
-    auroc = ts.get("probe_frac100_patient_auroc")
-    table.add_row("signal pretraining + probe",
-                  f"loss {ts['final_loss']:.3f}; condition probe patient AUROC "
-                  f"{'n/a' if auroc is None else f'{auroc:.3f}'} (held-out patients)", f"{ts['seconds']:.1f}")
+    auroc, low, high = (ts.get(f"probe_frac100_patient_auroc{s}") for s in ("", "_ci_low", "_ci_high"))
+    interval = f" [{low:.2f}-{high:.2f}]" if low is not None and high is not None else ""
+    table.add_row("signals: pretraining + probe", "condition AUROC per held-out patient "
+                  f"{'n/a' if auroc is None else f'{auroc:.3f}'}{interval} (95 % bootstrap)", f"{ts['seconds']:.0f}")
+    ground = results["grounding"]
+    table.add_row("report grounding", f"lesion pointing game {ground.get('test_lesion_all_pointing_game', 0):.2f} "
+                  f"(randomised control {ground.get('random_lesion_all_pointing_game', 0):.2f}), organ pointing game "
+                  f"{ground.get('test_organ_all_pointing_game', 0):.2f}; not-groundable calls right "
+                  f"{ground.get('test_groundable_call_accuracy', 0):.2f} (held-out patients)",
+                  f"{ground['seconds']:.0f}")
+    infer = results["ground_infer"]
+    table.add_row("grounded report", f"{infer['grounded']} of {infer['phrases']} statements grounded in "
+                  f"{infer['image'].name}; maps in {out / 'ground_infer'}", f"{infer['seconds']:.0f}")
+    total = sum(r["seconds"] for r in results.values())
+    table.add_row("total", "", f"{total:.0f}")
     console.print(table)
-    console.print(f"outputs under {out}; pretrained encoder: {out / 'pretrain_volume' / 'encoder.pt'}")
-    console.print(f"training curves: tensorboard --logdir {out}")
+    for line in ("report grounding does not localise lesions yet on this data (README, section Report grounding); "
+                 "the maps show where the model looks",
+                 f"outputs under {out}; training curves: tensorboard --logdir {out}",
+                 f"open the result in the clinician app: medssl app {out / 'grounding'} --data-root {out}"):
+        console.print(line, soft_wrap=True, markup=False, highlight=False)  # never wrap a command or a path

@@ -246,6 +246,11 @@ def read_report(path: str | Path) -> list[str]:
         raise UserError(f"{path}: not UTF-8 text (byte {err.start}); save the report as UTF-8") from None
     if not text.strip():
         raise UserError(f"{path}: the report is empty")
+    return report_phrases(text)
+
+
+def report_phrases(text: str) -> list[str]:
+    """The statements of a report's findings (every statement when it has no "Findings:" section)."""
     statements = split_statements(text)
     findings = [s.text for s in statements if s.section == "findings"]
     return findings or [s.text for s in statements]
