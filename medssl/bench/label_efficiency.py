@@ -43,6 +43,7 @@ import json
 import math
 import os
 import shutil
+import textwrap
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -275,7 +276,7 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         ax.set_title(f"{cohort} (synthetic subjects)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, width=62 * len(cohorts)), fontsize=9)  # never cut at the figure's edges
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
