@@ -69,6 +69,14 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     flat.header.set_qform(None, code=0)
     nib.save(flat, str(vol / "singular.nii.gz"))
     _nifti(vol / "constant.nii.gz", np.full_like(data, -50.0), image.affine)
+    _nifti(vol / "huge_voxels.nii.gz", data, np.diag([1e6, 1e6, 1e6, 1.0]))
+    zero = nib.Nifti1Image(data, None)
+    zero.header["pixdim"][1] = 0  # no sform / qform: the voxel size comes from pixdim alone
+    zero.header.set_sform(None, code=0)
+    zero.header.set_qform(None, code=0)
+    nib.save(zero, str(vol / "zero_voxels.nii.gz"))
+    (ws / "signals").mkdir()
+    (ws / "signals" / "rec1.hea").write_text("", encoding="utf-8")
     _nifti(ws / "hospital" / "seg" / "small_label.nii.gz", np.zeros((16, 16, 16), np.int16), image.affine)
 
     def with_image(name: str) -> Callable[[dict], None]:
@@ -81,6 +89,8 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _manifest(ws, "nan.json", with_image("nan.nii.gz"))
     _manifest(ws, "fourd.json", with_image("fourd.nii.gz"))
     _manifest(ws, "constant.json", with_image("constant.nii.gz"))
+    _manifest(ws, "huge_voxels.json", with_image("huge_voxels.nii.gz"))
+    _manifest(ws, "zero_voxels.json", with_image("zero_voxels.nii.gz"))
     _manifest(ws, "singular.json", with_image("singular.nii.gz"))
     _manifest(ws, "label_shape.json", lambda t: t["training"][0].update(label="seg/small_label.nii.gz"))
     _manifest(ws, "empty_training.json", lambda t: t.update(training=[]))
@@ -156,6 +166,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("check-singular-affine", ["manifest", "check", "hospital/singular.json"], "singular.nii.gz"),
     ("check-label-shape", ["manifest", "check", "hospital/label_shape.json"], "small_label.nii.gz"),
     ("check-empty-training", ["manifest", "check", "hospital/empty_training.json"], "training"),
+    ("check-huge-voxels", ["manifest", "check", "hospital/huge_voxels.json"], "huge_voxels.nii.gz"),
+    ("check-zero-voxel-size", ["manifest", "check", "hospital/zero_voxels.json"], "zero_voxels.nii.gz"),
+    ("build-empty-wfdb-header", ["manifest", "build", "signals", "-o", "m.json"], "rec1.hea"),
     ("check-bad-modality", ["manifest", "check", "hospital/bad_modality.json"], "XYZ"),
     # configs and overrides (through pretrain volume)
     ("config-missing", ["pretrain", "volume", "-c", "nope.yaml"], "nope.yaml"),

@@ -120,7 +120,9 @@ def test_build_pairs_the_hospital_layout_and_checks_clean(hospital: Path) -> Non
 def test_build_split_is_patient_independent_and_seeded(tmp_path: Path) -> None:
     for p in range(1, 11):
         for study in ("S1", "S2"):
-            (tmp_path / f"P{p:03d}_{study}_T1.hea").touch()  # build only looks at names
+            name = f"P{p:03d}_{study}_T1"  # a header and its data file: build reads headers, not samples
+            (tmp_path / f"{name}.hea").write_text(f"{name} 1 100 10\n{name}.dat 16 200 16 0 0 0 0 ECG\n")
+            (tmp_path / f"{name}.dat").write_bytes(b"\0" * 20)
 
     def splits(seed: int) -> list[set[str]]:
         manifest, warnings = build_manifest(tmp_path, seed=seed)

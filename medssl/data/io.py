@@ -127,6 +127,13 @@ def read_shape(path: str | os.PathLike) -> tuple[int, ...]:
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with _reading(path, "NIfTI"):
         img = nib.load(path)
+        with nib.openers.ImageOpener(path) as handle:  # the header as stored: nibabel's copy has 0 sizes set to 1
+            raw = type(img.header).from_fileobj(handle, check=False)
+    pixdim = np.asarray(raw["pixdim"][1:4])
+    if raw.get_sform(coded=True)[1] == 0 and (pixdim <= 0).any():
+        raise UserError(f"{path}: voxel size {tuple(float(p) for p in pixdim)} in the header (nibabel would read 0 as "
+                        "1 mm); fix the header's pixdim or give it an sform")
+    with _reading(path, "NIfTI"):
         # reading every voxel here is what detects a truncated or corrupt file
         return np.asarray(img.dataobj), img.affine.astype(np.float64)
 
@@ -252,14 +259,33 @@ def _infer_format(path: Path) -> str:
                     f"(.hea), {', '.join(s for s in _SIGNAL_SUFFIXES if s != '.hea')}")
 
 
-def _read_wfdb(path: Path, fs: float | None) -> Signal:
+def check_signal_header(path: str | os.PathLike, format: str) -> None:
+    """Open a record's header only (WFDB: the .hea and that its data files exist; EDF/BDF: the header); an
+    empty, unreadable or incomplete record is a UserError naming it. No sample is read."""
+    path = Path(path)
+    if format == "wfdb":
+        _wfdb_header(path)
+    elif format == "edf":
+        with _reading(_existing(path), "EDF/BDF header"):
+            edf.read_edf_header(str(path))
+
+
+def _wfdb_header(path: Path) -> tuple[Path, Path]:
+    """(record base path, header path) of a WFDB record whose header reads and whose data files exist."""
     base = path.with_suffix("") if path.suffix.lower() == ".hea" else path
     header = _existing(base.parent / f"{base.name}.hea")
+    if header.stat().st_size == 0:
+        raise UserError(f"{header}: empty WFDB header")
     with _reading(header, "WFDB header"):
         files = getattr(wfdb.rdheader(str(base)), "file_name", None) or []
     for name in dict.fromkeys(files):
         if not (base.parent / name).exists():
             raise UserError(f"{header}: signal file {base.parent / name} is missing")
+    return base, header
+
+
+def _read_wfdb(path: Path, fs: float | None) -> Signal:
+    base, header = _wfdb_header(path)
     with _reading(header, "WFDB record"):
         rec = wfdb.rdrecord(str(base), return_res=32)
     # the recording date is not kept (de-identification); comments (conditions, alarms, age/sex in PTB) are

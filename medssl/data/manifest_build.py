@@ -197,6 +197,8 @@ def build_manifest(folder: str | os.PathLike, *, name: str | None = None, modali
     if not images:
         images, labels, reports = _flat_folder(folder, warnings)
     records = _signal_records(folder, warnings)
+    for path, fmt in records.values():
+        io.check_signal_header(path, fmt)
     if not images and not records:
         raise UserError(f"{folder}: found no volumes (in vol/ or images*/, or volume files in the folder itself) "
                         "and no signal records (.hea, .edf, .bdf)")
