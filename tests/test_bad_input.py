@@ -90,6 +90,7 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _manifest(ws, "fourd.json", with_image("fourd.nii.gz"))
     _manifest(ws, "constant.json", with_image("constant.nii.gz"))
     _manifest(ws, "huge_voxels.json", with_image("huge_voxels.nii.gz"))
+    _manifest(ws, "one_condition.json", lambda t: [e.update(condition=0) for e in t["training"]])
     _manifest(ws, "zero_voxels.json", with_image("zero_voxels.nii.gz"))
     _manifest(ws, "singular.json", with_image("singular.nii.gz"))
     _manifest(ws, "label_shape.json", lambda t: t["training"][0].update(label="seg/small_label.nii.gz"))
@@ -209,6 +210,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("seg-label-shape", cfg("finetune seg", manifest="hospital/label_shape.json"), "small_label.nii.gz"),
     # eval timeseries
     ("eval-wrong-kind", [*cfg("eval timeseries"), "--pretrained", "corrupt.pt"], "corrupt.pt"),
+    ("eval-one-condition", cfg("eval timeseries", manifest="hospital/one_condition.json"), "at least two conditions"),
     ("eval-bad-fraction", cfg("eval timeseries", "eval.fractions=[0]"), "eval.fractions"),
     ("eval-unknown-mode", cfg("eval timeseries", "eval.modes=[magic]"), "eval.modes"),
     # ground train / infer

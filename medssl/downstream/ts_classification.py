@@ -322,6 +322,9 @@ def eval_timeseries(config: EvalTimeseriesConfig, run_dir: Path, *, pretrained: 
     train_labels = patient_labels(train, f"{config.data.manifest} ({settings.train_split})")
     test_labels = patient_labels(test, f"{config.data.manifest} ({'+'.join(settings.test_splits)})")
     classes = int(train_labels.max()) + 1
+    if len(np.unique(train_labels)) < 2:
+        raise UserError(f"{config.data.manifest}: every '{settings.train_split}' patient has condition "
+                        f"{int(train_labels[0])}; classification needs patients of at least two conditions")
     if test_labels.max() >= classes:
         raise UserError(f"{config.data.manifest}: test class {int(test_labels.max())} never occurs in "
                         f"'{settings.train_split}'")
