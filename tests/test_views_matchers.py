@@ -335,11 +335,14 @@ def test_one_study_one_patient_flags_missing_views():
     assert float(batch["match_accept_rate"]) == 0.0
 
 
-def test_small_volumes_are_padded_or_refused(hospital):
+def test_small_volumes_are_padded_or_refused(hospital, capsys):
     vol, _ = _phantom()
     small = torch.from_numpy(vol[:20, :, :30])[None]
     padded = VolumePretrainBatches([small], ["P1"], ["S1"], batch_size=1, crop_size=32, names=["/x/small.nii.gz"])
     assert padded.volumes[0].shape == (1, 32, 48, 32) and padded[0]["a"].shape == (1, 1, 32, 32, 32)
+    # said once, with the file and the padded share of a crop: 1 - (20 * 32 * 30) / 32^3 = 41 %
+    assert capsys.readouterr().err == ("warning: 1 volume(s) smaller than crop_size (32, 32, 32) are zero-padded, "
+                                       "up to 41 % of a crop: /x/small.nii.gz\n")
     with pytest.raises(UserError, match=r"/x/small.nii.gz: volume shape \(20, 48, 30\)"):
         VolumePretrainBatches([small], ["P1"], ["S1"], batch_size=1, crop_size=32, names=["/x/small.nii.gz"],
                               small_volume="error")

@@ -40,6 +40,7 @@ Output of ``__getitem__(i)`` (S = crop size, (d, h, w) = S // stride per axis, G
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,13 @@ class VolumePretrainBatches(Dataset):
         self.crop_size = tuple(int(s) for s in np.broadcast_to(np.asarray(crop_size), (3,)))
         if stride < 1 or min(self.crop_size) < stride:
             raise UserError(f"crop_size: {self.crop_size} must be at least the feature stride {stride} on every axis")
+        padding = {name: padding_share(tuple(v.shape[1:]), self.crop_size) for v, name in zip(volumes, names)}
+        padded = {name: share for name, share in padding.items() if share > 0}
+        if padded and small_volume == "pad":  # said once, naming the files: a mostly padded crop teaches little
+            worst = sorted(padded, key=padded.get, reverse=True)
+            print(f"warning: {len(padded)} volume(s) smaller than crop_size {self.crop_size} are zero-padded, up to "
+                  f"{100 * padded[worst[0]]:.0f} % of a crop: {', '.join(map(str, worst[:3]))}"
+                  f"{' ...' if len(worst) > 3 else ''}", file=sys.stderr)
         self.volumes = [_fit_size(v, self.crop_size, small_volume, name) for v, name in zip(volumes, names)]
         self.names, self.study_ids = names, list(study_ids)
         self.patient_ids = sorted(set(patient_ids))
@@ -225,6 +233,12 @@ class VolumePretrainBatches(Dataset):
     def _ids(anchors: list[_Anchor], view: str, lookup: np.ndarray | None = None) -> torch.Tensor:
         volumes = np.array([anchor.views[view][0] for anchor in anchors])
         return torch.from_numpy(volumes if lookup is None else lookup[volumes]).long()
+
+
+def padding_share(shape: tuple[int, ...], crop_size: tuple[int, int, int]) -> float:
+    """The share of a centred crop of `crop_size` that lies outside a volume of `shape` (zero padding)."""
+    inside = np.prod([min(s, c) for s, c in zip(shape, crop_size)])
+    return float(1 - inside / np.prod(crop_size))
 
 
 def _fit_size(volume: torch.Tensor, crop_size: tuple[int, int, int], small_volume: str, name: str) -> torch.Tensor:
