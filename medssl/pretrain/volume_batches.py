@@ -156,8 +156,9 @@ class VolumePretrainBatches(Dataset):
                 raise UserError(f"{entry['image']}: {bad} NaN/inf voxel(s) after preprocessing; fix or drop the volume "
                                 "(medssl manifest check lists every such file)")
             if values.numel() and values.max() == values.min():
-                raise UserError(f"{entry['image']}: constant after preprocessing (every voxel {float(values.max()):g}): "
-                                "nothing to learn from; check its intensities and data.window / data.modality")
+                raise UserError(f"{entry['image']}: constant after preprocessing (every voxel "
+                                f"{float(values.max()):g}): nothing to learn from; check its intensities and "
+                                "data.window / data.modality")
         return cls([image.as_tensor().float() for image in images], [e["patient_id"] for e in entries],
                    [e["study_id"] for e in entries], spacings=[image.pixdim.tolist() for image in images],
                    names=[e["image"] for e in entries], matcher=matcher_name, small_volume=prep.small_volume,
