@@ -75,6 +75,10 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     zero.header.set_sform(None, code=0)
     zero.header.set_qform(None, code=0)
     nib.save(zero, str(vol / "zero_voxels.nii.gz"))
+    from nibabel import cifti2
+
+    axes = (cifti2.ScalarAxis(["thickness"]), cifti2.BrainModelAxis.from_mask(np.ones(10, bool), name="CortexLeft"))
+    cifti2.Cifti2Image(np.zeros((1, 10), np.float32), header=axes).to_filename(str(vol / "surface.dscalar.nii"))
     (ws / "signals").mkdir()
     (ws / "signals" / "rec1.hea").write_text("", encoding="utf-8")
     _nifti(ws / "hospital" / "seg" / "small_label.nii.gz", np.zeros((16, 16, 16), np.int16), image.affine)
@@ -90,6 +94,7 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _manifest(ws, "fourd.json", with_image("fourd.nii.gz"))
     _manifest(ws, "constant.json", with_image("constant.nii.gz"))
     _manifest(ws, "huge_voxels.json", with_image("huge_voxels.nii.gz"))
+    _manifest(ws, "cifti.json", with_image("surface.dscalar.nii"))
     _manifest(ws, "one_condition.json", lambda t: [e.update(condition=0) for e in t["training"]])
     _manifest(ws, "zero_voxels.json", with_image("zero_voxels.nii.gz"))
     _manifest(ws, "singular.json", with_image("singular.nii.gz"))
@@ -167,6 +172,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("check-singular-affine", ["manifest", "check", "hospital/singular.json"], "singular.nii.gz"),
     ("check-label-shape", ["manifest", "check", "hospital/label_shape.json"], "small_label.nii.gz"),
     ("check-empty-training", ["manifest", "check", "hospital/empty_training.json"], "training"),
+    ("check-cifti", ["manifest", "check", "hospital/cifti.json"], "a Cifti2 file, not a 3D NIfTI volume"),
     ("check-huge-voxels", ["manifest", "check", "hospital/huge_voxels.json"], "huge_voxels.nii.gz"),
     ("check-zero-voxel-size", ["manifest", "check", "hospital/zero_voxels.json"], "zero_voxels.nii.gz"),
     ("build-empty-wfdb-header", ["manifest", "build", "signals", "-o", "m.json"], "rec1.hea"),

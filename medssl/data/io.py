@@ -127,6 +127,9 @@ def read_shape(path: str | os.PathLike) -> tuple[int, ...]:
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with _reading(path, "NIfTI"):
         img = nib.load(path)
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or isinstance(img, nib.Cifti2Image):
+        raise UserError(f"{path}: a {type(img).__name__.removesuffix('Image')} file, not a 3D NIfTI volume")
+    with _reading(path, "NIfTI"):
         with nib.openers.ImageOpener(path) as handle:  # the header as stored: nibabel's copy has 0 sizes set to 1
             raw = type(img.header).from_fileobj(handle, check=False)
     pixdim = np.asarray(raw["pixdim"][1:4])
