@@ -192,6 +192,7 @@ CASES: list[tuple[str, list[str], str]] = [
     # pretrain volume: data and run folder
     ("volume-missing-manifest", cfg("pretrain volume", manifest="hospital/none.json"), "none.json"),
     ("volume-nan-volume", cfg("pretrain volume", manifest="hospital/nan.json"), "nan.nii.gz"),
+    ("volume-singular-affine", cfg("pretrain volume", manifest="hospital/singular.json"), "singular.nii.gz"),
     ("volume-constant-volume", cfg("pretrain volume", manifest="hospital/constant.json"), "constant.nii.gz"),
     ("volume-truncated-volume", cfg("pretrain volume", manifest="hospital/truncated.json"), "truncated.nii.gz"),
     ("volume-two-splits", cfg("pretrain volume", manifest="hospital/two_splits.json"), "P00"),

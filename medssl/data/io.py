@@ -104,6 +104,9 @@ def read_volume(path: str | os.PathLike, *, label: bool = False) -> Volume:
         raise UserError(f"{path}: unknown volume format; expected one of "
                         f"{', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} or a DICOM series folder")
     array = _squeeze_to_3d(path, array)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise UserError(f"{path}: its affine (voxel -> mm) is singular or not finite, so it has no orientation or "
+                        "voxel size; fix the header's sform/qform")
     return Volume(_as_labels(path, array) if label else array.astype(np.float32, copy=False), affine, path)
 
 
