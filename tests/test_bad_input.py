@@ -251,6 +251,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-ceiling-manifest", ["bench", "grounding-ceiling", "--manifest", "hospital/none.json", "--pretrained",
                                 "gone.pt"], "none.json"),
     ("bench-grounding-manifest", ["bench", "grounding", "-o", "bg", "--manifest", "hospital/none.json"], "none.json"),
+    ("bench-threads-manifest", ["bench", "threads", "--manifest", "hospital/none.json"], "none.json"),
+    ("bench-threads-steps", ["bench", "threads", "--steps", "1"], "'--steps'"),
     ("config-show-unknown", ["config", "show", "nope"], "nope"),
 ]
 

@@ -21,7 +21,7 @@ COMMANDS = [
     ["app"], ["bench", "data"], ["bench", "pretrain-volume"], ["bench", "volume-probe"], ["bench", "ts-throughput"],
     ["bench", "ts-label-efficiency"], ["bench", "label-efficiency"], ["bench", "seg-inference"],
     ["config", "list"], ["config", "show"], ["bench", "grounding"], ["bench", "grounding-speed"],
-    ["bench", "grounding-ceiling"],
+    ["bench", "grounding-ceiling"], ["bench", "threads"],
 ]
 
 
@@ -148,3 +148,12 @@ def test_threads_default_respects_omp_and_leaves_busy_cores(monkeypatch: pytest.
     assert threads.choose_threads(None) == 2
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (7.0, 0.0, 0.0))
     assert threads.choose_threads(None) == 1
+
+
+def test_thread_benchmark_runs_every_setting_as_concurrent_jobs(tmp_path: Path) -> None:
+    from medssl.bench.threads import SETTINGS, thread_benchmark
+
+    rows = thread_benchmark(tmp_path, steps=2)
+    assert [(r["setting"], r["jobs"]) for r in rows] == [(name, jobs) for name, jobs, _ in SETTINGS]
+    assert all(r["items_per_s"] > 0 for r in rows)
+    assert json.loads((tmp_path / "threads.json").read_text())["rows"] == rows

@@ -165,6 +165,18 @@ def grounding_command(
                         overrides=tuple(overrides or ()))
 
 
+@bench_app.command("threads")
+def threads_command(
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for threads.json.")] = None,
+    steps: Annotated[int, typer.Option(min=2, help="Pretraining steps per job.")] = 40,
+    manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a small synthetic hospital).")] = None,
+) -> None:
+    """Training speed alone and as two concurrent jobs under four thread settings (incl. medssl's default)."""
+    from medssl.bench.threads import thread_benchmark
+
+    thread_benchmark(output, steps=steps, manifest=manifest)
+
+
 @bench_app.command("grounding-ceiling")
 def grounding_ceiling_command(
     manifest: Annotated[Path, typer.Option(help="Manifest with lesion masks (the synthetic hospital's).")],
