@@ -218,10 +218,7 @@ def load_encoder(config: EvalTimeseriesConfig, pretrained: Path | None) -> tuple
     with its LoadReport (min_fraction 1.0)."""
     if pretrained is None:
         return TSEncoder(config.model), None
-    payload = load_checkpoint(pretrained)
-    if payload["kind"] not in (Kind.PRETRAIN_TIMESERIES, Kind.TIMESERIES_ENCODER):
-        raise UserError(f"{pretrained}: checkpoint is a '{payload['kind']}' checkpoint, expected "
-                        f"'{Kind.PRETRAIN_TIMESERIES}' or '{Kind.TIMESERIES_ENCODER}'")
+    payload = load_checkpoint(pretrained, kind=(Kind.PRETRAIN_TIMESERIES, Kind.TIMESERIES_ENCODER))
     arch = TSEncoderConfig(**payload["arch"])
     if arch != config.model:
         raise UserError(f"model: {config.model.model_dump()} differs from the checkpoint's architecture "

@@ -61,8 +61,9 @@ def save_checkpoint(path: str | Path, *, kind: str, step: int, model: dict[str, 
         torch.save(payload, tmp)
 
 
-def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, Any]:
-    """Read a checkpoint with `weights_only=True`; a missing, corrupt or foreign file is a UserError."""
+def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Read a checkpoint with `weights_only=True`; a missing, corrupt or foreign file, or one of another kind
+    than `kind` (one kind or a tuple of accepted kinds), is a UserError."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
@@ -74,8 +75,10 @@ def load_checkpoint(path: str | Path, *, kind: str | None = None) -> dict[str, A
                         f": {type(err).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not a medssl checkpoint (no '{FORMAT}' format tag)")
-    if kind is not None and payload["kind"] != kind:
-        raise UserError(f"{path}: checkpoint is a '{payload['kind']}' checkpoint, expected '{kind}'")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds is not None and payload["kind"] not in kinds:
+        expected = " or ".join(f"'{k}'" for k in kinds)
+        raise UserError(f"{path}: checkpoint is a '{payload['kind']}' checkpoint, expected {expected}")
     return payload
 
 
