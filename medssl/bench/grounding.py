@@ -178,8 +178,7 @@ def feature_ceiling(manifest: Path, pretrained: Path | None, *, config: Path = G
     class-balanced logistic regression (scikit-learn) on them, fitted on the lesion masks of two thirds of
     the training patients and scored on the other third: lesion-vs-body AUROC per cell of the feature grid (a
     cell is a lesion cell when any of its voxels is) and the pointing game of its top body cell per study
-    with a lesion. A head trained from reports alone
-    on the same features is not expected to beat it."""
+    with a lesion. A head trained from reports alone on the same features is not expected to beat it."""
     import numpy as np
     import torch
     from sklearn.linear_model import LogisticRegression

@@ -380,8 +380,8 @@ def label_efficiency(out_dir: str | Path, *, cohorts: Sequence[str] = tuple(BENC
         raise UserError(f"--init: {unknown[0] if unknown else 'none'!r} is not one of {', '.join(INITS)}")
     runs, pretraining, tick = [], {}, time.perf_counter()
     for cohort in cohorts:
-        source = next((Path(d) / "data" / cohort / "manifest.json" for d in (pretrained_from, scratch_from)
-                       if d is not None and (Path(d) / "data" / cohort / "manifest.json").is_file()), None)
+        earlier_cohorts = [Path(d) / "data" / cohort / "manifest.json" for d in (pretrained_from, scratch_from) if d]
+        source = next((path for path in earlier_cohorts if path.is_file()), None)
         manifest = manifests.get(cohort) or source or make_cohort(cohort, out / "data" / cohort)
         if scratch_from is not None:
             _copy_scratch(Path(scratch_from) / cohort, out / cohort, counts, seeds)

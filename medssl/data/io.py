@@ -128,18 +128,16 @@ def read_shape(path: str | os.PathLike) -> tuple[int, ...]:
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with _reading(path, "NIfTI"):
+    with _reading(path, "NIfTI"):  # its own UserErrors pass through as they are
         img = nib.load(path)
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or isinstance(img, nib.Cifti2Image):
-        raise UserError(f"{path}: a {type(img).__name__.removesuffix('Image')} file, not a 3D NIfTI volume")
-    with _reading(path, "NIfTI"):
+        if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or isinstance(img, nib.Cifti2Image):
+            raise UserError(f"{path}: a {type(img).__name__.removesuffix('Image')} file, not a 3D NIfTI volume")
         with nib.openers.ImageOpener(path) as handle:  # the header as stored: nibabel's copy has 0 sizes set to 1
             raw = type(img.header).from_fileobj(handle, check=False)
-    pixdim = np.asarray(raw["pixdim"][1:4])
-    if raw.get_sform(coded=True)[1] == 0 and (pixdim <= 0).any():
-        raise UserError(f"{path}: voxel size {tuple(float(p) for p in pixdim)} in the header (nibabel would read 0 as "
-                        "1 mm); fix the header's pixdim or give it an sform")
-    with _reading(path, "NIfTI"):
+        pixdim = np.asarray(raw["pixdim"][1:4])
+        if raw.get_sform(coded=True)[1] == 0 and (pixdim <= 0).any():
+            raise UserError(f"{path}: voxel size {tuple(float(p) for p in pixdim)} in the header (nibabel would read 0 "
+                            "as 1 mm); fix the header's pixdim or give it an sform")
         # reading every voxel here is what detects a truncated or corrupt file
         return np.asarray(img.dataobj), img.affine.astype(np.float64)
 

@@ -142,15 +142,17 @@ def _dataset_json_labels(path: Path, warnings: list[str]) -> dict[str, str] | No
     return None
 
 
-def _split_patients(patients: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
-    """patient -> split: seeded shuffle; at least one validation/test patient each when asked and >= 3 patients."""
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     for key, fraction in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
         if not 0.0 <= fraction < 1.0:
             raise UserError(f"{key}: must be in [0, 1), got {fraction}")
+
+
+def _split_patients(patients: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+    """patient -> split: seeded shuffle; at least one validation/test patient each when asked and >= 3 patients."""
+    _check_fractions(val_fraction, test_fraction)
     patients = sorted(set(patients))
     n = len(patients)
-    if not n:
-        return {}
 
     def count(fraction: float) -> int:
         return max(1, round(n * fraction)) if fraction > 0 and n >= 3 else round(n * fraction)
@@ -183,7 +185,7 @@ def build_manifest(folder: str | os.PathLike, *, name: str | None = None, modali
     if str(modality).upper() not in MODALITIES:
         raise UserError(f"--modality: {modality!r} is not one of {', '.join(MODALITIES)}")
     modality = str(modality).upper()
-    _split_patients([], val_fraction, test_fraction, seed)  # the fractions, before any file is read
+    _check_fractions(val_fraction, test_fraction)  # before any file is read
     folder = Path(os.path.abspath(folder))
     warnings: list[str] = []
 

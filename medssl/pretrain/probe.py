@@ -56,14 +56,18 @@ class ProbeUnavailable(UserError):
     """The probe split cannot host the probe (no labelled volume, one patient): pretraining runs without it."""
 
 
+def _require_two_patients(patients: set[str]) -> None:
+    if len(patients) < 2:
+        raise ProbeUnavailable(f"probe.split: its labelled volumes come from {len(patients)} patient(s); the probe "
+                               "needs at least 2 (it fits on half of them and scores on the rest)")
+
+
 class OrganProbe:
     """Fit on the volumes of the first half of the patients, score on the rest (patient-independent)."""
 
     def __init__(self, volumes: list[dict], *, stride: int = 2, voxels_per_class: int = 200, seed: int = 0):
         patients = sorted({v["patient_id"] for v in volumes})
-        if len(patients) < 2:
-            raise ProbeUnavailable(f"probe.split: its labelled volumes come from {len(patients)} patient(s); the probe "
-                            "needs at least 2 (it fits on half of them and scores on the rest)")
+        _require_two_patients(set(patients))
         fit_patients = set(patients[: len(patients) // 2])
         self.fit_volumes = [v for v in volumes if v["patient_id"] in fit_patients]
         self.test_volumes = [v for v in volumes if v["patient_id"] not in fit_patients]
@@ -79,9 +83,7 @@ class OrganProbe:
         entries = patients_in_turn(manifest_volume_entries(manifest, split, with_label=True))[:max_volumes]
         if not entries:
             raise ProbeUnavailable(f"{manifest.root}: probe split '{split}' has no labelled volume")
-        if len({entry["patient_id"] for entry in entries}) < 2:
-            raise ProbeUnavailable(f"probe.split: the labelled volumes of '{split}' come from 1 patient; the probe "
-                                   "needs at least 2 (it fits on half of them and scores on the rest)")
+        _require_two_patients({entry["patient_id"] for entry in entries})  # before any volume is read
         data = volume_dataset(entries, volume_transforms(prep, with_label=True))
         volumes = [{"image": item["image"].as_tensor(), "label": item["label"].as_tensor(),
                     "patient_id": entry["patient_id"]} for entry, item in zip(entries, data)]

@@ -111,8 +111,8 @@ class VolumePretrainBatches(Dataset):
         self.crop_size = tuple(int(s) for s in np.broadcast_to(np.asarray(crop_size), (3,)))
         if stride < 1 or min(self.crop_size) < stride:
             raise UserError(f"crop_size: {self.crop_size} must be at least the feature stride {stride} on every axis")
-        padding = {name: padding_share(tuple(v.shape[1:]), self.crop_size) for v, name in zip(volumes, names)}
-        padded = {name: share for name, share in padding.items() if share > 0}
+        padded = {name: share for v, name in zip(volumes, names)
+                  if (share := padding_share(tuple(v.shape[1:]), self.crop_size)) > 0}
         if padded and small_volume == "pad":  # said once, naming the files: a mostly padded crop teaches little
             worst = sorted(padded, key=padded.get, reverse=True)
             print(f"warning: {len(padded)} volume(s) smaller than crop_size {self.crop_size} are zero-padded, up to "
