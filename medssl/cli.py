@@ -41,9 +41,13 @@ for sub, name in ((manifest_app, "manifest"), (pretrain_app, "pretrain"), (finet
 def _threads(threads: Annotated[Optional[int], typer.Option(
         min=1, help="torch CPU threads (default: OMP_NUM_THREADS when set, else the cores the load average leaves "
                     "free, so that two jobs on one machine do not slow each other 3-20x).")] = None) -> None:
-    from medssl.threads import apply_threads
+    from medssl.threads import choose_threads
 
-    apply_threads(threads)
+    chosen = choose_threads(threads)
+    if chosen is not None:
+        import torch
+
+        torch.set_num_threads(chosen)
 
 # ---------------------------------------------------------------------------------------- data
 

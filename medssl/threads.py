@@ -8,17 +8,11 @@ that the last minute's load average leaves free, at least one.
 from __future__ import annotations
 
 import os
-import sys
-
-
-def available_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_threads() -> int:
     """Cores not busy with other processes (cpu count minus the 1-minute load average, rounded), >= 1."""
-    cores = available_cores()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         busy = os.getloadavg()[0]
     except OSError:  # pragma: no cover - no load average on this platform
@@ -33,17 +27,3 @@ def choose_threads(requested: int | None) -> int | None:
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     return default_threads()
-
-
-def apply_threads(requested: int | None) -> None:
-    """Set the thread count `choose_threads` gives: on torch when it is imported already, else through
-    OMP_NUM_THREADS, which torch reads when it is imported (so a command that never needs torch does not pay
-    seconds to import it)."""
-    chosen = choose_threads(requested)
-    if chosen is None:
-        return
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(chosen)
-    else:
-        os.environ["OMP_NUM_THREADS"] = str(chosen)

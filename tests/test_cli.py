@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,24 +157,3 @@ def test_thread_benchmark_runs_every_setting_as_concurrent_jobs(tmp_path: Path) 
     assert [(r["setting"], r["jobs"]) for r in rows] == [(name, jobs) for name, jobs, _ in SETTINGS]
     assert all(r["items_per_s"] > 0 for r in rows)
     assert json.loads((tmp_path / "threads.json").read_text())["rows"] == rows
-
-
-def test_threads_reach_torch_without_the_cli_importing_it() -> None:
-    """Before torch is imported the choice goes through OMP_NUM_THREADS (no seconds of import for commands
-    that never use torch); after, through torch.set_num_threads."""
-    code = ("import os, sys; from medssl.threads import apply_threads; apply_threads(1); "
-            "assert 'torch' not in sys.modules and os.environ['OMP_NUM_THREADS'] == '1'; "
-            "import torch; print(torch.get_num_threads())")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert done.stdout.strip() == "1"
-    import torch
-
-    from medssl.threads import apply_threads
-
-    before = torch.get_num_threads()
-    try:
-        apply_threads(3)
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(before)
