@@ -10,9 +10,14 @@ from __future__ import annotations
 import os
 
 
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_threads() -> int:
     """Cores not busy with other processes (cpu count minus the 1-minute load average, rounded), >= 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     try:
         busy = os.getloadavg()[0]
     except OSError:  # pragma: no cover - no load average on this platform

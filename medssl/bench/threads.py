@@ -19,8 +19,9 @@ from typing import Any
 from medssl.atomic import write_json
 from medssl.bench.report import print_table
 from medssl.errors import UserError
+from medssl.threads import available_cores
 
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+CORES = available_cores()
 SETTINGS = (  # (name, concurrent jobs, --threads or None for medssl's default)
     ("alone, every core", 1, CORES),
     ("two jobs, every core each", 2, CORES),
