@@ -42,7 +42,8 @@ save_checkpoint(sys.argv[1], kind="test", step=2, model={"w": torch.ones(20_000_
 def test_a_checkpoint_write_killed_half_way_leaves_the_previous_one(tmp_path: Path) -> None:
     path = tmp_path / "last.pt"
     save_checkpoint(path, kind="test", step=1, model={"w": torch.zeros(3)}, arch={}, preprocessing={}, config={})
-    process = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(path)], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(path)], stdout=subprocess.PIPE,
+                               encoding="utf-8")
     assert process.stdout.readline().strip() == "saving"
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".last.*.tmp.pt")) and time.monotonic() < deadline and process.poll() is None:

@@ -513,5 +513,5 @@ def test_no_streamlit_import():
     code = ("import sys, medssl.explain.maps, medssl.viewer.windowing, medssl.viewer.slicing, "
             "medssl.viewer.overlay, medssl.viewer.stats, medssl.viewer.review, medssl.viewer.paths; "
             "print('streamlit' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", check=True)
     assert result.stdout.strip() == "False"

@@ -53,7 +53,7 @@ def test_start_up_arguments_and_the_streamlit_command(tmp_path: Path) -> None:
 
 def test_the_app_command_refuses_missing_folders_with_one_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "medssl.cli", "app", str(tmp_path / "nope")], capture_output=True,
-                            text=True, timeout=120)
+                            encoding="utf-8", timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "run directory is not an existing folder" in result.stderr and "Traceback" not in result.stderr
 
@@ -245,5 +245,6 @@ def test_review_rows_from_two_writers(tmp_path: Path) -> None:
 def test_the_apps_plain_modules_do_not_import_streamlit() -> None:
     code = ("import sys, medssl.viewer.session, medssl.viewer.render, medssl.viewer.signals, medssl.viewer.browser; "
             "print('streamlit' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", check=True,
+                            timeout=120)
     assert result.stdout.strip() == "False"

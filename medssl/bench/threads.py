@@ -36,7 +36,8 @@ def _job(manifest: Path, run_dir: Path, steps: int, threads: int | None) -> subp
                "volume", "-c", "pretrain_volume_tiny", "-o", str(run_dir), f"data.manifest={manifest}",
                f"train.steps={steps}", f"train.log_every={max(1, steps // 2)}", f"train.checkpoint_every={steps}",
                "probe.enabled=false"]
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            encoding="utf-8", errors="replace")
 
 
 def thread_benchmark(out: str | Path | None = None, *, steps: int = 40, manifest: Path | None = None) -> list[dict]:

@@ -84,7 +84,7 @@ class AppServer:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> AppServer:
-        handle = open(self.log, "w")  # noqa: SIM115 - closed with the process
+        handle = open(self.log, "w", encoding="utf-8")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(self.command, stdout=handle, stderr=subprocess.STDOUT, env=self.env,
                                         start_new_session=True)
         deadline = time.monotonic() + 90

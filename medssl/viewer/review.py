@@ -67,7 +67,7 @@ def _row(row: ReviewRow | Mapping[str, Any], where: str) -> ReviewRow:
 def _locked(path: Path) -> Iterator[None]:
     """Exclusive lock on `<path>.lock` (created if needed) for the duration of the block."""
     lock = path.with_name(path.name + ".lock")
-    with open(lock, "a") as handle:
+    with open(lock, "a", encoding="utf-8") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
