@@ -292,8 +292,17 @@ def config_show(name: Annotated[str, typer.Argument(help="A shipped config's nam
     typer.echo(path.read_text(encoding="utf-8"), nl=False)
 
 
+def tolerant_output() -> None:
+    """On a terminal that cannot show a character (C locale without UTF-8 mode: ASCII), print '?' for it
+    instead of failing with UnicodeEncodeError after the work is done (the '±' of the bench tables)."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: exit 2 with a one-line message on user errors."""
+    tolerant_output()
     try:
         code = app(args=argv, prog_name="medssl", standalone_mode=False)
         if isinstance(code, int) and code:  # --help and no-args help return their exit code

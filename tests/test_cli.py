@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,17 @@ def test_thread_benchmark_runs_every_setting_as_concurrent_jobs(tmp_path: Path) 
     assert [(r["setting"], r["jobs"]) for r in rows] == [(name, jobs) for name, jobs, _ in SETTINGS]
     assert all(r["items_per_s"] > 0 for r in rows)
     assert json.loads((tmp_path / "threads.json").read_text())["rows"] == rows
+
+
+@pytest.mark.parametrize("tolerant", [False, True])
+def test_tables_print_on_an_ascii_terminal(tolerant: bool) -> None:
+    """C locale without UTF-8 mode: stdout is ASCII; the CLI prints '?' for the bench tables' '±'."""
+    code = ("from medssl.cli import tolerant_output\n" + ("tolerant_output()\n" if tolerant else "") +
+            "from medssl.bench.report import print_table\nprint_table('dice', ['seeds'], [['80.1 \\u00b1 2.0']])")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONIOENCODING", "PYTHONUTF8")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, env={**env, "LC_ALL": "C",
+                            "PYTHONUTF8": "0"}, timeout=120)
+    if tolerant:
+        assert result.returncode == 0 and b"80.1 ? 2.0" in result.stdout, result.stderr
+    else:  # what the CLI's call prevents
+        assert result.returncode != 0 and b"UnicodeEncodeError" in result.stderr
