@@ -92,7 +92,8 @@ def test_priors_measure_size_place_and_emptiness() -> None:
     focused = near.float() / near.sum()
     spread = torch.full((1000,), 1 / 1000)
     size = torch.tensor([15.0])
-    assert ball_mass_loss(focused[None], grid[None], size, 6.0) < 0.1 < ball_mass_loss(spread[None], grid[None], size, 6.0)
+    assert (ball_mass_loss(focused[None], grid[None], size, 6.0) < 0.1
+            < ball_mass_loss(spread[None], grid[None], size, 6.0))
     sims = torch.where(near, 1.0, -1.0)[None]
     body = torch.ones(1, 1000, dtype=torch.bool)
     stated_right = volume_loss(sims, body, torch.tensor([15.0]), torch.tensor([125.0]), 0.05)
@@ -169,7 +170,8 @@ def test_a_frozen_encoder_trains_the_heads_on_features_computed_once(hospital: P
     ground_train(config, tmp_path / "run", quiet=True)
     trained = load_checkpoint(tmp_path / "run" / "grounding.pt")["model"]
     encoder = {k: v for k, v in trained.items() if k.startswith("encoder.")}
-    graph = {k.replace("graph_encoder.", "encoder.", 1): v for k, v in trained.items() if k.startswith("graph_encoder.")}
+    graph = {k.replace("graph_encoder.", "encoder.", 1): v for k, v in trained.items()
+             if k.startswith("graph_encoder.")}
     assert encoder and all(torch.equal(v, graph[k]) for k, v in encoder.items())  # never moved from its start
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "lr.encoder" not in record and math.isfinite(record["loss"])
@@ -284,7 +286,8 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(trained, hospita
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)
         assert not out.exists()
-    for image_path, checkpoint, message in [(two_d, ckpt, "slice.nii.gz"), (image, str(seg), "is not a grounding model"),
+    for image_path, checkpoint, message in [(two_d, ckpt, "slice.nii.gz"),
+                                            (image, str(seg), "is not a grounding model"),
                                             (tmp_path / "missing.nii.gz", ckpt, "no such file")]:
         out = tmp_path / "out"
         assert _cli(["ground", "infer", "--checkpoint", checkpoint, "--image", str(image_path), "--text", "cyst",

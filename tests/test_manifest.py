@@ -256,7 +256,8 @@ def test_load_manifest_keeps_extra_keys_and_allows_no_labels(tmp_path: Path) -> 
     ('{"name": "x", "modality": {}, "training": [{"patient_id": "a", '
      '"signals": [{"path": "a", "format": "wav", "trial_id": "T1"}]}]}',
      r"field 'training\[0\]\.signals\[0\]\.format': .*must be one of wfdb"),
-    ('{"name": "x", "modality": {}, "labels": {"liver": "1"}, "training": []}', r"field 'labels': .*'liver' is not an integer"),
+    ('{"name": "x", "modality": {}, "labels": {"liver": "1"}, "training": []}',
+     r"field 'labels': .*'liver' is not an integer"),
 ])
 def test_load_manifest_errors_name_the_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "bad.json"

@@ -124,7 +124,8 @@ def test_paired_differences_and_their_interval():
     assert (row["init"], row["seeds"], row["wins"]) == ("network", 3, 3)
     assert row["diff_mean"] == pytest.approx(0.2) and row["diff_std"] == pytest.approx(0.1)
     half = 4.302653 * 0.1 / 3 ** 0.5  # t(0.975, 2 degrees of freedom)
-    assert row["ci_low"] == pytest.approx(0.2 - half, abs=1e-5) and row["ci_high"] == pytest.approx(0.2 + half, abs=1e-5)
+    assert (row["ci_low"] == pytest.approx(0.2 - half, abs=1e-5)
+            and row["ci_high"] == pytest.approx(0.2 + half, abs=1e-5))
 
 
 @pytest.fixture
@@ -144,7 +145,8 @@ BENCH = ["model.name=segresnet", "model.width=8", "model.segresnet_blocks=[1,1,1
 
 
 def _bench(out: Path, cohort: Path, checkpoints: dict[str, Path], **options):
-    return label_efficiency(out, cohorts=["mni152"], steps=2, finetune_config=REPO / "configs" / "finetune_seg_tiny.yaml",
+    return label_efficiency(out, cohorts=["mni152"], steps=2,
+                            finetune_config=REPO / "configs" / "finetune_seg_tiny.yaml",
                             overrides=BENCH, manifests={"mni152": cohort}, pretrained={"mni152": checkpoints},
                             **options)
 

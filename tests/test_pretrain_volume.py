@@ -82,7 +82,8 @@ def test_resume_after_kill_matches_uninterrupted(hospital: Path, tmp_path: Path)
             "probe.split=training",
             "train.steps=8", "train.checkpoint_every=2", "probe.enabled=false", "views.points=8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = subprocess.run([*args, "-o", str(tmp_path / "full")], capture_output=True, encoding="utf-8", errors="replace", env=env)
+    full = subprocess.run([*args, "-o", str(tmp_path / "full")], capture_output=True, encoding="utf-8",
+                          errors="replace", env=env)
     assert full.returncode == 0, full.stderr[-2000:]
     cut = tmp_path / "cut"
     proc = subprocess.Popen([*args, "-o", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -93,7 +94,8 @@ def test_resume_after_kill_matches_uninterrupted(hospital: Path, tmp_path: Path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(_losses(cut)) < 8, "the run finished before it could be killed"
-    resumed = subprocess.run([*args, "-o", str(cut), "--resume"], capture_output=True, encoding="utf-8", errors="replace", env=env)
+    resumed = subprocess.run([*args, "-o", str(cut), "--resume"], capture_output=True, encoding="utf-8",
+                             errors="replace", env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, got = _losses(tmp_path / "full"), _losses(cut)
     assert sorted(got) == list(range(1, 9))

@@ -121,7 +121,8 @@ def test_intensity_augmentation_leaves_the_label_alone():
     assert torch.equal(batches[2]["image"], batches[2]["image"])  # deterministic per (seed, i)
 
 
-@pytest.mark.parametrize("name, extra", [("basicunet", {"width": 4}), ("segresnet", {"segresnet_blocks": (1, 1, 1, 1)})])
+@pytest.mark.parametrize("name, extra", [("basicunet", {"width": 4}),
+                                         ("segresnet", {"segresnet_blocks": (1, 1, 1, 1)})])
 def test_deep_supervision_heads_and_loss(name, extra):
     cfg = VolumeEncoderConfig(name=name, **extra)
     torch.manual_seed(0)

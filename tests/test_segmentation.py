@@ -309,6 +309,7 @@ def test_a_patient_in_two_splits_is_refused_naming_the_patient(hospital, tmp_pat
     data["training"].append(leaked)
     manifest = tmp_path / "leaky.json"
     manifest.write_text(json.dumps(data))
-    with pytest.raises(UserError, match=f"patient '{leaked['patient_id']}' is in more than one split: training and test"):
+    with pytest.raises(UserError,
+                       match=f"patient '{leaked['patient_id']}' is in more than one split: training and test"):
         finetune_seg(_config(manifest), tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -113,7 +113,8 @@ def test_eval_from_pretrained_writes_flat_summary(hospital: Path, checkpoint: Pa
                     assert key in written and f"{key}_ci_low" in written
     assert written["frac1_patients"] == 2  # one training patient per class
     assert written["test_patients"] + written["train_patients"] == 6
-    assert (tmp_path / "eval" / "config.yaml").exists() and (tmp_path / "eval" / "finetune_frac10" / "metrics.jsonl").exists()
+    assert ((tmp_path / "eval" / "config.yaml").exists()
+            and (tmp_path / "eval" / "finetune_frac10" / "metrics.jsonl").exists())
     assert "patient-independent classification" in capsys.readouterr().out
     assert summary["probe_frac100_patient_auroc"] == written["probe_frac100_patient_auroc"]
 

@@ -95,7 +95,8 @@ def test_pretraining_learns_and_writes_the_run_dir(hospital: Path, tmp_path: Pat
     summary = pretrain_timeseries(tiny(hospital, "train.steps=30", "train.lr=0.005"), run, resume=False)
     losses = [r["loss"] for r in records(run)]
     assert len(losses) == 30 and np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1
-    assert {"observation", "sample", "trial", "patient", "trial_skipped_patients", "embedding_std"} <= set(records(run)[0])
+    assert ({"observation", "sample", "trial", "patient", "trial_skipped_patients", "embedding_std"}
+            <= set(records(run)[0]))
     assert {"config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "tb"} <= {p.name for p in run.iterdir()}
     assert json.loads((run / "summary.json").read_text())["windows"] == summary["windows"] > 0
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt", kind="pretrain-timeseries")
@@ -166,7 +167,8 @@ def write_cohort(root: Path, trials: dict[str, list[np.ndarray]], fs: float = 50
 def waves(seconds: float, seed: int, fs: float = 50.0) -> np.ndarray:
     t = np.arange(int(seconds * fs)) / fs
     rng = np.random.default_rng(seed)
-    return np.stack([np.sin(2 * np.pi * (1 + seed) * t), np.cos(2 * np.pi * 0.3 * t)]) + 0.1 * rng.normal(size=(2, t.size))
+    return (np.stack([np.sin(2 * np.pi * (1 + seed) * t), np.cos(2 * np.pi * 0.3 * t)])
+            + 0.1 * rng.normal(size=(2, t.size)))
 
 
 def cohort_config(manifest: Path, *overrides: str) -> PretrainTimeseriesConfig:

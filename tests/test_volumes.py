@@ -69,7 +69,8 @@ def test_ct_window_maps_level_to_half(tmp_path: Path) -> None:
 def test_mr_percentiles_map_to_unit_range(tmp_path: Path) -> None:
     image = np.random.default_rng(0).gamma(2.0, 100.0, size=SHAPE).astype(np.float32)
     entry = {"image": write(tmp_path, "mr.nii.gz", image, RAS)}
-    out = volume_transforms(VolumePreprocessing(modality="MR", percentiles=(2.0, 98.0), crop_size=SHAPE))(entry)["image"]
+    out = volume_transforms(VolumePreprocessing(modality="MR", percentiles=(2.0, 98.0),
+                                                crop_size=SHAPE))(entry)["image"]
     low, high = np.percentile(image, [2.0, 98.0])
     np.testing.assert_allclose(out[0].numpy(), np.clip((image - low) / (high - low), 0, 1), atol=1e-5)
     assert out.min() == 0.0 and out.max() == 1.0

@@ -63,7 +63,8 @@ INIT_NAMES = {"scratch": "scratch", "encoder": "encoder pretrained (contrastive)
 COUNTS = (1, 2, 4, 8)
 SEEDS = (0, 1, 2)
 FINETUNE_CONFIG = Path("configs/finetune_seg.yaml")
-PRETRAIN_CONFIGS = {"encoder": Path("configs/pretrain_volume.yaml"), "network": Path("configs/pretrain_volume_mae.yaml")}
+PRETRAIN_CONFIGS = {"encoder": Path("configs/pretrain_volume.yaml"),
+                    "network": Path("configs/pretrain_volume_mae.yaml")}
 PRETRAINED_FILE = {"encoder": "encoder.pt", "network": "network.pt"}
 BENCH_COHORTS = {"hospital": {"patients": 12, "studies": 2, "size": 64},  # 16 training volumes
                  "mni152": {"patients": 16, "studies": 1, "size": 48}}  # 10 training volumes
@@ -197,7 +198,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "dice_std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "dice_min": float(v.min()),
                      "dice_max": float(v.max()),
                      "seconds_mean": _nan_stats([m.get("seconds", math.nan) for m in members])[0],
-                     **{k: _nan_stats([m.get(k, math.nan) for m in members])[0] for k in ("drift_encoder", "drift_decoder")
+                     **{k: _nan_stats([m.get(k, math.nan) for m in members])[0]
+                        for k in ("drift_encoder", "drift_decoder")
                         if k in members[0]},
                      **{organ: _nan_stats([m.get(organ, math.nan) for m in members])[0] for organ in organs}})
     order = {init: k for k, init in enumerate(INITS)}
@@ -267,7 +269,8 @@ def plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
             if mine:
                 shift = 1.0 + 0.04 * (k - (len(inits) - 1) / 2)  # side by side on the log axis
                 ax.errorbar([r["labelled"] * shift for r in mine], [r["dice_mean"] for r in mine],
-                            yerr=[r["dice_std"] for r in mine], marker=marker, capsize=3, label=INIT_NAMES.get(init, init))
+                            yerr=[r["dice_std"] for r in mine], marker=marker, capsize=3,
+                            label=INIT_NAMES.get(init, init))
         counts = sorted({r["labelled"] for r in rows if r["cohort"] == cohort})
         ax.set_xscale("log", base=2)
         ax.set_xticks(counts, [str(c) for c in counts])
@@ -351,7 +354,8 @@ def markdown(rows: list[dict[str, Any]], paired: list[dict[str, Any]]) -> str:
     return "\n".join(lines + organ_lines) + "\n"
 
 
-def label_efficiency(out_dir: str | Path, *, cohorts: Sequence[str] = tuple(BENCH_COHORTS), counts: Sequence[int] = COUNTS,
+def label_efficiency(out_dir: str | Path, *, cohorts: Sequence[str] = tuple(BENCH_COHORTS),
+                     counts: Sequence[int] = COUNTS,
                      seeds: Sequence[int] = SEEDS, inits: Sequence[str] = INITS, steps: int | None = None,
                      pretrain_steps: int | None = None, finetune_config: str | Path = FINETUNE_CONFIG,
                      pretrain_configs: dict[str, Path] | None = None, overrides: Sequence[str] = (),

@@ -54,7 +54,8 @@ def bench_pretrain_volume(*, manifest: Path | None = None, steps: int = 10, batc
         config = _config(_hospital(manifest, Path(tmp), size), steps=steps, batch_size=batch_size, seed=0, crop=crop,
                          model=model, probe=False)
         loaded = load_manifest(config.data.manifest)
-        batches = VolumePretrainBatches.from_manifest(loaded, "training", config.data.preprocessing(loaded.modality.get("0")),
+        batches = VolumePretrainBatches.from_manifest(loaded, "training",
+                                                      config.data.preprocessing(loaded.modality.get("0")),
                                                       batch_size=batch_size, points=config.views.points,
                                                       stride=config.views.feature_stride)
     torch.manual_seed(0)

@@ -290,8 +290,9 @@ def signal_windows(data: SignalDataConfig, splits: str | Sequence[str], *,
 
     splits = [splits] if isinstance(splits, str) else list(splits)
     manifest = manifest or load_manifest(data.manifest)
-    recordings = [rec for split in splits for rec in load_recordings(manifest, split, fs=data.fs, channels=data.channels,
-                                                                      missing_channels=data.missing_channels)]
+    recordings = [rec for split in splits
+                  for rec in load_recordings(manifest, split, fs=data.fs, channels=data.channels,
+                                             missing_channels=data.missing_channels)]
     name = "+".join(splits)
     if not recordings:
         raise UserError(f"{data.manifest}: split {name} has no signal recordings")

@@ -243,7 +243,8 @@ def manifest_volume_entries(manifest: Manifest, split: str, *, with_label: bool 
             lacking.append(f"{split}[{i}] {entry.patient_id}/{entry.study_id or '-'} (no {', '.join(missing)})")
             continue
         item = {key: str(manifest.path(getattr(entry, key))) for key in keys}
-        items.append({**item, "patient_id": entry.patient_id, "study_id": entry.study_id or "", "where": f"{split}[{i}]"})
+        items.append({**item, "patient_id": entry.patient_id, "study_id": entry.study_id or "",
+                      "where": f"{split}[{i}]"})
     if lacking:
         raise UserError(f"manifest {manifest.root}: {len(lacking)} entries lack a file the volume pipeline needs: "
                         + "; ".join(lacking))

@@ -147,7 +147,8 @@ def classification_metrics(y: np.ndarray, prob: np.ndarray) -> dict[str, float]:
     if len(np.unique(y)) < 2:
         return {**out, "auroc": math.nan, "auprc": math.nan}
     if prob.shape[1] == 2:
-        return {**out, "auroc": float(roc_auc_score(y, prob[:, 1])), "auprc": float(average_precision_score(y, prob[:, 1]))}
+        return {**out, "auroc": float(roc_auc_score(y, prob[:, 1])),
+                "auprc": float(average_precision_score(y, prob[:, 1]))}
     onehot = label_binarize(y, classes=classes)
     present = onehot.any(axis=0)
     return {**out, "auroc": float(roc_auc_score(onehot[:, present], prob[:, present], average="macro")),
@@ -192,7 +193,8 @@ def evaluate_predictions(prob: np.ndarray, patient: np.ndarray, labels: np.ndarr
     return result
 
 
-def _both_levels(prob: np.ndarray, patient: np.ndarray, labels: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+def _both_levels(prob: np.ndarray, patient: np.ndarray,
+                 labels: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
     """(patient-level, window-level) metrics; patient (N,) indexes labels (n_patients,)."""
     by_patient = patient_probabilities(prob, patient, len(labels))
     return classification_metrics(labels, by_patient), classification_metrics(labels[patient], prob)
@@ -359,7 +361,8 @@ def eval_timeseries(config: EvalTimeseriesConfig, run_dir: Path, *, pretrained: 
     return summary
 
 
-def print_table(rows: list[tuple[str, float, int, dict[str, float]]], summary: dict[str, Any], *, bootstrap: bool) -> None:
+def print_table(rows: list[tuple[str, float, int, dict[str, float]]], summary: dict[str, Any], *,
+                bootstrap: bool) -> None:
     """One row per (mode, fraction): patient-level metrics (with intervals) and window-level AUROC."""
     console = Console()
     if not console.is_terminal:  # logs and pipes: wide enough that the intervals are not cut

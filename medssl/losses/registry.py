@@ -7,8 +7,9 @@ dotted key (e.g. `voxel.weight`). Defaults: every weight 1.0 except part_whole 0
 yields two terms (compose and decompose) and each gets the weight, so together they count as one
 objective (Adam-v2 weights each branch 1 next to a single localizability loss; we have four other
 objectives), and masked 0: masked reconstruction trains the whole network (encoder and decoder) and is
-switched on by its own config (configs/pretrain_volume_mae.yaml). tau 0.2 throughout (between SimCLR's 0.1 and SwinUNETR's 0.5). fn_radius 0.1 of the body
-box (~4 cm on a 40 cm field) treats regions that close to the anchor as the same anatomy.
+switched on by its own config (configs/pretrain_volume_mae.yaml). tau 0.2 throughout (between SimCLR's 0.1 and
+SwinUNETR's 0.5). fn_radius 0.1 of the body box (~4 cm on a 40 cm field) treats regions that close to the
+anchor as the same anatomy.
 
 The table's order is the order in which the objectives run (and their terms are summed).
 """
@@ -48,7 +49,8 @@ class _ObjectivesSection(StrictModel):
 
 VolumeObjectivesConfig = create_model(
     "VolumeObjectivesConfig", __base__=_ObjectivesSection,
-    **{name: (objective.Config, Field(default_factory=objective.Config)) for name, objective in VOLUME_OBJECTIVES.items()})
+    **{name: (objective.Config, Field(default_factory=objective.Config))
+       for name, objective in VOLUME_OBJECTIVES.items()})
 
 
 def total_loss(terms: dict[str, torch.Tensor], config: _ObjectivesSection) -> torch.Tensor:

@@ -205,7 +205,8 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
             probe_off = {"probe_off": str(err)}
     run = RunDir(run_dir, enabled=ctx.is_main)
     trainer = Trainer(model, _objective, batches, config=config.train, run_dir=run, ctx=ctx,
-                      checkpointing=Checkpointing(kind=Kind.PRETRAIN_VOLUME, arch=model.arch(), preprocessing=prep.to_dict(),
+                      checkpointing=Checkpointing(kind=Kind.PRETRAIN_VOLUME, arch=model.arch(),
+                                                  preprocessing=prep.to_dict(),
                                                   config=config.model_dump(mode="json")),
                       evaluate=(lambda m, step: probe(m.encoder)) if probe else None,
                       eval_every=config.probe.every, best_metric="probe_dice" if probe else None,

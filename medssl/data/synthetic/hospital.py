@@ -79,7 +79,8 @@ def _write_patient(root: Path, plan: _Plan, patient: int, patient_condition: int
             signals.append({"path": f"sig/{path.name}", "format": "wfdb", "trial_id": trial_id, "fs": plan.fs})
         entries.append({"image": f"vol/{stem}.nii.gz", "label": f"seg/{stem}.nii.gz",
                         "lesion_mask": f"lesion/{stem}.nii.gz", "report_file": f"report/{stem}.txt",
-                        "patient_id": patient_id, "study_id": study_id, "report": report, "condition": patient_condition,
+                        "patient_id": patient_id, "study_id": study_id, "report": report,
+                        "condition": patient_condition,
                         "lesions": findings, "signals": signals})
     return entries
 

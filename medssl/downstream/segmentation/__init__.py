@@ -29,7 +29,8 @@ noise; the label follows every spatial step, nearest-neighbour). `seg.crops.samp
 `seg.augment.enabled: false` gives the original uniform crops draw for draw.
 
 Training: Dice + cross-entropy (`monai.losses.DiceCELoss`, softmax, one-hot target, `seg.class_weights`;
-`monai.losses.DeepSupervisionLoss` with deep supervision) through the shared `Trainer`. `seg.freeze_encoder_steps`: the encoder's parameters get no gradient (so AdamW leaves them
+`monai.losses.DeepSupervisionLoss` with deep supervision) through the shared `Trainer`.
+`seg.freeze_encoder_steps`: the encoder's parameters get no gradient (so AdamW leaves them
 untouched, weight decay included) for the first N optimiser steps. `seg.layer_decay` (d <= 1): layer-wise
 learning-rate decay; the decoder and head train at `train.lr`, encoder stage i of S (stages in the order
 of `VolumeEncoder.parts`, fine to coarse; a ModuleList part gives one stage per element) at

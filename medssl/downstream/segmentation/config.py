@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, confloat, field_validator, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    confloat,
+    field_validator,
+    model_validator,
+)
 
 from medssl.config import StrictModel, TrainConfig
 from medssl.data.preprocessing import VolumeDataConfig
