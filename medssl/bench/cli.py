@@ -9,6 +9,7 @@ import typer
 
 from medssl.cli_options import OverridesArg
 from medssl.config import load_config
+from medssl.data.manifest import require_manifest_file
 from medssl.errors import UserError
 
 bench_app = typer.Typer(help="Benchmarks that print their numbers (speed, memory, label efficiency).",
@@ -52,8 +53,7 @@ def volume_probe_command(
     """Organ probe of the pretrained encoder vs the same encoder at random init, over seeds."""
     from medssl.bench.pretrain_volume import probe_vs_random_init
 
-    if manifest is not None and not manifest.is_file():
-        raise UserError(f"{manifest}: no such manifest file")
+    require_manifest_file(manifest)
     probe_vs_random_init(seeds=tuple(seeds), steps=steps, batch_size=batch_size, manifest=manifest, out=output)
 
 
@@ -186,8 +186,7 @@ def grounding_ceiling_command(
     """With labels, how well can the frozen grounding features point at lesions? (AUROC, pointing game)"""
     from medssl.bench.grounding import feature_ceiling
 
-    if not manifest.is_file():
-        raise UserError(f"{manifest}: no such manifest file")
+    require_manifest_file(manifest)
     feature_ceiling(manifest, pretrained, config=config)
 
 

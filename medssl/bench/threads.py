@@ -18,6 +18,7 @@ from typing import Any
 
 from medssl.atomic import write_json
 from medssl.bench.report import print_table
+from medssl.data.manifest import require_manifest_file
 from medssl.errors import UserError
 from medssl.threads import available_cores
 
@@ -49,8 +50,7 @@ def thread_benchmark(out: str | Path | None = None, *, steps: int = 40, manifest
 
     if steps < 2:
         raise UserError(f"--steps: {steps}; at least 2 (the speed is read from the last log window)")
-    if manifest is not None and not Path(manifest).is_file():
-        raise UserError(f"{manifest}: no such manifest file")
+    require_manifest_file(manifest)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="medssl-threads-") as tmp:
         manifest = manifest or make_hospital(Path(tmp) / "hospital", patients=4, studies=2, size=32, seed=0)

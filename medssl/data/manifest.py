@@ -129,6 +129,12 @@ def validated_labels(labels: Any) -> dict[str, str] | None:
 # ------------------------------------------------------------------------------------------- load / write
 
 
+def require_manifest_file(path: Path | None) -> None:
+    """UserError unless `path` is None or an existing file: checked before long work that reads it later."""
+    if path is not None and not Path(path).is_file():
+        raise UserError(f"{path}: no such manifest file")
+
+
 def read_json(path: Path) -> dict:
     """The manifest file as a dict; UserError naming the file for a missing file or bad JSON."""
     try:

@@ -45,6 +45,12 @@ def fourier_coordinates(coords: torch.Tensor, frequencies: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def model_text(text: str, strip_measurements: bool) -> str:
+    """The text as the grounding model reads it: sizes and numbers removed when `strip_measurements` (the text
+    itself if nothing else is left), so the tokenizer's corpus and the model see the same words."""
+    return (without_measurements(text) or text) if strip_measurements else text
+
+
 class GroundingModel(nn.Module):
     """`forward(x (B, 4, D, H, W)) -> (B, E, d, h, w)` unit voxel embeddings at `feature_stride`;
     `forward(x, texts) -> (voxels, (N, E) unit text embeddings)` (one call, so DDP sees both sides);
@@ -108,8 +114,7 @@ class GroundingModel(nn.Module):
         gives (0, E)."""
         if not texts:
             return self.text_head.weight.new_zeros(0, self.head_config.embed_dim)
-        if self.head_config.strip_measurements:
-            texts = [without_measurements(t) or t for t in texts]
+        texts = [model_text(t, self.head_config.strip_measurements) for t in texts]
         return F.normalize(self.text_head(self.text(texts).pooled), dim=-1)
 
     @torch.no_grad()

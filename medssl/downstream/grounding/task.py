@@ -38,12 +38,11 @@ from medssl.downstream.grounding.data import GroundingBatches, Study, grid_body,
 from medssl.downstream.grounding.evaluate import calibrate, eval_studies, evaluate
 from medssl.downstream.grounding.graph import AnatomyGraph
 from medssl.downstream.grounding.infer import Grounder
-from medssl.downstream.grounding.model import GroundingModel, fuse_maps
+from medssl.downstream.grounding.model import GroundingModel, fuse_maps, model_text
 from medssl.downstream.grounding.objective import GroundingObjective
 from medssl.errors import UserError
 from medssl.models.volume_encoders import build_volume_encoder, load_pretrained_encoder
 from medssl.text.encoders import build_text_encoder
-from medssl.text.statements import without_measurements
 from medssl.training.checkpoint import Kind, save_checkpoint
 from medssl.training.distributed import init_distributed
 from medssl.training.loop import Checkpointing, ParamGroup, Trainer
@@ -117,8 +116,7 @@ def prepare(config: GroundingConfig, pretrained: Path | None) -> Prepared:
         for study, (features, coords, body) in zip(studies, _graph_inputs(encoder, studies, stride)):
             study.nodes = graph.assign(features, coords, body)
     texts = [s.report for s in studies] + ([p for level in (1, 2) for p in graph.prompts(level)] if graph else [])
-    if config.grounding.strip_measurements:
-        texts = [without_measurements(t) for t in texts]
+    texts = [model_text(t, config.grounding.strip_measurements) for t in texts]
     text = build_text_encoder(config.text, texts)
     model = GroundingModel(config.model, config.grounding, text)
     model.encoder.load_state_dict(encoder.state_dict())
