@@ -48,6 +48,7 @@ from torch import nn
 from medssl.config import StrictModel
 from medssl.losses.contrastive import info_nce, pair_views, same_id_mask
 from medssl.models.ts_encoder import pool
+from medssl.training.distributed import DistContext, gather_rows, local_rows
 
 LEVELS = ("observation", "sample", "trial", "patient")
 PooledLevel = Literal["sample", "trial", "patient"]
@@ -123,6 +124,17 @@ def positive_similarity(h: torch.Tensor, positives: torch.Tensor) -> torch.Tenso
         return sim.sum(dim=1) / positives.sum(dim=1).float().masked_fill(~positives.any(dim=1), float("nan"))
 
 
+def anchor_weights(positives: torch.Tensor, exclude: torch.Tensor, *, decoupled: bool,
+                   down: torch.Tensor | None = None, w_min: float = 1.0) -> torch.Tensor:
+    """(N,) float: an anchor's weight in the level mean: 0 without a positive (decoupled: or without a
+    negative), `w_min` when in `down` (N,) bool, else 1. positives, exclude: (N, N) bool."""
+    usable = (positives & ~exclude).any(dim=1)
+    if decoupled:
+        usable &= (~positives & ~exclude).any(dim=1)
+    weights = usable.float()
+    return weights if down is None else weights * torch.where(down, w_min, 1.0)
+
+
 def weighted_info_nce(h: torch.Tensor, positives: torch.Tensor, exclude: torch.Tensor, *, tau: float,
                       decoupled: bool, down: torch.Tensor | None = None, w_min: float = 1.0,
                       keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -136,9 +148,7 @@ def weighted_info_nce(h: torch.Tensor, positives: torch.Tensor, exclude: torch.T
     full = keep & ~down
     if not down.any():
         return info_nce(h[full], h, positives[full], tau=tau, exclude=exclude[full], decoupled=decoupled)
-    usable = (positives & ~exclude).any(dim=1)
-    if decoupled:
-        usable &= (~positives & ~exclude).any(dim=1)
+    usable = anchor_weights(positives, exclude, decoupled=decoupled) > 0
     n_full = (usable & full).sum().float()
     n_down = (usable & down).sum().float() * w_min
     parts = [info_nce(h[rows], h, positives[rows], tau=tau, exclude=exclude[rows], decoupled=decoupled)
@@ -163,18 +173,26 @@ class HierarchicalContrast(nn.Module):
         self.register_buffer("dbpm_updates", torch.zeros(n, dtype=torch.long))
 
     def forward(self, z_a: torch.Tensor, z_b: torch.Tensor, sample: torch.Tensor, trial: torch.Tensor,
-                patient: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                patient: torch.Tensor, ctx: DistContext = DistContext()
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Under torchrun (`ctx`), the pooled levels gather every rank's windows and IDs (rank-major) and
+        each rank's term is its anchors' share of the global weighted mean, times N: DDP's gradient average
+        then equals the gradient of the global loss, and the logged mean over ranks is the global loss."""
         cfg = self.config
         terms: dict[str, torch.Tensor] = {}
-        if cfg.observation.weight > 0:
+        if cfg.observation.weight > 0:  # per-window problems: every rank has the same number of windows
             terms["observation"] = observation_loss(z_a, z_b, tau=cfg.observation.tau, decoupled=cfg.decoupled)
-        h = torch.cat([pool(z_a), pool(z_b)])
+        h = torch.cat([gather_rows(pool(z_a), ctx), gather_rows(pool(z_b), ctx)])
+        sample, trial, patient = (gather_rows(ids, ctx) for ids in (sample, trial, patient))
+        mine = torch.zeros(sample.shape[0], dtype=torch.bool, device=h.device)
+        mine[local_rows(z_a.shape[0], ctx)] = True
+        mine = mine.repeat(2)  # this rank's windows in both views
         downweighted: list[torch.Tensor] = []
         for level, group in (("sample", None), ("trial", trial), ("patient", patient)):
             if getattr(cfg, level).weight == 0:
                 continue
             positives, exclude = window_masks(sample, group)
-            keep = None
+            keep = torch.ones_like(mine)
             if level == "trial":
                 keep, skipped = self._patients_with_several_trials(trial, patient)
                 terms["trial_skipped_patients"] = skipped
@@ -182,7 +200,12 @@ class HierarchicalContrast(nn.Module):
             if down is not None:
                 downweighted.append(down.float().mean())
             terms[level] = weighted_info_nce(h, positives, exclude, tau=getattr(cfg, level).tau,
-                                             decoupled=cfg.decoupled, down=down, w_min=cfg.dbpm.w_min, keep=keep)
+                                             decoupled=cfg.decoupled, down=down, w_min=cfg.dbpm.w_min,
+                                             keep=keep & mine)
+            if ctx.distributed:
+                weights = anchor_weights(positives, exclude, decoupled=cfg.decoupled, down=down, w_min=cfg.dbpm.w_min)
+                terms[level] = terms[level] * (ctx.world_size * weights[keep & mine].sum()
+                                               / weights[keep].sum().clamp_min(1e-12))
         if cfg.dbpm.enabled:
             terms["dbpm_downweighted"] = (torch.stack(downweighted).mean() if downweighted
                                           else torch.zeros((), device=h.device))

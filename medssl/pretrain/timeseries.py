@@ -3,7 +3,13 @@
 Data: the manifest's training split -> `load_recordings` (resampled to `data.fs`, channels selected by
 name) -> `WindowDataset` (windows of `data.window_seconds`) -> `HierarchicalBatchSampler` (P patients
 x R trials x S windows per micro-batch, re-drawn every epoch). Micro-batch i is a pure function of
-(seed, rank, i): epoch i // len(sampler), batch i % len(sampler), so `--resume` replays it exactly.
+(seed, i): epoch i // len(sampler), batch i % len(sampler), so `--resume` replays it exactly.
+
+Under torchrun with N processes, `train.batch_size` and `sampler.patients` are per process: every rank
+draws the same global batch of N x P patients and takes its own P; the views are drawn for the global
+batch too, and the pooled levels contrast each rank's windows with every rank's (`gather_rows`, the
+gradient flowing back to the rank that made them). N processes with B windows each therefore train
+like one process with N x B (tests/test_ts_distributed.py).
 
 Views (on the device, from the step's generator): two crops of length `crop x window` with a common
 random shift (so that they overlap by at least `2 crop - 1` of the window), per-window random start,
@@ -34,7 +40,7 @@ from medssl.losses.hierarchical import HierarchicalContrast, HierarchyConfig
 from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, pool
 from medssl.seeding import derive_seed
 from medssl.training.checkpoint import Kind, save_checkpoint
-from medssl.training.distributed import init_distributed
+from medssl.training.distributed import DistContext, init_distributed, local_rows
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
 
@@ -81,16 +87,19 @@ class PretrainTimeseriesConfig(StrictModel):
 
 
 class HierarchicalBatches(Dataset):
-    """Item i = micro-batch i: {"x": (B, C, W), "sample", "trial", "patient", "label": (B,)}.
+    """Item i = this rank's part of micro-batch i: {"x": (B, C, W), "sample", "trial", "patient", "label": (B,)}.
 
-    Batch i comes from the sampler's epoch i // len(sampler) (re-drawn per epoch), position i % len.
+    Global batch i (`world_size` x `patients` patients) comes from the sampler's epoch i // len(sampler)
+    (re-drawn per epoch), position i % len; rank r keeps the r-th block of `patients` patients.
     """
 
     def __init__(self, windows: WindowDataset, *, patients: int, trials: int, samples: int,
-                 batches_per_epoch: int | None, seed: int, rank: int = 0):
+                 batches_per_epoch: int | None, seed: int, rank: int = 0, world_size: int = 1):
         self.windows = windows
-        self.sampler = HierarchicalBatchSampler(windows, patients=patients, trials=trials, samples=samples,
-                                                batches_per_epoch=batches_per_epoch, seed=derive_seed(seed, rank))
+        self.rows = slice(rank * patients * trials * samples, (rank + 1) * patients * trials * samples)
+        self.sampler = HierarchicalBatchSampler(windows, patients=patients * world_size, trials=trials,
+                                                samples=samples, batches_per_epoch=batches_per_epoch,
+                                                seed=derive_seed(seed, 0))
         self._epoch: tuple[int, list[list[int]]] | None = None
 
     def __len__(self) -> int:
@@ -102,7 +111,7 @@ class HierarchicalBatches(Dataset):
         if self._epoch is None or self._epoch[0] != epoch:
             self.sampler.set_epoch(epoch)
             self._epoch = (epoch, list(self.sampler))
-        return self._epoch[1][position]
+        return self._epoch[1][position][self.rows]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return default_collate([self.windows[k] for k in self.indices(i)])
@@ -145,21 +154,26 @@ def span_mask(batch: int, length: int, *, spans: int, fraction: float, generator
     return ((t >= starts) & (t < starts + span)).any(dim=1)
 
 
-def make_views(x: torch.Tensor, config: ViewConfig, generator: torch.Generator) -> Views:
-    """Two cropped, jittered, masked views of the windows x (B, C, W)."""
+def make_views(x: torch.Tensor, config: ViewConfig, generator: torch.Generator, ctx: DistContext = DistContext()
+               ) -> Views:
+    """Two cropped, jittered, masked views of the windows x (B, C, W): this rank's rows of the views drawn
+    for the global batch (`ctx.world_size` x B windows, rank-major), so the draws do not depend on N."""
     batch, channels, width = x.shape
     length = max(1, round(config.crop * width))
     slack = width - length
+    rows = local_rows(batch, ctx)
+    both_views = torch.cat([torch.arange(batch * ctx.world_size)[rows] + k * batch * ctx.world_size for k in (0, 1)])
     shift = int(_randint(-slack, slack, (1,), generator))  # view b starts `shift` samples after view a
-    start = _randint(max(0, -shift), slack - max(0, shift), (batch, 1, 1), generator)
+    start = _randint(max(0, -shift), slack - max(0, shift), (batch * ctx.world_size, 1, 1), generator)[rows]
     t = torch.arange(length, device=x.device)
     crops = [x.gather(2, (start + offset + t).expand(batch, channels, length)) for offset in (0, shift)]
     stacked = torch.cat(crops)
     if config.jitter > 0:
-        noise = torch.randn(stacked.shape, generator=generator, device=generator.device, dtype=stacked.dtype)
+        noise = torch.randn((2 * batch * ctx.world_size, channels, length), generator=generator,
+                            device=generator.device, dtype=stacked.dtype)[both_views.to(generator.device)]
         stacked = stacked + config.jitter * stacked.std(dim=2, keepdim=True) * noise
-    mask = span_mask(2 * batch, length, spans=config.mask_spans, fraction=config.mask_span_fraction,
-                     generator=generator)
+    mask = span_mask(2 * batch * ctx.world_size, length, spans=config.mask_spans,
+                     fraction=config.mask_span_fraction, generator=generator)[both_views.to(generator.device)]
     return Views(stacked, mask, start_a=max(0, shift), start_b=max(0, -shift), overlap=length - abs(shift))
 
 
@@ -179,16 +193,18 @@ class TimeseriesPretrainer(nn.Module):
 
 
 class HierarchicalObjective:
-    """objective(model, batch, generator) -> StepOutput: one pair of views, one encoder call, all levels."""
+    """objective(model, batch, generator) -> StepOutput: one pair of views, one encoder call, all levels
+    (contrasting with every rank's windows under torchrun)."""
 
-    def __init__(self, views: ViewConfig):
+    def __init__(self, views: ViewConfig, ctx: DistContext = DistContext()):
         self.views = views
+        self.ctx = ctx
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepOutput:
         core = getattr(model, "module", model)  # DistributedDataParallel wraps the module
-        views = make_views(batch["x"], self.views, generator)
+        views = make_views(batch["x"], self.views, generator, self.ctx)
         z_a, z_b = views.aligned(model(views.x, views.mask))
-        loss, terms = core.loss(z_a, z_b, batch["sample"], batch["trial"], batch["patient"])
+        loss, terms = core.loss(z_a, z_b, batch["sample"], batch["trial"], batch["patient"], ctx=self.ctx)
         return StepOutput(loss=loss, terms=terms, items=batch["x"].shape[0], embeddings=pool(z_a).detach())
 
 
@@ -211,16 +227,21 @@ def pretrain_timeseries(config: PretrainTimeseriesConfig, run_dir: Path, *, resu
     console = Console(stderr=True)
     for note in notes if ctx.is_main else []:
         console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)  # never cut a path
+    wanted = config.sampler.patients * ctx.world_size
+    if ctx.distributed and wanted > len(windows.patient_ids):
+        raise UserError(f"sampler.patients: {config.sampler.patients} per process x {ctx.world_size} processes = "
+                        f"{wanted} patients per step, but the training split has {len(windows.patient_ids)}")
     batches = HierarchicalBatches(windows, patients=config.sampler.patients, trials=config.sampler.trials,
                                   samples=config.samples_per_trial, batches_per_epoch=config.sampler.batches_per_epoch,
-                                  seed=config.train.seed, rank=ctx.rank)
+                                  seed=config.train.seed, rank=ctx.rank, world_size=ctx.world_size)
     torch.manual_seed(config.train.seed)
     rundir = RunDir(run_dir, enabled=ctx.is_main)
-    trainer = Trainer(TimeseriesPretrainer(config.model, config.objectives), HierarchicalObjective(config.views),
-                      batches, config=config.train, run_dir=rundir,
+    trainer = Trainer(TimeseriesPretrainer(config.model, config.objectives),
+                      HierarchicalObjective(config.views, ctx), batches, config=config.train, run_dir=rundir,
                       checkpointing=Checkpointing(kind=Kind.PRETRAIN_TIMESERIES, arch=config.model.model_dump(),
                                                   preprocessing=config.data.to_dict(),
-                                                  config=config.model_dump(mode="json")), ctx=ctx)
+                                                  config=config.model_dump(mode="json")), ctx=ctx,
+                      generator_per_rank=False)
     if resume:
         trainer.resume()
     rundir.write_config(dump_config(config))  # after a resume is accepted: a refused one changes nothing

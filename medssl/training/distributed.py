@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,3 +55,39 @@ def mean_across_ranks(values: dict[str, float], ctx: DistContext) -> dict[str, f
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(tensor)
     return dict(zip(keys, (tensor / ctx.world_size).tolist()))
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's rows (lightly's
+    `gather_distributed` does the same): a loss on the gathered rows trains every rank's encoder."""
+
+    @staticmethod
+    def forward(_ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(_ctx: Any, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(grads)
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
+
+
+def gather_rows(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Every rank's rows, rank-major: (N, ...) on each of the W ranks -> (W*N, ...), the same on every rank.
+
+    The gradient reaches the local rows (from every rank's loss) when x requires it; N must be equal on
+    all ranks. Identity when not distributed."""
+    if not ctx.distributed:
+        return x
+    if x.requires_grad:
+        return torch.cat(_GatherWithGrad.apply(x))
+    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def local_rows(n_local: int, ctx: DistContext) -> slice:
+    """This rank's rows in a rank-major gathered batch of `n_local` rows per rank."""
+    return slice(ctx.rank * n_local, (ctx.rank + 1) * n_local)

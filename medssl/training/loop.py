@@ -7,7 +7,9 @@ A task hands the loop three things:
   generators seeded by (seed, i, rank). Batch `i` is the same whether the run was interrupted or
   not, which is what makes `--resume` reproduce an uninterrupted run;
 - `objective(model, batch, generator) -> StepOutput`: the total loss, every named term, and
-  optionally embeddings for the collapse monitor. Its randomness comes from `generator`.
+  optionally embeddings for the collapse monitor. Its randomness comes from `generator`, seeded by
+  (seed, i, rank), or by (seed, i) on every rank with `generator_per_rank=False`: for objectives that
+  draw for the global batch (every rank's rows) and keep their own, so that N processes reproduce one.
 
 Optionally `param_groups` (`ParamGroup`s: a learning-rate scale and weight decay on or off per group;
 default: weights with decay, biases and norm weights without) and `freeze` (`Freeze`: a module whose
@@ -109,7 +111,8 @@ class Trainer:
                  run_dir: RunDir, checkpointing: Checkpointing, ctx: DistContext = DistContext(),
                  evaluate: Evaluate | None = None, eval_every: int = 0, best_metric: str | None = None,
                  after_step: AfterStep | None = None, find_unused_parameters: bool = False,
-                 param_groups: list[ParamGroup] | None = None, freeze: Freeze | None = None):
+                 param_groups: list[ParamGroup] | None = None, freeze: Freeze | None = None,
+                 generator_per_rank: bool = True):
         self.config = config
         self.ctx = ctx
         self.run_dir = run_dir
@@ -123,6 +126,7 @@ class Trainer:
         self.after_step = after_step  # e.g. an EMA teacher update, called with (model, completed steps)
         self.model = model.to(ctx.device)
         self.freeze = freeze
+        self.generator_per_rank = generator_per_rank
         # find_unused_parameters: for models with blocks no active objective reaches (SwinUNETR's side blocks)
         # and for frozen parameters (no gradient while frozen)
         self.trained = (DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
@@ -207,8 +211,8 @@ class Trainer:
                 tick = time.perf_counter()
                 batch = _to_device(next(micro_batches), self.ctx.device)
                 tock = time.perf_counter()
-                generator = torch_generator(cfg.seed, self.step * accum + micro, self.ctx.rank,
-                                            device=self.ctx.device)
+                generator = torch_generator(cfg.seed, self.step * accum + micro,
+                                            self.ctx.rank if self.generator_per_rank else 0, device=self.ctx.device)
                 with torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16, enabled=use_amp):
                     out = self.objective(self.trained, batch, generator)
                 if not torch.isfinite(out.loss):
