@@ -300,14 +300,24 @@ def test_batch_keys_shapes_and_ids(batches):
     assert (batch["patient_d"][batch["has_d"]] != batch["patient"][batch["has_d"]]).all()
 
 
-def test_batches_are_deterministic_per_step_and_rank(batches, hospital):
+def test_batches_are_deterministic_per_step_and_split_across_ranks(batches, hospital):
     one, again, other = batches[7], batches[7], batches[8]
     for key in one:
         assert torch.equal(one[key], again[key]), key
     assert not torch.equal(one["a"], other["a"])
-    rank1 = VolumePretrainBatches(batches.volumes, [batches.patient_ids[p] for p in batches.patient_of],
-                                  batches.study_ids, batch_size=3, crop_size=CROP, points=16, seed=5, rank=1)
-    assert not torch.equal(rank1[7]["a"], one["a"])
+
+    def made(batch_size: int, **ranks) -> dict[str, torch.Tensor]:
+        return VolumePretrainBatches(batches.volumes, [batches.patient_ids[p] for p in batches.patient_of],
+                                     batches.study_ids, batch_size=batch_size, crop_size=CROP, points=16, seed=5,
+                                     **ranks)[7]
+
+    whole, first, second = made(4), made(2, rank=0, world_size=2), made(2, rank=1, world_size=2)
+    assert torch.equal(whole["a"][:3], one["a"])  # the first anchors do not depend on the batch size
+    for key in whole:  # two ranks hold the two halves of the global batch, views and jitter included
+        if key in ("match_accept_rate", "cell_positions"):
+            assert torch.equal(first[key], whole[key]) and torch.equal(second[key], whole[key]), key
+        else:
+            assert torch.equal(torch.cat([first[key], second[key]]), whole[key]), key
 
 
 def test_works_with_a_dataloader(batches):

@@ -33,5 +33,5 @@ class CropObjective(VolumeObjective):
     Config = CropConfig
 
     def forward(self, step: VolumeStep) -> dict[str, torch.Tensor]:
-        return {"crop": crop_contrast(step.view("a"), step.view("b"), tau=self.config.tau,
+        return {"crop": crop_contrast(step.gather(step.view("a")), step.gather(step.view("b")), tau=self.config.tau,
                                       decoupled=self.config.decoupled)}

@@ -22,6 +22,7 @@ from pydantic import NonNegativeFloat, PositiveFloat
 from torch import nn
 
 from medssl.config import StrictModel
+from medssl.training.distributed import DistContext, gather_rows
 
 VIEWS = ("a", "b", "c", "d")
 
@@ -61,7 +62,11 @@ class VolumeStep:
     z is None when no active objective uses the shared encoder pass (`uses_encoder_pass`);
     network: crops (N, C, S, S, S) -> (N, C_out, S, S, S), the whole segmentation network (encoder and
     decoder), present when an active objective `needs_network`;
-    generator: the step's seeded generator (on the model's device), for an objective's random draws.
+    generator: the step's seeded generator (on the model's device), for an objective's random draws; the same
+    on every rank, so an objective draws for the global batch and keeps its rows (`ctx`);
+    ctx: where this process stands under torchrun. A contrastive objective contrasts the global batch:
+    `gather` its embeddings and IDs first (the same on every rank, whatever the local data), then compute
+    the same loss on every rank; DDP's gradient average is then the global loss's gradient.
     """
 
     batch: dict[str, torch.Tensor]
@@ -70,6 +75,7 @@ class VolumeStep:
     dense_maps: Callable[[], torch.Tensor]
     network: Callable[[torch.Tensor], torch.Tensor] | None = None
     generator: torch.Generator | None = None
+    ctx: DistContext = field(default_factory=DistContext)
     _dense: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -79,6 +85,10 @@ class VolumeStep:
     def view(self, name: str) -> torch.Tensor:
         """(n, proj_dim) crop embeddings of view `name` ("a".."d")."""
         return self.z.split(self.anchors)[VIEWS.index(name)]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of x (n, ...) -> (world_size * n, ...), rank-major (identity in one process)."""
+        return gather_rows(x, self.ctx)
 
     def dense(self, name: str) -> torch.Tensor:
         """(n, proj_dim, d, h, w) dense projected features of view `name` (computed once per step)."""

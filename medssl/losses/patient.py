@@ -48,9 +48,9 @@ class PatientObjective(VolumeObjective):
     Config = PatientConfig
 
     def forward(self, step: VolumeStep) -> dict[str, torch.Tensor]:
-        batch = step.batch
+        batch = {key: step.gather(step.batch[key]) for key in ("has_c", "patient", "study_a", "study_c")}
         keep = torch.cat([torch.ones_like(batch["has_c"]), batch["has_c"]])
-        return {"patient": patient_contrast(torch.cat([step.view("a"), step.view("c")])[keep],
-                                            batch["patient"].repeat(2)[keep],
+        z = torch.cat([step.gather(step.view("a")), step.gather(step.view("c"))])
+        return {"patient": patient_contrast(z[keep], batch["patient"].repeat(2)[keep],
                                             torch.cat([batch["study_a"], batch["study_c"]])[keep],
                                             tau=self.config.tau, decoupled=self.config.decoupled)}

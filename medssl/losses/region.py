@@ -89,11 +89,12 @@ class RegionObjective(VolumeObjective):
     needs_dense = True
 
     def forward(self, step: VolumeStep) -> dict[str, torch.Tensor]:
-        batch, has_d = step.batch, step.batch["has_d"]
-        feat = torch.cat([step.dense("a"), step.dense("d")[has_d]])
+        batch = {key: step.gather(step.batch[key]) for key in ("has_d", "region_a", "region_d", "patient", "patient_d")}
+        has_d = batch["has_d"]
+        feat = torch.cat([step.gather(step.dense("a")), step.gather(step.dense("d"))[has_d]])
         regions = torch.cat([batch["region_a"], batch["region_d"][has_d]])
         patients = torch.cat([batch["patient"], batch["patient_d"][has_d]])
         embeddings, region_ids, crop_index = pool_regions(feat, regions)
         return {"region": region_contrast(embeddings, region_ids, patients[crop_index],
-                                          batch["cell_positions"][region_ids], tau=self.config.tau,
+                                          step.batch["cell_positions"][region_ids], tau=self.config.tau,
                                           fn_radius=self.config.fn_radius, cross_patient=self.config.cross_patient)}

@@ -84,6 +84,7 @@ class VoxelObjective(VolumeObjective):
     needs_dense = True
 
     def forward(self, step: VolumeStep) -> dict[str, torch.Tensor]:
-        return {"voxel": voxel_contrast(step.dense("a"), step.dense("b"), step.batch["points_a"],
-                                        step.batch["points_b"], tau=self.config.tau,
+        return {"voxel": voxel_contrast(step.gather(step.dense("a")), step.gather(step.dense("b")),
+                                        step.gather(step.batch["points_a"]), step.gather(step.batch["points_b"]),
+                                        tau=self.config.tau,
                                         min_separation=self.config.min_separation)}

@@ -191,17 +191,36 @@ def cell_centres(grid: int) -> torch.Tensor:
     return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
 
 
-def intensity_jitter(crop: torch.Tensor, generator: torch.Generator, *, gamma: tuple[float, float] = (0.7, 1.5),
-                     contrast: tuple[float, float] = (0.75, 1.25), brightness: float = 0.1,
-                     noise_std: tuple[float, float] = (0.0, 0.03)) -> torch.Tensor:
-    """Random gamma, contrast (about the crop mean), brightness shift and Gaussian noise, clipped to
-    [0, 1]. crop: (C, ...) float in [0, 1]; every draw comes from `generator` (deterministic)."""
+@dataclass(frozen=True)
+class Jitter:
+    """One crop's intensity jitter draws: gamma, contrast, brightness shift, noise (the crop's shape), noise std."""
+
+    gamma: float
+    contrast: float
+    brightness: float
+    noise: torch.Tensor
+    noise_std: float
+
+
+def draw_jitter(shape: tuple[int, ...], generator: torch.Generator, *, gamma: tuple[float, float] = (0.7, 1.5),
+                contrast: tuple[float, float] = (0.75, 1.25), brightness: float = 0.1,
+                noise_std: tuple[float, float] = (0.0, 0.03)) -> Jitter:
+    """The draws of `intensity_jitter` for a crop of `shape`, in its order (every draw from `generator`); drawing
+    without applying keeps a generator in step for crops that are not made (other ranks' crops)."""
 
     def uniform(low: float, high: float) -> float:
         return float(low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64))
 
-    out = crop.clamp(0, 1) ** uniform(*gamma)
+    g, c, b = uniform(*gamma), uniform(*contrast), uniform(-brightness, brightness)
+    noise = torch.randn(shape, generator=generator)
+    return Jitter(g, c, b, noise, uniform(*noise_std))
+
+
+def intensity_jitter(crop: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random gamma, contrast (about the crop mean), brightness shift and Gaussian noise, clipped to
+    [0, 1]. crop: (C, ...) float32 in [0, 1]; every draw comes from `generator` (deterministic)."""
+    draw = draw_jitter(tuple(crop.shape), generator)
+    out = crop.clamp(0, 1) ** draw.gamma
     mean = out.mean()
-    out = (out - mean) * uniform(*contrast) + mean + uniform(-brightness, brightness)
-    noise = torch.randn(out.shape, generator=generator, dtype=out.dtype) * uniform(*noise_std)
-    return (out + noise).clamp(0, 1)
+    out = (out - mean) * draw.contrast + mean + draw.brightness
+    return (out + draw.noise.to(out.dtype) * draw.noise_std).clamp(0, 1)

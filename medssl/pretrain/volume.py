@@ -45,7 +45,7 @@ from medssl.models.volume_encoders import (
 from medssl.pretrain.probe import OrganProbe, ProbeUnavailable
 from medssl.pretrain.volume_batches import VolumePretrainBatches
 from medssl.training.checkpoint import Kind
-from medssl.training.distributed import init_distributed
+from medssl.training.distributed import DistContext, init_distributed
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
 
@@ -103,9 +103,10 @@ class VolumePretrainModel(nn.Module):
     needs it, the whole network (`network`, sharing the encoder's modules) when one needs it, and the
     active objectives (`medssl.losses.registry.VOLUME_OBJECTIVES`); `forward(batch, generator) -> StepOutput`."""
 
-    def __init__(self, config: PretrainVolumeConfig):
+    def __init__(self, config: PretrainVolumeConfig, ctx: DistContext = DistContext()):
         super().__init__()
         self.config = config
+        self.ctx = ctx
         active = config.objectives.active()
         self.encoder_pass = any(VOLUME_OBJECTIVES[name].uses_encoder_pass for name in active)
         if any(VOLUME_OBJECTIVES[name].needs_network for name in active):
@@ -156,7 +157,7 @@ class VolumePretrainModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepOutput:
         feats, z = self.embed(torch.cat([batch[k] for k in VIEWS])) if self.encoder_pass else (None, None)
         step = VolumeStep(batch, z, self.embed, lambda: self.dense(feats[self.dense_level]), network=self.network,
-                          generator=generator)
+                          generator=generator, ctx=self.ctx)
         terms: dict[str, torch.Tensor] = {}
         for objective in self.objectives.values():
             terms.update(objective(step))
@@ -178,20 +179,29 @@ def _objective(model: nn.Module, batch: dict, generator: torch.Generator) -> Ste
 def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
     """Pretrain, write the run directory (DESIGN.md 3.2) and `encoder.pt`; return the summary."""
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume=resume)
     ctx = init_distributed()
+    if ctx.is_main:  # the other ranks would find rank 0's new folder
+        prepare_run_dir(run_dir, resume=resume)
     manifest = load_manifest(config.data.manifest)
     require_patient_independent(manifest, SPLITS, str(config.data.manifest))  # later evaluations stay honest
     prep = config.data.preprocessing(manifest.modality.get("0"))
     torch.manual_seed(config.train.seed)
-    model = VolumePretrainModel(config)
+    model = VolumePretrainModel(config, ctx)
     model.encoder.check_input_size(prep.crop_size)
+    if ctx.distributed and config.heads.norm == "batch":
+        if ctx.device.type == "cuda":  # batch statistics over every rank's crops, as in one process
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif ctx.is_main:
+            print("warning: heads.norm=batch on CPU processes: the projector's batch statistics are each process's "
+                  "own (torch's SyncBatchNorm needs GPUs); heads.norm=layer has no batch statistics",
+                  file=sys.stderr)
     views = config.views
     batches = VolumePretrainBatches.from_manifest(
         manifest, config.split, prep, views.matcher, cache_dir=config.data.cache_dir,
         batch_size=config.train.batch_size, points=views.points, stride=views.feature_stride, grid=views.region_grid,
         scale_range=views.scale_range, max_shift_fraction=views.max_shift_fraction, flip_prob=views.flip_prob,
-        jitter=views.jitter, match_retries=views.match_retries, seed=config.train.seed, rank=ctx.rank)
+        jitter=views.jitter, match_retries=views.match_retries, seed=config.train.seed, rank=ctx.rank,
+        world_size=ctx.world_size)
     probe, probe_off = None, {}
     if config.probe.enabled and ctx.is_main:
         probe_prep = prep.model_copy(update={"crop_size": config.probe.crop_size})
@@ -211,7 +221,7 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
                       evaluate=(lambda m, step: probe(m.encoder)) if probe else None,
                       eval_every=config.probe.every, best_metric="probe_dice" if probe else None,
                       after_step=lambda m, step: m.update_teacher(step),
-                      find_unused_parameters=model.encoder.find_unused_parameters)
+                      find_unused_parameters=model.encoder.find_unused_parameters, generator_per_rank=False)
     if resume:
         trainer.resume()
     run.write_config(dump_config(config))  # after a resume is accepted: a refused one changes nothing

@@ -1,8 +1,10 @@
 """Per-step micro-batches for 3D pretraining, drawn from whole preprocessed volumes held in memory.
 
-Item ``i`` of `VolumePretrainBatches` is one micro-batch, a deterministic function of
-``(seed, i, rank)`` (numpy and torch generators from `medssl.seeding`). Only images are read:
-never label maps, lesion masks or reports.
+Item ``i`` of `VolumePretrainBatches` is one micro-batch, a deterministic function of ``(seed, i)``
+(numpy and torch generators from `medssl.seeding`). Under torchrun every rank draws the anchors of the
+global batch (``world_size`` x B) and makes the crops of its own B (rank-major), so N processes with B
+anchors each see the batch one process with N x B sees. Only images are read: never label maps, lesion
+masks or reports.
 
 For each of the ``B`` anchors: a volume is drawn uniformly, an anchor point uniformly among its body
 voxels (the matcher's body mask), and
@@ -61,6 +63,7 @@ from medssl.pretrain.views import (
     cell_centres,
     corresponding_points,
     extract_crop,
+    draw_jitter,
     intensity_jitter,
     random_flips,
     region_map,
@@ -101,7 +104,7 @@ class VolumePretrainBatches(Dataset):
                  points: int = 64, stride: int = 4, grid: int = 4,
                  scale_range: tuple[float, float] = (0.8, 1.25), max_shift_fraction: float = 0.25,
                  flip_prob: float = 0.5, jitter: bool = True, match_retries: int = 10, small_volume: str = "pad",
-                 seed: int = 0, rank: int = 0, length: int = 10**9) -> None:
+                 seed: int = 0, rank: int = 0, world_size: int = 1, length: int = 10**9) -> None:
         names = list(names) if names is not None else [f"volume {i}" for i in range(len(volumes))]
         if not volumes:
             raise UserError("volumes: no volume to pretrain on")
@@ -125,7 +128,9 @@ class VolumePretrainBatches(Dataset):
         self.patient_of = np.array([index[p] for p in patient_ids])
         self.batch_size, self.points, self.stride, self.grid = batch_size, points, stride, grid
         self.scale_range, self.max_shift_fraction, self.flip_prob = tuple(scale_range), max_shift_fraction, flip_prob
-        self.jitter, self.match_retries, self.seed, self.rank, self.length = jitter, match_retries, seed, rank, length
+        self.jitter, self.match_retries, self.seed, self.length = jitter, match_retries, seed, length
+        self.mine = range(rank * batch_size, (rank + 1) * batch_size)  # this rank's anchors of the global batch
+        self.global_size = batch_size * world_size
         if isinstance(matcher, str):
             matcher = build_matcher(matcher, **(matcher_options or {}))
         self.matcher = matcher.fit([v[0].numpy() for v in self.volumes], spacings, names)
@@ -168,14 +173,17 @@ class VolumePretrainBatches(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        rng = numpy_generator(self.seed, i, self.rank)
-        generator = torch_generator(self.seed, i, self.rank)
-        anchors = [self._anchor(rng) for _ in range(self.batch_size)]
-        crops = {key: torch.stack([self._crop(*anchor.views[key], generator) for anchor in anchors])
+        rng = numpy_generator(self.seed, i, 0)
+        generator = torch_generator(self.seed, i, 0)
+        drawn = [self._anchor(rng) for _ in range(self.global_size)]
+        crops = {key: torch.stack([crop for k, anchor in enumerate(drawn)
+                                   if (crop := self._crop(*anchor.views[key], generator, k in self.mine)) is not None])
                  for key in VIEWS}
         pairs = [corresponding_points(anchor.views["a"][1], anchor.views["b"][1], self.points, rng, self.stride)
-                 for anchor in anchors]
-        tried = sum(anchor.tried for anchor in anchors)
+                 for anchor in drawn][self.mine.start:self.mine.stop]
+        tried = sum(anchor.tried for anchor in drawn)
+        accepted = sum(anchor.accepted for anchor in drawn)
+        anchors = drawn[self.mine.start:self.mine.stop]
         return {
             **crops,
             "points_a": torch.from_numpy(np.stack([pa for pa, _ in pairs])),
@@ -188,7 +196,7 @@ class VolumePretrainBatches(Dataset):
             "patient_d": self._ids(anchors, "d", self.patient_of),
             "has_c": torch.tensor([anchor.has_c for anchor in anchors]),
             "has_d": torch.tensor([anchor.has_d for anchor in anchors]),
-            "match_accept_rate": torch.tensor(sum(a.accepted for a in anchors) / tried if tried else 0.0),
+            "match_accept_rate": torch.tensor(accepted / tried if tried else 0.0),  # of the global batch
             "cell_positions": self.cell_positions.clone(),
         }
 
@@ -222,7 +230,12 @@ class VolumePretrainBatches(Dataset):
         return sample_crop(self.volumes[volume].shape[1:], point, self.crop_size, scale,
                            random_flips(rng, self.flip_prob))
 
-    def _crop(self, volume: int, geom: CropGeometry, generator: torch.Generator) -> torch.Tensor:
+    def _crop(self, volume: int, geom: CropGeometry, generator: torch.Generator, make: bool) -> torch.Tensor | None:
+        """The crop (jittered when enabled), or None for another rank's crop, whose draws are still taken."""
+        if not make:
+            if self.jitter:
+                draw_jitter((self.volumes[volume].shape[0], *self.crop_size), generator)
+            return None
         crop = extract_crop(self.volumes[volume], geom)
         return intensity_jitter(crop, generator) if self.jitter else crop
 
