@@ -48,7 +48,7 @@ from medssl.errors import UserError
 from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, pool
 from medssl.seeding import numpy_generator, torch_generator
 from medssl.training.checkpoint import Kind, LoadReport, load_checkpoint, load_weights
-from medssl.training.distributed import DistContext
+from medssl.training.distributed import DistContext, init_distributed
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
 
@@ -288,12 +288,13 @@ class _Pool(nn.Module):
 
 def finetune_probabilities(encoder: TSEncoder, train: WindowDataset, train_idx: np.ndarray, test: WindowDataset, *,
                            classes: int, config: EvalTimeseriesConfig, run_dir: Path, ctx: DistContext) -> np.ndarray:
-    """Encoder + head trained end to end on the labelled windows (one Trainer run in run_dir) -> (N_test, K)."""
+    """Encoder + head trained end to end on the labelled windows (one Trainer run in run_dir) -> (N_test, K).
+    Under torchrun (`ctx`) every rank draws its own windows (seed + 1000 x rank); rank 0 writes."""
     torch.manual_seed(config.train.seed)
     model = Classifier(copy.deepcopy(encoder), classes)
     trainer = Trainer(model, cross_entropy, LabelledBatches(train, train_idx, size=config.train.batch_size,
-                                                            seed=config.train.seed),
-                      config=config.train, run_dir=RunDir(run_dir),
+                                                            seed=config.train.seed + 1000 * ctx.rank),
+                      config=config.train, run_dir=RunDir(run_dir, enabled=ctx.is_main),
                       checkpointing=Checkpointing(kind=Kind.FINETUNE_TIMESERIES,
                                                   arch={**config.model.model_dump(), "classes": classes},
                                                   preprocessing=config.data.to_dict(),
@@ -311,7 +312,9 @@ def eval_timeseries(config: EvalTimeseriesConfig, run_dir: Path, *, pretrained: 
     """Probe and fine-tune at each label fraction; writes config.yaml, summary.json (and one sub-run per
     fine-tuning) in run_dir, prints a table (unless quiet) and returns the summary."""
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume=False)
+    ctx = init_distributed()
+    if ctx.is_main:  # the other ranks would find rank 0's new folder
+        prepare_run_dir(run_dir, resume=False)
     settings = config.eval
     manifest = load_manifest(config.data.manifest)
     check_patient_independent(manifest, settings.train_split, settings.test_splits)
@@ -327,8 +330,7 @@ def eval_timeseries(config: EvalTimeseriesConfig, run_dir: Path, *, pretrained: 
     if test_labels.max() >= classes:
         raise UserError(f"{config.data.manifest}: test class {int(test_labels.max())} never occurs in "
                         f"'{settings.train_split}'")
-    ctx = DistContext(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rundir = RunDir(run_dir)
+    rundir = RunDir(run_dir, enabled=ctx.is_main)
     rundir.write_config(dump_config(config))
     summary: dict[str, Any] = {"pretrained": str(pretrained) if pretrained else None,
                                "load_report": str(report) if report else None,
@@ -356,7 +358,7 @@ def eval_timeseries(config: EvalTimeseriesConfig, run_dir: Path, *, pretrained: 
             summary.update({f"{mode}_{key}_{name}": value for name, value in metrics.items()})
             rows.append((mode, fraction, len(chosen), metrics))
     rundir.write_summary(summary)
-    if not quiet:
+    if not quiet and ctx.is_main:
         print_table(rows, summary, bootstrap=settings.bootstrap > 0)
     return summary
 

@@ -27,7 +27,7 @@ from medssl.errors import UserError
 from medssl.inference import SlidingWindowPredictor
 from medssl.models.volume_encoders import EncoderLoadReport, VolumeEncoder, network_encoder
 from medssl.training.checkpoint import Kind, load_checkpoint, load_weights
-from medssl.training.distributed import DistContext
+from medssl.training.distributed import DistContext, init_distributed
 from medssl.training.loop import Checkpointing, Freeze, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
 from medssl.viewer.figures import LabelledCase, write_label_overlay
@@ -52,8 +52,9 @@ class Prepared:
     device: torch.device
 
 
-def prepare(config: FinetuneSegConfig, pretrained: Path | None) -> Prepared:
-    """Read the manifest, build (and load) the network, choose and check every volume; writes nothing."""
+def prepare(config: FinetuneSegConfig, pretrained: Path | None, ctx: DistContext = DistContext()) -> Prepared:
+    """Read the manifest, build (and load) the network, choose and check every volume; writes nothing.
+    The device is this process's (`ctx`: under torchrun, its GPU)."""
     s = config.seg
     manifest = load_manifest(config.data.manifest)
     source = str(config.data.manifest)
@@ -73,7 +74,7 @@ def prepare(config: FinetuneSegConfig, pretrained: Path | None) -> Prepared:
                                     s.labelled_volumes, config.train.seed)
     for entry in train_entries:
         check_labelled(entry, classes, declared_in)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ctx.device
     predictor = SlidingWindowPredictor(prep, sw_batch_size=s.sw_batch_size, overlap=s.sw_overlap, mode=s.sw_mode,
                                        device=device)
     val_cases, test_cases = (load_cases(manifest_volume_entries(manifest, split, with_label=True), predictor,
@@ -85,9 +86,11 @@ def prepare(config: FinetuneSegConfig, pretrained: Path | None) -> Prepared:
                     val_cases, test_cases, device)
 
 
-def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir, *, resume: bool = False) -> None:
+def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir, *, resume: bool = False,
+          ctx: DistContext = DistContext()) -> None:
     """Fine-tune `ready.network` through the shared Trainer (layer-wise groups, freezing, validation); with
-    `resume`, from the run's last.pt. The config is written once the run can go ahead."""
+    `resume`, from the run's last.pt. The config is written once the run can go ahead. Under torchrun (`ctx`)
+    every rank draws its own crops (seed + 1000 x rank), as `ground train` does, and rank 0 validates."""
     s, cfg = config.seg, config.train
 
     def validate(model: nn.Module, step: int) -> dict[str, float]:
@@ -98,8 +101,9 @@ def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir, *, resume: bo
                                 deep_supervision=getattr(ready.network, "deep_supervision", None))
     trainer = Trainer(ready.network, objective,
                       SegBatches(ready.images, ready.labels, crop=ready.prep.crop_size, size=cfg.batch_size,
-                                 seed=cfg.seed, classes=len(ready.classes), crops=s.crops, augment=s.augment),
-                      config=cfg, run_dir=run, ctx=DistContext(device=ready.device),
+                                 seed=cfg.seed + 1000 * ctx.rank, classes=len(ready.classes), crops=s.crops,
+                                 augment=s.augment),
+                      config=cfg, run_dir=run, ctx=ctx,
                       checkpointing=Checkpointing(kind=Kind.FINETUNE_SEG, arch=arch, preprocessing=ready.prep.to_dict(),
                                                   config=config.model_dump(mode="json")),
                       evaluate=validate if ready.val_cases else None, eval_every=s.eval_every or cfg.steps,
@@ -140,13 +144,17 @@ def finetune_seg(config: FinetuneSegConfig, run_dir: str | Path, *, pretrained: 
     Preprocessing warnings go to stderr (unless `quiet`) and into the summary."""
     run_dir = Path(run_dir)
     tick = time.perf_counter()
-    prepare_run_dir(run_dir, resume=resume)
-    ready = prepare(config, pretrained)
-    if not quiet:
+    ctx = init_distributed()
+    if ctx.is_main:  # the other ranks would find rank 0's new folder
+        prepare_run_dir(run_dir, resume=resume)
+    ready = prepare(config, pretrained, ctx)
+    if not quiet and ctx.is_main:
         for message in ready.warnings:
             print(f"warning: {message}", file=sys.stderr)
-    run = RunDir(run_dir)
-    train(config, ready, run, resume=resume)
+    run = RunDir(run_dir, enabled=ctx.is_main)
+    train(config, ready, run, resume=resume, ctx=ctx)
+    if not ctx.is_main:  # rank 0 tests and writes the summary
+        return {}
     entries, report = ready.train_entries, ready.report
     summary = {**_read_json(run.path / "summary.json"), **score_test_split(config, ready, run),
                "labelled_volumes": len(entries), "labelled_patients": len({e["patient_id"] for e in entries}),
