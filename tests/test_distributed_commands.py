@@ -25,8 +25,8 @@ def hospital(tmp_path_factory) -> Path:
 
 
 def _torchrun(*argv: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29535", "-m", "medssl", *argv], capture_output=True, encoding="utf-8", errors="replace",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "medssl", *argv], capture_output=True, encoding="utf-8", errors="replace",
                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

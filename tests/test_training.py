@@ -108,8 +108,8 @@ def test_warmup_cosine_and_collapse_metrics() -> None:
 
 def test_ddp_two_gloo_processes_stay_in_sync(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", str(Path(__file__).parent / "toy_task.py"), str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).parent / "toy_task.py"), str(tmp_path)],
                           capture_output=True, encoding="utf-8", errors="replace", env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     p0, p1 = (torch.load(tmp_path / f"params_rank{r}.pt") for r in (0, 1))

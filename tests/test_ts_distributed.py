@@ -25,8 +25,8 @@ def hospital(tmp_path_factory) -> Path:
 
 
 def _pretrain(manifest: Path, run: Path, *, processes: int, batch: int, patients: int) -> subprocess.CompletedProcess:
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-               "29531", "-m", "medssl"] if processes > 1 else [sys.executable, "-m", "medssl"])
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "medssl"] if processes > 1 else [sys.executable, "-m", "medssl"])
     overrides = [f"data.manifest={manifest}", "train.steps=4", f"train.batch_size={batch}",
                  f"sampler.patients={patients}", "objectives.dbpm.enabled=true", "objectives.dbpm.warmup=1",
                  "objectives.dbpm.threshold=0.5", "views.jitter=0.1"]

@@ -27,8 +27,8 @@ def hospital(tmp_path_factory) -> Path:
 
 def _pretrain(config: str, manifest: Path, run: Path, *, processes: int, batch: int,
               extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-               "29533", "-m", "medssl"] if processes > 1 else [sys.executable, "-m", "medssl"])
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "medssl"] if processes > 1 else [sys.executable, "-m", "medssl"])
     overrides = [f"data.manifest={manifest}", "train.steps=3", f"train.batch_size={batch}", "probe.enabled=false",
                  "train.checkpoint_every=3", "train.log_every=1", *extra]
     return subprocess.run([*launch, "pretrain", "volume", "-c", str(CONFIGS / config), "-o", str(run), *overrides],
