@@ -32,6 +32,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SCHEMA_OF = {"pretrain_volume": PretrainVolumeConfig, "pretrain_volume_mae": PretrainVolumeConfig,
              "finetune_seg": FinetuneSegConfig, "grounding": GroundingConfig,
              "pretrain_timeseries": PretrainTimeseriesConfig, "pretrain_timeseries_physionet": PretrainTimeseriesConfig,
+             "pretrain_timeseries_comet_matched": PretrainTimeseriesConfig,
              "eval_timeseries": EvalTimeseriesConfig}
 
 

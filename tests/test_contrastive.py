@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medssl.losses.contrastive import info_nce, pair_views, same_id_mask
+from medssl.losses.contrastive import info_nce, one_positive_pair_views, pair_views, same_id_mask
 
 
 def test_single_positive_matches_cross_entropy() -> None:
@@ -65,3 +65,17 @@ def test_leading_dims_are_independent_problems() -> None:
     assert pair_views(z_a, z_b, tau=0.2).item() == pytest.approx(looped.item(), rel=1e-5)
     with pytest.raises(ValueError, match="expected"):
         info_nce(torch.randn(2, 3, 4), torch.randn(3, 3, 4), torch.ones(3, 3, dtype=torch.bool), tau=0.1)
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("shape", [(6, 8), (3, 2, 7, 5), (1, 4)])
+def test_one_positive_pair_views_equals_pair_views(shape: tuple[int, ...], decoupled: bool) -> None:
+    """The fast path of TS2Vec's temporal loss gives the masked `pair_views`'s value and gradients."""
+    g = torch.Generator().manual_seed(sum(shape) + decoupled)
+    a, b = (torch.randn(shape, generator=g).requires_grad_(True) for _ in range(2))
+    a_ref, b_ref = (x.detach().clone().requires_grad_(True) for x in (a, b))
+    fast = one_positive_pair_views(a, b, tau=0.1, decoupled=decoupled)
+    reference = pair_views(a_ref, b_ref, tau=0.1, decoupled=decoupled)
+    assert fast.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-6)
+    (fast + reference).backward()
+    assert torch.allclose(a.grad, a_ref.grad, atol=1e-5) and torch.allclose(b.grad, b_ref.grad, atol=1e-5)

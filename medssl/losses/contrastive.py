@@ -82,3 +82,46 @@ def pair_views(z_a: torch.Tensor, z_b: torch.Tensor, ids: torch.Tensor | None = 
     item = torch.arange(n, device=z.device).repeat(2) if ids is None else ids.repeat(2)
     eye = torch.eye(2 * n, dtype=torch.bool, device=z.device)
     return info_nce(z, z, same_id_mask(item) & ~eye, tau=tau, exclude=eye, decoupled=decoupled)
+
+
+class _Gram(torch.autograd.Function):
+    """z (..., M, D) -> z z^T (..., M, M) with a backward of one matrix product, (G + G^T) z, instead of the
+    two autograd makes for `z @ z.transpose(-1, -2)`."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        return z @ z.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (z,) = ctx.saved_tensors
+        return (grad + grad.transpose(-1, -2)) @ z
+
+
+def one_positive_pair_views(z_a: torch.Tensor, z_b: torch.Tensor, *, tau: float,
+                            decoupled: bool = False) -> torch.Tensor:
+    """`pair_views(z_a, z_b)` (no ids: every anchor's one positive is its other view), the same value computed
+    without (..., 2N, 2N) masks, for problems where that matrix is large: TS2Vec's temporal loss runs on
+    (B, 2T, 2T) similarities. The positive logit is computed directly, the self-similarity (and, decoupled,
+    the positive) is set to -inf in place before the log-sum-exp, and the similarity's backward is one
+    matrix product (`_Gram`). Shape: (..., N, D) twice -> scalar, float32. (Crop contrast keeps
+    `pair_views`: its matrix is 2B x 2B, and its rounding is pinned by tests/fixtures/pre_redesign.)"""
+    if z_a.shape != z_b.shape or z_a.ndim < 2:
+        raise ValueError(f"pair_views: expected two (..., N, D) tensors of one shape, got {tuple(z_a.shape)} and "
+                         f"{tuple(z_b.shape)}")
+    with torch.autocast(device_type=z_a.device.type, enabled=False):
+        a = F.normalize(z_a.float(), dim=-1)
+        b = F.normalize(z_b.float(), dim=-1)
+        n = a.shape[-2]
+        if decoupled and n == 1:  # no negative for any anchor: nothing to contrast (as `info_nce`)
+            return (a * b).sum() * 0.0
+        z = torch.cat([a, b], dim=-2) * tau ** -0.5
+        logits = _Gram.apply(z)  # (..., 2N, 2N) similarities / tau
+        positive = (a * b).sum(dim=-1) / tau  # (..., N): the logit of i with its other view, both ways
+        logits.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
+        if decoupled:
+            logits[..., :n, n:].diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
+            logits[..., n:, :n].diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
+        denominator = torch.logsumexp(logits, dim=-1)  # (..., 2N)
+        return denominator.mean() - positive.mean()

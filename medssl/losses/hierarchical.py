@@ -3,7 +3,7 @@
 Inputs are the encoder outputs of two augmented views of the same B windows, aligned in time:
 `z_a`, `z_b` (B, T, D) (timestamp t of view a and of view b is the same sample of the signal), and
 ID tensors (B,) for the window (`sample`), its trial and its patient. Every level is built on
-`medssl.losses.contrastive` (`info_nce`, `pair_views`, `same_id_mask`); masks are built on the IDs'
+`medssl.losses.contrastive` (`info_nce`, `one_positive_pair_views`, `same_id_mask`); masks are built on the IDs'
 device.
 
 Levels (candidates of the pooled levels are the 2B window representations `pool(z)` of both views;
@@ -46,7 +46,7 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, mod
 from torch import nn
 
 from medssl.config import StrictModel
-from medssl.losses.contrastive import info_nce, pair_views, same_id_mask
+from medssl.losses.contrastive import info_nce, one_positive_pair_views, same_id_mask
 from medssl.models.ts_encoder import pool
 from medssl.training.distributed import DistContext, gather_rows, local_rows
 
@@ -98,7 +98,7 @@ class HierarchyConfig(StrictModel):
 
 def observation_loss(z_a: torch.Tensor, z_b: torch.Tensor, *, tau: float, decoupled: bool = False) -> torch.Tensor:
     """TS2Vec temporal contrast, mean over the B windows: z_a, z_b (B, T, D) -> scalar (one batched call)."""
-    return pair_views(z_a, z_b, tau=tau, decoupled=decoupled)
+    return one_positive_pair_views(z_a, z_b, tau=tau, decoupled=decoupled)
 
 
 def window_masks(sample: torch.Tensor, group: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
