@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -12,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 from monai.data import DataLoader, MetaTensor
+from pydantic import ValidationError
 
 from medssl.data import io
-from medssl.data.preprocessing import VolumePreprocessing
-from medssl.data.volumes import manifest_volume_entries, volume_dataset, volume_transforms
+from medssl.data.preprocessing import DataSource, VolumePreprocessing
+from medssl.data.volumes import manifest_volume_entries, prune_cache, volume_dataset, volume_transforms
 from medssl.errors import UserError
 
 SHAPE = (20, 24, 16)
@@ -180,6 +182,30 @@ def test_persistent_cache_writes_files_and_replays_identically(cube: dict, tmp_p
     assert len(list(cache.glob("*.pt"))) == 5
     batch = next(iter(DataLoader(volume_dataset(entries, volume_transforms(prep), cache_dir=cache), batch_size=2)))
     assert batch["image"].shape == (2, 1, 16, 16, 16) and batch["image"].affine.shape == (2, 4, 4)
+
+
+def test_a_bounded_cache_evicts_the_least_recently_used_files(cube: dict, tmp_path: Path) -> None:
+    entries = [dict(cube, image=write(tmp_path, f"v{k}.nii.gz", np.full(SHAPE, 40.0 * k, dtype=np.float32)))
+               for k in range(3)]
+    cache = tmp_path / "cache"
+    pipeline = volume_transforms(VolumePreprocessing(crop_size=SHAPE), with_label=True)
+    volume_dataset(entries[:1], pipeline, cache_dir=cache)[0]
+    one_file = next(cache.glob("*.pt")).stat().st_size
+    bounded = volume_dataset(entries, pipeline, cache_dir=cache, cache_max_gib=2.5 * one_file / 2**30)
+    for k in (0, 1, 0, 2):  # volume 0 read again (a cache hit) before 2 is written: 1 is the least recently used
+        bounded[k]
+        time.sleep(0.01)  # distinct modification times
+    kept = list(cache.glob("*.pt"))
+    assert len(kept) == 2 and sum(f.stat().st_size for f in kept) <= 2.5 * one_file
+    unbounded = volume_dataset(entries, pipeline, cache_dir=cache)
+    for k in (0, 2):  # the two most recently used survived: reading them writes nothing
+        unbounded[k]
+    assert len(list(cache.glob("*.pt"))) == 2
+    unbounded[1]  # the least recently used was evicted: read and cached again
+    assert len(list(cache.glob("*.pt"))) == 3
+    assert len(prune_cache(cache, 0)) == 3 and not list(cache.glob("*.pt"))
+    with pytest.raises(ValidationError, match="data.cache_max_gib bounds data.cache_dir, which is not set"):
+        DataSource.model_validate({"manifest": "m.json", "cache_max_gib": 1.0})
 
 
 def test_unreadable_files_raise_user_error_naming_them(cube: dict, tmp_path: Path) -> None:

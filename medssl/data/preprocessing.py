@@ -13,7 +13,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, PositiveFloat, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medssl.config import StrictModel
 from medssl.errors import UserError, validation_message
@@ -47,6 +55,7 @@ class DataSource(StrictModel):
 
     manifest: Path
     cache_dir: Path | None = None
+    cache_max_gib: PositiveFloat | None = None  # bound on cache_dir's size: least recently used files go first
 
     @field_validator("manifest", "cache_dir")
     @classmethod
@@ -59,6 +68,12 @@ class DataSource(StrictModel):
         if value is not None and value.exists() and not value.is_dir():
             raise ValueError(f"{value} is a file, not a folder")
         return value
+
+    @model_validator(mode="after")
+    def _bound_needs_a_cache(self) -> DataSource:
+        if self.cache_max_gib is not None and self.cache_dir is None:
+            raise ValueError("data.cache_max_gib bounds data.cache_dir, which is not set")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------ volumes

@@ -185,27 +185,43 @@ def whole_volume_pipeline(prep: VolumePreprocessing, *, with_label: bool = False
 
 
 def volume_dataset(entries: list[dict], transform: VolumePipeline, *,
-                   cache_dir: str | os.PathLike | None = None) -> Dataset:
+                   cache_dir: str | os.PathLike | None = None, cache_max_gib: float | None = None) -> Dataset:
     """A MONAI dataset over `entries` (dicts with absolute paths) applying `transform`.
 
     With `cache_dir`, a `PersistentDataset` (`CachedVolumes`) stores the output of
     `transform.deterministic_head()` (everything before the random crop) as one ``.pt`` file per
     entry. The file name hashes the entry, each file's size and modification time (a replaced file
     is re-read) and the pickled deterministic transforms with their parameters (a changed
-    preprocessing misses the old cache).
+    preprocessing misses the old cache). With `cache_max_gib`, the folder's ``.pt`` files are kept
+    under that size: after each new file, the least recently used ones are deleted (`prune_cache`).
     """
     if cache_dir is None:
         return Dataset(entries, transform)
     # MONAI's own `hash_transform` goes through `Compose.flatten`, which re-seeds the random crop
     key = pickle_hashing(transform.deterministic_head()).decode()
-    return CachedVolumes(entries, transform, cache_dir=Path(cache_dir), track_meta=True,
-                         hash_func=functools.partial(_entry_hash, transforms=key))
+    dataset = CachedVolumes(entries, transform, cache_dir=Path(cache_dir), track_meta=True,
+                            hash_func=functools.partial(_entry_hash, transforms=key))
+    dataset.max_bytes = None if cache_max_gib is None else int(cache_max_gib * 2**30)
+    return dataset
 
 
 class CachedVolumes(PersistentDataset):
     """A `PersistentDataset` whose cached `MetaTensor`s keep their affine and meta dict but not their
     transform trace (`applied_operations` holds numpy arrays and enums that `torch.load(weights_only=True)`
-    refuses, which would make every cache file look corrupt and be recomputed)."""
+    refuses, which would make every cache file look corrupt and be recomputed). A file read is marked used
+    (its modification time), and with `max_bytes` the cache is pruned after each new file."""
+
+    max_bytes: int | None = None
+
+    def _cachecheck(self, item_transformed: Any) -> Any:
+        path = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
+        new = not path.is_file()
+        item = super()._cachecheck(item_transformed)
+        if path.is_file():
+            os.utime(path)  # least recently used goes first
+            if new and self.max_bytes is not None:
+                prune_cache(self.cache_dir, self.max_bytes, keep=path)
+        return item
 
     def _pre_transform(self, item_transformed: Any) -> Any:
         item = super()._pre_transform(item_transformed)
@@ -213,6 +229,29 @@ class CachedVolumes(PersistentDataset):
             if isinstance(value, MetaTensor):
                 value.applied_operations = []
         return item
+
+
+def prune_cache(folder: Path, max_bytes: int, *, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used (oldest modification time) ``.pt`` files of `folder` until their total
+    is at most `max_bytes`; `keep` (the file just written) is never deleted. Returns the deleted files."""
+    files = []
+    for path in folder.glob("*.pt"):
+        try:
+            info = path.stat()
+        except FileNotFoundError:  # pruned by another process meanwhile
+            continue
+        files.append((info.st_mtime_ns, info.st_size, path))
+    total = sum(size for _, size, _ in files)
+    deleted = []
+    for _, size, path in sorted(files):
+        if total <= max_bytes:
+            break
+        if keep is not None and path == keep:
+            continue
+        path.unlink(missing_ok=True)
+        total -= size
+        deleted.append(path)
+    return deleted
 
 
 def _entry_hash(entry: Mapping[str, Any], *, transforms: str) -> bytes:

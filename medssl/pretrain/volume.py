@@ -198,6 +198,7 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
     views = config.views
     batches = VolumePretrainBatches.from_manifest(
         manifest, config.split, prep, views.matcher, cache_dir=config.data.cache_dir,
+        cache_max_gib=config.data.cache_max_gib,
         batch_size=config.train.batch_size, points=views.points, stride=views.feature_stride, grid=views.region_grid,
         scale_range=views.scale_range, max_shift_fraction=views.max_shift_fraction, flip_prob=views.flip_prob,
         jitter=views.jitter, match_retries=views.match_retries, seed=config.train.seed, rank=ctx.rank,

@@ -140,10 +140,10 @@ class VolumePretrainBatches(Dataset):
     @classmethod
     def from_manifest(cls, manifest: Manifest | str | os.PathLike, split: str, prep: VolumePreprocessing,
                       matcher_name: MatcherName = "body_box", *, cache_dir: str | os.PathLike | None = None,
-                      **options: Any) -> VolumePretrainBatches:
+                      cache_max_gib: float | None = None, **options: Any) -> VolumePretrainBatches:
         """Load every image of `split` through the MONAI pipeline of `medssl.data.volumes` without its
         crop (`whole_volume_pipeline`: load, orientation, spacing, intensity window, the small-volume
-        policy), optionally cached in `cache_dir`. Crops have ``prep.crop_size`` unless
+        policy), optionally cached in `cache_dir` (at most `cache_max_gib`). Crops have ``prep.crop_size`` unless
         ``crop_size`` is in `options` (the other keyword arguments of the constructor).
         A split without any volume raises `UserError` naming the manifest and split.
         """
@@ -152,7 +152,7 @@ class VolumePretrainBatches(Dataset):
         if not entries:
             raise UserError(f"{manifest.root}: split '{split}' has no volume to pretrain on")
         options.setdefault("crop_size", prep.crop_size)
-        dataset = volume_dataset(entries, whole_volume_pipeline(prep), cache_dir=cache_dir)
+        dataset = volume_dataset(entries, whole_volume_pipeline(prep), cache_dir=cache_dir, cache_max_gib=cache_max_gib)
         images = [dataset[i]["image"] for i in range(len(entries))]
         for entry, image in zip(entries, images):
             values = image.as_tensor()

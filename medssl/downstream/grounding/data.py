@@ -97,14 +97,14 @@ def grid_body(body: torch.Tensor, stride: int) -> torch.Tensor:
 
 
 def load_studies(entries: list[dict], reports: dict[str, str], prep: VolumePreprocessing, *, edge_margin: int,
-                 cache_dir: Path | None = None) -> list[Study]:
+                 cache_dir: Path | None = None, cache_max_gib: float | None = None) -> list[Study]:
     """Preprocess the images of `entries` (dicts of `manifest_volume_entries`) and parse their reports
     (`reports`: image path -> report text). An entry without a report is a UserError naming it."""
     missing = [e["where"] for e in entries if not reports.get(e["image"], "").strip()]
     if missing:
         raise UserError(f"{len(missing)} volume(s) have no report to ground ({', '.join(missing[:5])}): grounding "
                         "trains on (volume, report) pairs")
-    data = volume_dataset(entries, whole_volume_pipeline(prep), cache_dir=cache_dir)
+    data = volume_dataset(entries, whole_volume_pipeline(prep), cache_dir=cache_dir, cache_max_gib=cache_max_gib)
     studies = []
     for entry, item in zip(entries, data):
         image = item["image"]

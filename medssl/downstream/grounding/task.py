@@ -101,7 +101,7 @@ def prepare(config: GroundingConfig, pretrained: Path | None) -> Prepared:
     entries = manifest_volume_entries(manifest, config.train_split)
     reports = {str(manifest.path(e.image)): e.report or "" for e in manifest.split(config.train_split) if e.image}
     studies = load_studies(entries, reports, prep, edge_margin=config.grounding.edge_margin,
-                           cache_dir=config.data.cache_dir)
+                           cache_dir=config.data.cache_dir, cache_max_gib=config.data.cache_max_gib)
     if not any(study.statements.findings for study in studies):
         raise UserError(f"{config.data.manifest}: no finding statement in any '{config.train_split}' report; "
                         "grounding learns from reports that state findings")

@@ -99,10 +99,11 @@ def load_cases(entries: list[dict], predictor: SlidingWindowPredictor, classes: 
     return cases
 
 
-def load_training_volumes(entries: list[dict], prep: VolumePreprocessing, cache_dir: Path | None
-                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def load_training_volumes(entries: list[dict], prep: VolumePreprocessing, cache_dir: Path | None,
+                          cache_max_gib: float | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Whole preprocessed images and label maps, (1, D, H, W) each (cached with `cache_dir`)."""
-    data = volume_dataset(entries, whole_volume_pipeline(prep, with_label=True), cache_dir=cache_dir)
+    data = volume_dataset(entries, whole_volume_pipeline(prep, with_label=True), cache_dir=cache_dir,
+                          cache_max_gib=cache_max_gib)
     items = [data[i] for i in range(len(entries))]
     return [item["image"].as_tensor() for item in items], [item["label"].as_tensor().round().to(torch.uint8)
                                                           for item in items]

@@ -81,7 +81,7 @@ def prepare(config: FinetuneSegConfig, pretrained: Path | None, ctx: DistContext
                                         classes, declared_in) for split in (s.val_split, s.test_split))
     if not test_cases:
         raise UserError(f"{source}: the '{s.test_split}' split has no labelled volume to test on")
-    images, labels = load_training_volumes(train_entries, prep, config.data.cache_dir)
+    images, labels = load_training_volumes(train_entries, prep, config.data.cache_dir, config.data.cache_max_gib)
     return Prepared(classes, network, encoder, report, prep, notes, train_entries, images, labels, predictor,
                     val_cases, test_cases, device)
 
