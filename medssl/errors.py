@@ -17,6 +17,18 @@ class UserError(Exception):
     """A user-fixable problem; `str(err)` is a one-line message naming the file or field."""
 
 
+def without_worker_traceback(err: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker reaches the main process with the worker's traceback in its
+    message ("Caught UserError in DataLoader worker process 0. Original Traceback ..."): the original
+    message alone, saying where it arose. Any other UserError is returned as it is."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return err
+    last = [line for line in text.splitlines() if line.strip()][-1].strip()
+    message = last.split(f"{UserError.__name__}: ", 1)[-1]
+    return UserError(f"{message} (in a data-loading worker)")
+
+
 def one_line(err: BaseException, *, with_type: bool = False) -> str:
     """`err`'s message with every run of whitespace (newlines included) collapsed to one space."""
     text = f"{type(err).__name__}: {err}" if with_type else str(err)

@@ -19,7 +19,7 @@ from medssl.training.monitor import collapse_metrics
 from medssl.training.rundir import prepare_run_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from toy_task import make_trainer  # noqa: E402
+from toy_task import RegressionBatches, make_trainer  # noqa: E402
 
 
 def test_loss_goes_down_and_run_dir_is_complete(tmp_path: Path) -> None:
@@ -156,3 +156,21 @@ def test_freeze_keeps_a_module_still_for_n_steps_and_across_resume(tmp_path: Pat
     resumed.fit()
     assert all(torch.equal(p, s) for p, s in zip(after_step_3, start))  # step 3 still frozen after resume
     assert any(not torch.equal(p, s) for p, s in zip(resumed.model[0].parameters(), start))  # step 4 trained
+
+
+class _CorruptThirdBatch(RegressionBatches):
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i == 2:
+            raise UserError("/data/scan.nii.gz: corrupt file")
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_data_error_is_one_line_in_a_loader_worker_too(tmp_path: Path, workers: int) -> None:
+    trainer = make_trainer(tmp_path / "run", steps=4, num_workers=workers)
+    trainer.batches = _CorruptThirdBatch(0)
+    with pytest.raises(UserError) as err:
+        trainer.fit()
+    where = " (in a data-loading worker)" if workers else ""
+    assert str(err.value) == f"/data/scan.nii.gz: corrupt file{where}"  # no worker traceback in the message
+    assert "stopped at step 2" in (tmp_path / "run" / "FAILED").read_text(encoding="utf-8")

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from medssl.config import TrainConfig
-from medssl.errors import UserError, one_line
+from medssl.errors import UserError, one_line, without_worker_traceback
 from medssl.seeding import torch_generator
 from medssl.training.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from medssl.training.distributed import DistContext, mean_across_ranks
@@ -209,7 +209,10 @@ class Trainer:
         while self.step < cfg.steps:
             for micro in range(accum):
                 tick = time.perf_counter()
-                batch = _to_device(next(micro_batches), self.ctx.device)
+                try:
+                    batch = _to_device(next(micro_batches), self.ctx.device)
+                except UserError as err:
+                    raise without_worker_traceback(err) from None
                 tock = time.perf_counter()
                 generator = torch_generator(cfg.seed, self.step * accum + micro,
                                             self.ctx.rank if self.generator_per_rank else 0, device=self.ctx.device)
