@@ -99,7 +99,7 @@ class HierarchicalBatches(Dataset):
         self.rows = slice(rank * patients * trials * samples, (rank + 1) * patients * trials * samples)
         self.sampler = HierarchicalBatchSampler(windows, patients=patients * world_size, trials=trials,
                                                 samples=samples, batches_per_epoch=batches_per_epoch,
-                                                seed=derive_seed(seed, 0))
+                                                seed=derive_seed(seed, 0))  # 0: where the rank was
         self._epoch: tuple[int, list[list[int]]] | None = None
 
     def __len__(self) -> int:

@@ -173,7 +173,7 @@ class VolumePretrainBatches(Dataset):
         return self.length
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        rng = numpy_generator(self.seed, i, 0)
+        rng = numpy_generator(self.seed, i, 0)  # 0: where the rank was, so one process draws as it always did
         generator = torch_generator(self.seed, i, 0)
         drawn = [self._anchor(rng) for _ in range(self.global_size)]
         crops = {key: torch.stack([crop for k, anchor in enumerate(drawn)
