@@ -45,8 +45,10 @@ def location(loc: tuple[Any, ...], prefix: str = "") -> str:
 
 
 def describe_error(error: dict[str, Any], prefix: str = "") -> str:
-    """One pydantic error (an item of `ValidationError.errors()`) as 'unknown key ...', 'missing key ...'
-    or "field '...': what is wrong (got <type> <value>)"."""
+    """One pydantic error (an item of `ValidationError.errors()`) as 'unknown key ...', 'missing key ...',
+    "field '...': what is wrong (got <type> <value>)", or a cross-field check's own message."""
+    if not error["loc"]:  # a check across fields (a model validator): its message names the fields itself
+        return error["msg"].removeprefix("Value error, ")
     key = location(error["loc"], prefix)
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}'"

@@ -137,7 +137,7 @@ def test_resume_matches_an_uninterrupted_run(hospital: Path, tmp_path: Path, mon
 @pytest.mark.parametrize("override, message", [
     ("objectives.trial.weight=-1", "objectives.trial.weight"),
     ("objectives.session.weight=1", "unknown key 'objectives.session'"),
-    ("train.batch_size=10", "not a multiple of sampler.patients x sampler.trials"),
+    ("train.batch_size=10", r"\.yaml: train\.batch_size 10 is not a multiple of sampler\.patients x sampler\.trials"),
     ("model.in_channels=3", "model.in_channels is 3"),
     ("data.fs=null", "data.fs"),
     ("objectives.dbpm.w_min=0", "objectives.dbpm.w_min"),
