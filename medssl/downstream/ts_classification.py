@@ -48,7 +48,7 @@ from medssl.errors import UserError
 from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, pool
 from medssl.seeding import numpy_generator, torch_generator
 from medssl.training.checkpoint import Kind, LoadReport, load_checkpoint, load_weights
-from medssl.training.distributed import DistContext, init_distributed
+from medssl.training.distributed import DistContext, init_distributed, rank_seed
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
 
@@ -289,11 +289,11 @@ class _Pool(nn.Module):
 def finetune_probabilities(encoder: TSEncoder, train: WindowDataset, train_idx: np.ndarray, test: WindowDataset, *,
                            classes: int, config: EvalTimeseriesConfig, run_dir: Path, ctx: DistContext) -> np.ndarray:
     """Encoder + head trained end to end on the labelled windows (one Trainer run in run_dir) -> (N_test, K).
-    Under torchrun (`ctx`) every rank draws its own windows (seed + 1000 x rank); rank 0 writes."""
+    Under torchrun (`ctx`) every rank draws its own windows (`rank_seed`); rank 0 writes."""
     torch.manual_seed(config.train.seed)
     model = Classifier(copy.deepcopy(encoder), classes)
     trainer = Trainer(model, cross_entropy, LabelledBatches(train, train_idx, size=config.train.batch_size,
-                                                            seed=config.train.seed + 1000 * ctx.rank),
+                                                            seed=rank_seed(config.train.seed, ctx)),
                       config=config.train, run_dir=RunDir(run_dir, enabled=ctx.is_main),
                       checkpointing=Checkpointing(kind=Kind.FINETUNE_TIMESERIES,
                                                   arch={**config.model.model_dump(), "classes": classes},

@@ -185,7 +185,7 @@ class HierarchicalContrast(nn.Module):
         h = torch.cat([gather_rows(pool(z_a), ctx), gather_rows(pool(z_b), ctx)])
         sample, trial, patient = (gather_rows(ids, ctx) for ids in (sample, trial, patient))
         mine = torch.zeros(sample.shape[0], dtype=torch.bool, device=h.device)
-        mine[local_rows(z_a.shape[0], ctx)] = True
+        mine[local_rows(z_a.shape[0], ctx.rank)] = True
         mine = mine.repeat(2)  # this rank's windows in both views
         downweighted: list[torch.Tensor] = []
         for level, group in (("sample", None), ("trial", trial), ("patient", patient)):

@@ -26,6 +26,7 @@ import torch
 from pydantic import PositiveInt, confloat
 
 from medssl.losses.objective import ObjectiveConfig, ObjectiveContext, VolumeObjective, VolumeStep
+from medssl.training.distributed import local_part
 
 
 def block_mask(shape: Sequence[int], block: int, ratio: float, generator: torch.Generator | None = None,
@@ -87,10 +88,10 @@ class MaskedObjective(VolumeObjective):
         if step.network is None:
             raise RuntimeError("masked objective: the step carries no whole network")
         crops = torch.cat([step.batch[v] for v in self.config.views])
-        views, world, n = len(self.config.views), step.ctx.world_size, step.anchors
-        mask = block_mask((views * world * n, *crops.shape[2:]), self.config.block, self.config.ratio,
-                          step.generator, device=crops.device)  # drawn for the global batch: this rank's rows
-        mask = mask.view(views, world, n, *mask.shape[1:])[:, step.ctx.rank].reshape(views * n, *mask.shape[1:])
+        views = len(self.config.views)
+        mask = local_part(block_mask((views * step.ctx.world_size * step.anchors, *crops.shape[2:]), self.config.block,
+                                     self.config.ratio, step.generator, device=crops.device),
+                          step.ctx, groups=views)  # drawn for the global batch: this rank's rows
         token = self.mask_token.view(1, -1, 1, 1, 1).to(crops.dtype)
         masked = torch.where(mask, token, crops)
         return {"masked": masked_mse(step.network(masked), crops, mask)}

@@ -40,7 +40,7 @@ from medssl.losses.hierarchical import HierarchicalContrast, HierarchyConfig
 from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, pool
 from medssl.seeding import derive_seed
 from medssl.training.checkpoint import Kind, save_checkpoint
-from medssl.training.distributed import DistContext, init_distributed, local_rows
+from medssl.training.distributed import DistContext, init_distributed, local_part, local_rows
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
 
@@ -96,7 +96,7 @@ class HierarchicalBatches(Dataset):
     def __init__(self, windows: WindowDataset, *, patients: int, trials: int, samples: int,
                  batches_per_epoch: int | None, seed: int, rank: int = 0, world_size: int = 1):
         self.windows = windows
-        self.rows = slice(rank * patients * trials * samples, (rank + 1) * patients * trials * samples)
+        self.rows = local_rows(patients * trials * samples, rank)
         self.sampler = HierarchicalBatchSampler(windows, patients=patients * world_size, trials=trials,
                                                 samples=samples, batches_per_epoch=batches_per_epoch,
                                                 seed=derive_seed(seed, 0))  # 0: where the rank was
@@ -161,19 +161,17 @@ def make_views(x: torch.Tensor, config: ViewConfig, generator: torch.Generator, 
     batch, channels, width = x.shape
     length = max(1, round(config.crop * width))
     slack = width - length
-    rows = local_rows(batch, ctx)
-    both_views = torch.cat([torch.arange(batch * ctx.world_size)[rows] + k * batch * ctx.world_size for k in (0, 1)])
     shift = int(_randint(-slack, slack, (1,), generator))  # view b starts `shift` samples after view a
-    start = _randint(max(0, -shift), slack - max(0, shift), (batch * ctx.world_size, 1, 1), generator)[rows]
+    start = local_part(_randint(max(0, -shift), slack - max(0, shift), (batch * ctx.world_size, 1, 1), generator), ctx)
     t = torch.arange(length, device=x.device)
     crops = [x.gather(2, (start + offset + t).expand(batch, channels, length)) for offset in (0, shift)]
     stacked = torch.cat(crops)
     if config.jitter > 0:
-        noise = torch.randn((2 * batch * ctx.world_size, channels, length), generator=generator,
-                            device=generator.device, dtype=stacked.dtype)[both_views.to(generator.device)]
+        noise = local_part(torch.randn((2 * batch * ctx.world_size, channels, length), generator=generator,
+                                       device=generator.device, dtype=stacked.dtype), ctx, groups=2)
         stacked = stacked + config.jitter * stacked.std(dim=2, keepdim=True) * noise
-    mask = span_mask(2 * batch * ctx.world_size, length, spans=config.mask_spans,
-                     fraction=config.mask_span_fraction, generator=generator)[both_views.to(generator.device)]
+    mask = local_part(span_mask(2 * batch * ctx.world_size, length, spans=config.mask_spans,
+                                fraction=config.mask_span_fraction, generator=generator), ctx, groups=2)
     return Views(stacked, mask, start_a=max(0, shift), start_b=max(0, -shift), overlap=length - abs(shift))
 
 

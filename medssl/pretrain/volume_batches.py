@@ -71,6 +71,7 @@ from medssl.pretrain.views import (
     sample_overlapping,
 )
 from medssl.seeding import numpy_generator, torch_generator
+from medssl.training.distributed import local_rows
 
 VIEWS = ("a", "b", "c", "d")
 
@@ -129,7 +130,7 @@ class VolumePretrainBatches(Dataset):
         self.batch_size, self.points, self.stride, self.grid = batch_size, points, stride, grid
         self.scale_range, self.max_shift_fraction, self.flip_prob = tuple(scale_range), max_shift_fraction, flip_prob
         self.jitter, self.match_retries, self.seed, self.length = jitter, match_retries, seed, length
-        self.mine = range(rank * batch_size, (rank + 1) * batch_size)  # this rank's anchors of the global batch
+        self.mine = local_rows(batch_size, rank)  # this rank's anchors of the global batch
         self.global_size = batch_size * world_size
         if isinstance(matcher, str):
             matcher = build_matcher(matcher, **(matcher_options or {}))
@@ -176,14 +177,15 @@ class VolumePretrainBatches(Dataset):
         rng = numpy_generator(self.seed, i, 0)  # 0: where the rank was, so one process draws as it always did
         generator = torch_generator(self.seed, i, 0)
         drawn = [self._anchor(rng) for _ in range(self.global_size)]
+        mine = range(self.global_size)[self.mine]
         crops = {key: torch.stack([crop for k, anchor in enumerate(drawn)
-                                   if (crop := self._crop(*anchor.views[key], generator, k in self.mine)) is not None])
+                                   if (crop := self._crop(*anchor.views[key], generator, k in mine)) is not None])
                  for key in VIEWS}
         pairs = [corresponding_points(anchor.views["a"][1], anchor.views["b"][1], self.points, rng, self.stride)
-                 for anchor in drawn][self.mine.start:self.mine.stop]
+                 for anchor in drawn][self.mine]
         tried = sum(anchor.tried for anchor in drawn)
         accepted = sum(anchor.accepted for anchor in drawn)
-        anchors = drawn[self.mine.start:self.mine.stop]
+        anchors = drawn[self.mine]
         return {
             **crops,
             "points_a": torch.from_numpy(np.stack([pa for pa, _ in pairs])),

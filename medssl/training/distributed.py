@@ -57,15 +57,19 @@ def mean_across_ranks(values: dict[str, float], ctx: DistContext) -> dict[str, f
     return dict(zip(keys, (tensor / ctx.world_size).tolist()))
 
 
+def _all_gather(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return tuple(parts)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for this rank's rows (lightly's
     `gather_distributed` does the same): a loss on the gathered rows trains every rank's encoder."""
 
     @staticmethod
     def forward(_ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return tuple(parts)
+        return _all_gather(x)
 
     @staticmethod
     def backward(_ctx: Any, *grads: torch.Tensor) -> torch.Tensor:
@@ -81,13 +85,20 @@ def gather_rows(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     all ranks. Identity when not distributed."""
     if not ctx.distributed:
         return x
-    if x.requires_grad:
-        return torch.cat(_GatherWithGrad.apply(x))
-    parts = [torch.empty_like(x) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    return torch.cat(_GatherWithGrad.apply(x) if x.requires_grad else _all_gather(x))
 
 
-def local_rows(n_local: int, ctx: DistContext) -> slice:
-    """This rank's rows in a rank-major gathered batch of `n_local` rows per rank."""
-    return slice(ctx.rank * n_local, (ctx.rank + 1) * n_local)
+def local_rows(n_local: int, rank: int) -> slice:
+    """Rank `rank`'s rows in a rank-major global batch of `n_local` rows per rank."""
+    return slice(rank * n_local, (rank + 1) * n_local)
+
+
+def local_part(x: torch.Tensor, ctx: DistContext, groups: int = 1) -> torch.Tensor:
+    """This rank's rows of something drawn for the global batch: x (groups * W * n, ...), group-major then
+    rank-major (e.g. the two views of every rank's windows) -> (groups * n, ...). A view in one process."""
+    return x.reshape(groups, ctx.world_size, -1, *x.shape[1:])[:, ctx.rank].reshape(-1, *x.shape[1:])
+
+
+def rank_seed(seed: int, ctx: DistContext) -> int:
+    """The data seed of this rank where each rank draws its own batches (seed + 1000 x rank; rank 0: seed)."""
+    return seed + 1000 * ctx.rank

@@ -44,7 +44,7 @@ from medssl.errors import UserError
 from medssl.models.volume_encoders import build_volume_encoder, load_pretrained_encoder
 from medssl.text.encoders import build_text_encoder
 from medssl.training.checkpoint import Kind, save_checkpoint
-from medssl.training.distributed import init_distributed
+from medssl.training.distributed import init_distributed, rank_seed
 from medssl.training.loop import Checkpointing, ParamGroup, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
 
@@ -180,7 +180,7 @@ def ground_train(config: GroundingConfig, run_dir: str | Path, *, pretrained: Pa
     run = RunDir(run_dir, enabled=ctx.is_main)
     batches = GroundingBatches(ready.studies, crop=ready.prep.crop_size, stride=config.grounding.feature_stride,
                                batch_size=config.train.batch_size, max_phrases=config.grounding.max_phrases,
-                               seed=config.train.seed + 1000 * ctx.rank)
+                               seed=rank_seed(config.train.seed, ctx))
     checkpointing = Checkpointing(kind=Kind.GROUNDING, arch=ready.arch, preprocessing=ready.prep.to_dict(),
                                   config=config.model_dump(mode="json"))
     trainer = Trainer(ready.model, GroundingObjective(config, ready.graph), batches, config=config.train, run_dir=run,

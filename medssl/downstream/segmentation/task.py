@@ -27,7 +27,7 @@ from medssl.errors import UserError
 from medssl.inference import SlidingWindowPredictor
 from medssl.models.volume_encoders import EncoderLoadReport, VolumeEncoder, network_encoder
 from medssl.training.checkpoint import Kind, load_checkpoint, load_weights
-from medssl.training.distributed import DistContext, init_distributed
+from medssl.training.distributed import DistContext, init_distributed, rank_seed
 from medssl.training.loop import Checkpointing, Freeze, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
 from medssl.viewer.figures import LabelledCase, write_label_overlay
@@ -49,7 +49,6 @@ class Prepared:
     predictor: SlidingWindowPredictor
     val_cases: list[Case]
     test_cases: list[Case]
-    device: torch.device
 
 
 def prepare(config: FinetuneSegConfig, pretrained: Path | None, ctx: DistContext = DistContext()) -> Prepared:
@@ -74,23 +73,22 @@ def prepare(config: FinetuneSegConfig, pretrained: Path | None, ctx: DistContext
                                     s.labelled_volumes, config.train.seed)
     for entry in train_entries:
         check_labelled(entry, classes, declared_in)
-    device = ctx.device
     predictor = SlidingWindowPredictor(prep, sw_batch_size=s.sw_batch_size, overlap=s.sw_overlap, mode=s.sw_mode,
-                                       device=device)
+                                       device=ctx.device)
     val_cases, test_cases = (load_cases(manifest_volume_entries(manifest, split, with_label=True), predictor,
                                         classes, declared_in) for split in (s.val_split, s.test_split))
     if not test_cases:
         raise UserError(f"{source}: the '{s.test_split}' split has no labelled volume to test on")
     images, labels = load_training_volumes(train_entries, prep, config.data.cache_dir, config.data.cache_max_gib)
     return Prepared(classes, network, encoder, report, prep, notes, train_entries, images, labels, predictor,
-                    val_cases, test_cases, device)
+                    val_cases, test_cases)
 
 
 def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir, *, resume: bool = False,
           ctx: DistContext = DistContext()) -> None:
     """Fine-tune `ready.network` through the shared Trainer (layer-wise groups, freezing, validation); with
     `resume`, from the run's last.pt. The config is written once the run can go ahead. Under torchrun (`ctx`)
-    every rank draws its own crops (seed + 1000 x rank), as `ground train` does, and rank 0 validates."""
+    every rank draws its own crops (`rank_seed`), as `ground train` does, and rank 0 validates."""
     s, cfg = config.seg, config.train
 
     def validate(model: nn.Module, step: int) -> dict[str, float]:
@@ -101,7 +99,7 @@ def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir, *, resume: bo
                                 deep_supervision=getattr(ready.network, "deep_supervision", None))
     trainer = Trainer(ready.network, objective,
                       SegBatches(ready.images, ready.labels, crop=ready.prep.crop_size, size=cfg.batch_size,
-                                 seed=cfg.seed + 1000 * ctx.rank, classes=len(ready.classes), crops=s.crops,
+                                 seed=rank_seed(cfg.seed, ctx), classes=len(ready.classes), crops=s.crops,
                                  augment=s.augment),
                       config=cfg, run_dir=run, ctx=ctx,
                       checkpointing=Checkpointing(kind=Kind.FINETUNE_SEG, arch=arch, preprocessing=ready.prep.to_dict(),
