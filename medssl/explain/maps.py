@@ -93,7 +93,15 @@ class MinMaxRescaling(_Strict):
         return self
 
 
-RawScale = Annotated[CosineScale | AttentionScale, Field(discriminator="name")]
+class ProbabilityScale(_Strict):
+    """Raw values are probabilities in [0, 1]; `meaning` says of what (e.g. "the organ head's probability of
+    the liver", or how a finding score became one)."""
+
+    name: Literal["probability"] = "probability"
+    meaning: str = Field(min_length=1)
+
+
+RawScale = Annotated[CosineScale | AttentionScale | ProbabilityScale, Field(discriminator="name")]
 Rescaling = Annotated[LinearRescaling | MinMaxRescaling, Field(discriminator="name")]
 
 
@@ -179,8 +187,11 @@ def _sidecar_if_present(path: Path) -> MapSidecar | None:
     return sidecar_from_dict(data, path)
 
 
-def describe_scale(raw_scale: CosineScale | AttentionScale, rescaling: LinearRescaling | MinMaxRescaling) -> str:
+def describe_scale(raw_scale: CosineScale | AttentionScale | ProbabilityScale,
+                   rescaling: LinearRescaling | MinMaxRescaling) -> str:
     """One line for a colour bar caption: what the raw values are and how they became [0, 1]."""
+    if isinstance(raw_scale, ProbabilityScale):
+        return raw_scale.meaning
     if isinstance(raw_scale, CosineScale):
         raw = f"cosine similarity [{raw_scale.range[0]:g}, {raw_scale.range[1]:g}]"
     else:

@@ -1,4 +1,4 @@
-"""The text side of report grounding: `statements` (report -> classified statements, sizes,
-mentions), `tokenizer` (a WordPiece tokenizer fitted on the training reports) and `encoders`
-(text -> token and pooled features). Submodules are imported explicitly, so importing
-`medssl.text` pulls in neither torch nor `tokenizers`."""
+"""The text side of report grounding: `statements` (report -> classified statements, sizes, mentions),
+`concepts` (the vocabulary of organs, finding kinds, places and sides), `query` (a phrase -> what to find
+where) and `encoders` (the frozen MiniLM sentence encoder that reads unknown words). Submodules are imported
+explicitly, so importing `medssl.text` pulls in neither torch nor transformers."""

@@ -42,6 +42,12 @@ def init_distributed() -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def wait_for_all(ctx: DistContext) -> None:
+    """A barrier: every rank waits here until all arrive (nothing without a process group)."""
+    if ctx.distributed and dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

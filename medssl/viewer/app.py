@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - a dependency of medssl
 
 LOG = logging.getLogger("medssl.app")
 CMAPS = ("turbo", "jet", "hot", "inferno", "viridis")
-CONTROL = "randomised control"
+CONTROL = "untrained scorer"
 VERDICT_LABELS = {"right": "right", "wrong_region": "wrong region",
                   "should_not_be_groundable": "should not be groundable"}
 S = st.session_state
@@ -89,12 +89,7 @@ def grounder_for(path: str, mtime: float, control: bool) -> Any:
     from medssl.downstream.grounding.infer import Grounder
 
     grounder = Grounder.load(path)
-    if not control:
-        return grounder
-    from medssl.downstream.grounding.task import randomised
-
-    return Grounder(randomised(grounder.model), grounder.prep, grounder.graph, grounder.threshold,
-                    f"{path} ({CONTROL})", sw_batch_size=grounder.sw_batch_size)
+    return grounder.untrained() if control else grounder
 
 
 @st.cache_resource(show_spinner="Preparing the volume for the model ...", max_entries=8)
@@ -116,8 +111,8 @@ def stored_for(row: dict, image: str, image_mtime: float) -> session.Grounding:
     return session.stored_grounding(row, view_volume(image, image_mtime))
 
 
-@st.cache_resource(show_spinner="Anatomy graph regions ...", max_entries=8)
-def graph_regions(checkpoint: str, ckpt_mtime: float, image: str, image_mtime: float,
+@st.cache_resource(show_spinner="Organs and their parts ...", max_entries=8)
+def anatomy_regions(checkpoint: str, ckpt_mtime: float, image: str, image_mtime: float,
                   modality: str | None) -> dict[str, np.ndarray]:
     grounder = grounder_for(checkpoint, ckpt_mtime, False)
     return grounder.region_masks(grounded_for(checkpoint, ckpt_mtime, False, image, image_mtime, modality))
@@ -500,10 +495,10 @@ def stats_tab(case: session.Case, view: session.ViewVolume, checkpoint: Path | N
     families: dict[str, dict[str, np.ndarray]] = {}
     image = str(case.image)
     if checkpoint is not None:
-        regions = attempt("anatomy graph", graph_regions, str(checkpoint), _mtime(checkpoint), image, _mtime(image),
+        regions = attempt("anatomy", anatomy_regions, str(checkpoint), _mtime(checkpoint), image, _mtime(image),
                           modality)
         if regions:
-            families["anatomy graph"] = regions
+            families["anatomy (organ head)"] = regions
     if case.label is not None:
         families["organs"] = attempt("label map", label_masks, str(case.label), _mtime(case.label), image,
                                      _mtime(image), tuple(case.label_names.items()), "label") or {}
@@ -514,7 +509,7 @@ def stats_tab(case: session.Case, view: session.ViewVolume, checkpoint: Path | N
     st.markdown(f"Peak of the map: ({peak[0]:.1f}, {peak[1]:.1f}, {peak[2]:.1f}) mm RAS, voxel {voxel}, value "
                 f"{float(result.map01[voxel]):.3f}")
     if not families:
-        st.caption("No region masks for this case (no anatomy graph, label map or lesion mask).")
+        st.caption("No region masks for this case (no organ found, label map or lesion mask).")
         return
     report = attempt("region statistics", session.region_report, counted, view.volume.affine, families)
     if report is None:

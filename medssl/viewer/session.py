@@ -545,6 +545,8 @@ def default_display(map01: np.ndarray, *, top: float = 0.05) -> tuple[float, flo
     peak = float(inside.max())
     threshold = float(np.quantile(inside, 1.0 - top))
     threshold = min(round(threshold, 3), peak - 1e-3) if peak > 1e-3 else 0.0
+    if threshold <= 0.0 < peak:  # a map near 0 almost everywhere (outside its organ): half its peak
+        threshold = round(peak / 2, 3)
     return max(threshold, 0.0), max(threshold, 0.0), max(round(peak, 3), threshold + 1e-3)
 
 

@@ -1,79 +1,63 @@
-"""The `medssl ground train` config schema (configs/grounding.yaml) and the table of alignment objectives."""
+"""The `medssl ground train` config schema (configs/grounding.yaml)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, confloat, model_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
 
 from medssl.config import StrictModel, TrainConfig
 from medssl.data.preprocessing import VolumeDataConfig
-from medssl.losses.anatomy_prompts import AnatomyObjective
-from medssl.losses.phrase_local import LocalObjective
-from medssl.losses.report_global import GlobalObjective
-from medssl.losses.report_prior import PriorObjective
-from medssl.losses.weighting import objectives_section
+from medssl.downstream.segmentation.config import SegSettings
 from medssl.models.volume_encoders import VolumeEncoderConfig
-from medssl.text.encoders import TextEncoderConfig
 
 Split = Literal["training", "validation", "test"]
 
-GROUNDING_OBJECTIVES = {"global": GlobalObjective, "local": LocalObjective, "anatomy": AnatomyObjective,
-                        "prior": PriorObjective}
-GroundingObjectivesConfig = objectives_section(
-    "GroundingObjectivesConfig", GROUNDING_OBJECTIVES,
-    "The `objectives` section: global (report vs volume), local (phrase vs voxels), anatomy (graph regions vs "
-    "their prompts), prior (report-stated size and emptiness); weight 0 switches one off.")
+
+def _organ_seg_defaults() -> SegSettings:
+    return SegSettings(labelled_volumes=8, eval_every=200, overlay_cases=3)
 
 
-class HeadConfig(StrictModel):
-    """The `grounding` section: how voxels and phrases are embedded into one space."""
+class OrganHeadConfig(StrictModel):
+    """The `organs` section: the organ head that `ground train` fine-tunes with `finetune seg` (from
+    --pretrained, on `seg.labelled_volumes` labelled training volumes) unless --organs gives one. `train` and
+    `seg` are finetune seg's sections; with `small_organ_weight` and no `seg.class_weights`, each organ's
+    Dice + CE weight is (median organ volume / its volume) ** 0.5 in [1, 4] over the labelled volumes."""
 
-    embed_dim: PositiveInt = 64
-    hidden: PositiveInt = 64
-    feature_stride: Literal[1, 2, 4] = 2  # voxel embeddings on the encoder grid of this stride
-    coord_frequencies: NonNegativeInt = 4  # Fourier features of the normalised body coordinates (0: none)
-    context_layers: NonNegativeInt = 1  # 3x3x3 convolutions of the voxel head (neighbourhood context)
-    context_channels: PositiveInt = 32  # their width
-    encoder_lr_scale: confloat(ge=0.0, le=1.0) = 0.0  # encoder learning rate / train.lr; 0 freezes the encoder
-                                                      # (its features are then computed once per volume)
-    max_phrases: PositiveInt = 6  # finding statements per report used in a step (the first ones)
-    edge_margin: NonNegativeInt = 4  # voxels next to the volume's faces where nothing is grounded (padding)
-    strip_measurements: bool = True  # texts are embedded without their sizes and numbers: a size identifies one
-                                     # lesion (the model would memorise volumes by it); the prior reads it instead
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=2000, batch_size=2, lr=0.005,
+                                                                  weight_decay=0.01, warmup_steps=10,
+                                                                  checkpoint_every=200))
+    seg: SegSettings = Field(default_factory=_organ_seg_defaults)
+    small_organ_weight: bool = True
 
 
-class GraphConfig(StrictModel):
-    """The `graph` section: the label-free anatomy tree (medssl.downstream.grounding.graph)."""
+class ScorerConfig(StrictModel):
+    """The `scorer` section: the finding scorer's inputs and its training (`train.batch_size` bags a step)."""
 
-    regions: PositiveInt = 8  # organ-level regions (k-means clusters)
-    parts: list[Literal["upper_lower", "left_right", "anterior_posterior"]] = Field(
-        default_factory=lambda: ["upper_lower", "left_right"])
-    volumes: PositiveInt = 8  # training volumes the clustering sees
-    voxels_per_volume: PositiveInt = 4000
-    coord_weight: PositiveFloat = 1.0  # weight of the body coordinates against the (standardised) features
+    windows: list[tuple[float, PositiveFloat]] = Field(
+        default_factory=lambda: [(40.0, 400.0), (-600.0, 1500.0)])  # CT (level, width) HU: soft tissue, lung
+    anchor_weight: NonNegativeFloat = 0.01  # pull towards the untrained anomaly score (losses.anchored_l2)
 
 
 class GroundingEvalConfig(StrictModel):
     """The `eval` section: where and how the trained model is scored (labels and masks read here only)."""
 
     split: Split = "test"
-    calibration_split: Split = "validation"  # picks the not-groundable score threshold
-    absent_per_study: PositiveInt = 3  # phrases of findings absent from a study, for the not-groundable call
+    calibration_split: Split = "validation"  # picks the not-found threshold, from reports alone
+    absent_per_study: PositiveInt = 3  # phrases of findings absent from a study, for the absent/present call
     swap_per_study: PositiveInt = 2  # phrase-swap control pairs per study
-    sw_batch_size: PositiveInt = 2
+    calibration_per_study: PositiveInt = 3  # absent findings asked per calibration study
 
 
 class GroundingConfig(StrictModel):
-    """`medssl ground train` (configs/grounding.yaml). Training reads volumes and reports only."""
+    """`medssl ground train` (configs/grounding.yaml). Training reads volumes and reports; the organ head it
+    fine-tunes reads the label maps of `organs.seg.labelled_volumes` training volumes; no lesion mask."""
 
     data: VolumeDataConfig
     train: TrainConfig
     model: VolumeEncoderConfig = Field(default_factory=VolumeEncoderConfig)
-    grounding: HeadConfig = Field(default_factory=HeadConfig)
-    text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
-    graph: GraphConfig = Field(default_factory=GraphConfig)
-    objectives: GroundingObjectivesConfig = Field(default_factory=GroundingObjectivesConfig)
+    organs: OrganHeadConfig = Field(default_factory=OrganHeadConfig)
+    scorer: ScorerConfig = Field(default_factory=ScorerConfig)
     eval: GroundingEvalConfig = Field(default_factory=GroundingEvalConfig)
     train_split: Split = "training"
 
@@ -81,6 +65,7 @@ class GroundingConfig(StrictModel):
     def _consistent(self) -> GroundingConfig:
         if self.train_split in (self.eval.split, self.eval.calibration_split):
             raise ValueError(f"train_split '{self.train_split}' is also eval.split or eval.calibration_split")
-        if self.train.batch_size < 2:
-            raise ValueError("train.batch_size must be at least 2 (volumes contrast with each other)")
+        if self.organs.seg.train_split != self.train_split:
+            raise ValueError(f"organs.seg.train_split '{self.organs.seg.train_split}' must be train_split "
+                             f"'{self.train_split}' (the organ head must not see evaluation patients' labels)")
         return self
