@@ -25,8 +25,8 @@ from medssl.downstream.grounding.task import ground_train
 from medssl.explain.maps import read_map
 from medssl.pretrain.timeseries import PretrainTimeseriesConfig, pretrain_timeseries
 from medssl.training.checkpoint import load_checkpoint
-from medssl.viewer.overlay import png_provenance
-from medssl.viewer.review import read_reviews
+from medssl.display.overlay import png_provenance
+from medssl.app.review import read_reviews
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "medssl" / "viewer" / "app.py"

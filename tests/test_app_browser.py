@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from test_app import LESION, AppData, app_data  # noqa: F401 - the session fixture, trained once for both files
 
-from medssl.viewer.browser import AppServer, Browser, find_chromium
+from browser import AppServer, Browser, find_chromium
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(find_chromium() is None,

@@ -1,4 +1,4 @@
-"""The app's plain functions without Streamlit (`medssl.viewer.session`): start-up arguments and command,
+"""The app's plain functions without Streamlit (`medssl.app.session`): start-up arguments and command,
 the data folders and what is found under them, cases from manifests, uploads (files and zipped DICOM
 series), volumes that cannot be shown, default display, region statistics and exports."""
 
@@ -20,7 +20,7 @@ from test_io import write_dicom_series
 from medssl.data.synthetic.hospital import make_hospital
 from medssl.errors import UserError
 from medssl.explain.maps import MapSidecar, peak, read_map
-from medssl.viewer import paths, session
+from medssl.app import paths, session
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ def test_review_rows_from_two_writers(tmp_path: Path) -> None:
 
 
 def test_the_apps_plain_modules_do_not_import_streamlit() -> None:
-    code = ("import sys, medssl.viewer.session, medssl.viewer.render, medssl.viewer.signals, medssl.viewer.browser; "
+    code = ("import sys, medssl.app.session, medssl.viewer.render, medssl.app.signals, browser; "
             "print('streamlit' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", check=True,
                             timeout=120)
