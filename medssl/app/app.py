@@ -342,6 +342,7 @@ def upload_case() -> session.Case | None:
         S.upload_refused = None
     if saved is None:
         S.upload_refused = f"refused: {upload.name} (see the message above); choose a volume file"
+        st.sidebar.error(S.upload_refused)
         S.upload_nonce = nonce + 1  # a fresh, empty uploader on the next run
         return None
     return session.case_from_file(saved, "upload")
