@@ -141,10 +141,13 @@ class Viewer {
     root.append(style, this.frame);
     this.onResize = () => this.resize();
     window.addEventListener("resize", this.onResize);
+    this.observer = new ResizeObserver(() => this.resize()); // the toolbar wraps once fonts and width settle
+    this.observer.observe(this.bar);
   }
 
   destroy() {
     window.removeEventListener("resize", this.onResize);
+    this.observer.disconnect();
     for (const pane of this.panes.values()) pane.nv.canvas?.remove();
     this.panes.clear();
     this.frame.remove();
@@ -356,6 +359,8 @@ class Viewer {
     const panes = data.panes.map((spec) => this.pane(spec));
     this.resize();
     await Promise.all(panes.map((pane, i) => this.load(pane, data.panes[i])));
+    this.resize();
+    for (const delay of [300, 1500]) setTimeout(() => this.resize(), delay); // after the page around settles
     this.notes.textContent = (data.notes || []).join(" · ");
     const view = data.view;
     if (view.seq !== this.viewSeq) {
@@ -515,9 +520,9 @@ class Viewer {
   }
 
   resize() {
-    const top = this.paneRow.getBoundingClientRect().top + window.scrollY;
+    const top = this.paneRow.getBoundingClientRect().top;
     const fixed = this.data?.height;
-    const height = fixed || Math.max(360, window.innerHeight - Math.max(0, top - window.scrollY) - 6);
+    const height = fixed || Math.max(360, Math.floor(window.innerHeight - Math.max(0, top) - 12));
     for (const pane of this.panes.values()) {
       pane.box.querySelector(".mv-canvas").style.height = `${height}px`;
       pane.nv.resizeListener?.();
