@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean browser
+VIEWPORT := medssl/app/viewport
+BUNDLE := $(VIEWPORT)/dist/viewport.js
+
+.PHONY: demo test install clean browser viewport
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +19,15 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# The clinician app's viewer: NiiVue from npm, bundled with the component's source by esbuild (never committed).
+$(BUNDLE): $(VIEWPORT)/package.json $(VIEWPORT)/package-lock.json $(VIEWPORT)/src/viewport.js
+	cd $(VIEWPORT) && npm ci --no-audit --no-fund --loglevel=error && npm run build
 
-demo: $(STAMP)
+viewport: $(BUNDLE)
+
+install: $(STAMP) $(BUNDLE)
+
+demo: $(STAMP) $(BUNDLE)
 	$(BIN)/medssl demo -o demo_out
 
 # Debian's chromium for the app's end-to-end test; where it cannot be installed (no apt-get, not root, no
@@ -28,8 +37,8 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
 	  echo "note: chromium is not installed and could not be (needs root and apt-get): the browser test will be skipped"
 
-test: $(STAMP) browser
+test: $(STAMP) $(BUNDLE) browser
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out .pytest_cache $(VIEWPORT)/dist $(VIEWPORT)/node_modules

@@ -12,7 +12,7 @@ import sys
 from streamlit import runtime
 
 if runtime.exists():  # under `streamlit run`: this script run is the app's
-    from medssl.viewer.session import APP_SCRIPT
+    from medssl.app.session import APP_SCRIPT
 
     runpy.run_path(str(APP_SCRIPT), run_name="__main__")
 elif __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from medssl.viewer.browser import AppServer, Browser, find_chromium
+from browser import AppServer, Browser, find_chromium
 
 LESION_WORDS = re.compile(r"lesion|nodule|cyst|mass", re.IGNORECASE)
 IMAGE_SRC = """(() => { const f = [...document.querySelectorAll('iframe')]

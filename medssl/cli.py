@@ -264,7 +264,7 @@ def app_command(
     run's manifest folder, a ground infer output's image folder)."""
     import subprocess
 
-    from medssl.viewer.session import check_folders, streamlit_command
+    from medssl.app.session import check_folders, streamlit_command
 
     runs, roots = run_dir or [], data_root or []
     check_folders(runs, roots)

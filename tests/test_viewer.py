@@ -16,8 +16,10 @@ from PIL import Image
 
 from medssl.errors import UserError
 from medssl.explain.maps import LinearRescaling, MapSidecar, peak
-from medssl.viewer import overlay, paths, review, slicing, stats, windowing
-from medssl.viewer.slicing import display_grid, edge_labels, mm_to_voxel, plane_slice, three_planes, voxel_to_mm
+from medssl.app import paths, review
+from medssl.display import overlay, slicing, windowing
+from medssl.viewer import stats
+from medssl.display.slicing import display_grid, edge_labels, mm_to_voxel, plane_slice, three_planes, voxel_to_mm
 
 # ----------------------------------------------------------------------------------------------- windowing
 
@@ -450,8 +452,8 @@ def test_check_upload():
 
 
 def test_no_streamlit_import():
-    code = ("import sys, medssl.explain.maps, medssl.viewer.windowing, medssl.viewer.slicing, "
-            "medssl.viewer.overlay, medssl.viewer.stats, medssl.viewer.review, medssl.viewer.paths; "
+    code = ("import sys, medssl.explain.maps, medssl.display.windowing, medssl.display.slicing, "
+            "medssl.display.overlay, medssl.viewer.stats, medssl.app.review, medssl.app.paths; "
             "print('streamlit' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", check=True)
     assert result.stdout.strip() == "False"

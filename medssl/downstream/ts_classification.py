@@ -45,9 +45,9 @@ from medssl.data.manifest import Manifest, load_manifest
 from medssl.data.preprocessing import SignalDataConfig
 from medssl.data.timeseries import WindowDataset, signal_windows
 from medssl.errors import UserError
-from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, pool
+from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, load_timeseries_checkpoint, pool
 from medssl.seeding import numpy_generator, torch_generator
-from medssl.training.checkpoint import Kind, LoadReport, load_checkpoint, load_weights
+from medssl.training.checkpoint import Kind, LoadReport
 from medssl.training.distributed import DistContext, init_distributed, rank_seed
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
@@ -55,7 +55,6 @@ from medssl.training.rundir import RunDir, prepare_run_dir
 Split = Literal["training", "validation", "test"]
 METRICS = ("accuracy", "macro_f1", "auroc", "auprc")
 LEVELS = ("patient", "window")
-ENCODER_PREFIX = "encoder."
 
 
 class EvalSettings(StrictModel):
@@ -220,21 +219,17 @@ def load_encoder(config: EvalTimeseriesConfig, pretrained: Path | None) -> tuple
     with its LoadReport (min_fraction 1.0)."""
     if pretrained is None:
         return TSEncoder(config.model), None
-    payload = load_checkpoint(pretrained, kind=(Kind.PRETRAIN_TIMESERIES, Kind.TIMESERIES_ENCODER))
-    arch = TSEncoderConfig(**payload["arch"])
-    if arch != config.model:
+    stored = load_timeseries_checkpoint(pretrained, (Kind.PRETRAIN_TIMESERIES, Kind.TIMESERIES_ENCODER))
+    if stored.encoder.config != config.model:
         raise UserError(f"model: {config.model.model_dump()} differs from the checkpoint's architecture "
-                        f"{arch.model_dump()} ({pretrained})")
-    ours, theirs = config.data.to_dict(), payload["preprocessing"]
+                        f"{stored.encoder.config.model_dump()} ({pretrained})")
+    ours, theirs = config.data.to_dict(), stored.preprocessing
     for key in ("fs", "channels", "window"):
         if ours[key] != theirs.get(key):
             field = {"fs": "data.fs", "channels": "data.channels", "window": "data.window_seconds"}[key]
             raise UserError(f"{field}: {ours[key]!r} differs from the pretraining preprocessing {theirs.get(key)!r} "
                             f"of {pretrained}")
-    encoder = TSEncoder(arch)
-    weights = payload["model"] if payload["kind"] == Kind.TIMESERIES_ENCODER else {
-        k[len(ENCODER_PREFIX):]: v for k, v in payload["model"].items() if k.startswith(ENCODER_PREFIX)}
-    return encoder, load_weights(encoder, weights, min_fraction=1.0, source=str(pretrained))
+    return stored.encoder, stored.report
 
 
 @torch.no_grad()

@@ -11,12 +11,18 @@ Sizes: the defaults are tiny (CPU tests and demos). The paper-size setting of TS
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from pydantic import PositiveInt, field_validator
 from torch import nn
 
 from medssl.config import StrictModel
+from medssl.errors import UserError
+from medssl.training.checkpoint import ENCODER_PREFIX, Kind, LoadReport, load_checkpoint, load_weights, with_prefix
 
 
 class TSEncoderConfig(StrictModel):
@@ -83,3 +89,49 @@ class TSEncoder(nn.Module):
 def pool(z: torch.Tensor) -> torch.Tensor:
     """Max over time: (B, T, D) -> (B, D), the window-level representation."""
     return z.max(dim=1).values
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+HEAD_PREFIX = "head."  # a fine-tuned classifier's linear head (`downstream.ts_classification.Classifier.head`)
+
+
+@dataclass(eq=False)
+class TimeseriesCheckpoint:
+    """A time-series checkpoint read once, the only place that does: its encoder (weights loaded, all of
+    them), the linear head of a fine-tuned classifier (None otherwise), the stored preprocessing dict and
+    the encoder's load report."""
+
+    path: Path
+    kind: str
+    encoder: TSEncoder
+    head: nn.Linear | None
+    preprocessing: dict[str, Any]
+    report: LoadReport
+
+
+def load_timeseries_checkpoint(path: str | Path, kinds: tuple[str, ...]) -> TimeseriesCheckpoint:
+    """Read a `pretrain-timeseries` (encoder under `ENCODER_PREFIX`), `timeseries-encoder` (the encoder's
+    own keys) or `finetune-timeseries` (encoder + `HEAD_PREFIX` head) checkpoint of one of `kinds`.
+    UserError (one line) for another kind, an architecture that is not a TSEncoder's, or weights that do
+    not all fit."""
+    path = Path(path)
+    payload = load_checkpoint(path, kind=kinds)
+    kind = payload["kind"]
+    arch = dict(payload["arch"])
+    classes = arch.pop("classes", None)
+    try:
+        encoder = TSEncoder(TSEncoderConfig(**arch))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{path}: its architecture does not read as a time-series encoder "
+                        f"({type(err).__name__})") from None
+    weights = payload["model"]
+    own = weights if kind == Kind.TIMESERIES_ENCODER else with_prefix(weights, ENCODER_PREFIX)
+    report = load_weights(encoder, own, min_fraction=1.0, source=str(path))
+    head = None
+    if kind == Kind.FINETUNE_TIMESERIES:
+        if not isinstance(classes, int) or classes < 1:
+            raise UserError(f"{path}: a fine-tuned time-series checkpoint without its number of classes")
+        head = nn.Linear(encoder.config.out_dim, classes)
+        load_weights(head, with_prefix(weights, HEAD_PREFIX), min_fraction=1.0, source=str(path))
+    return TimeseriesCheckpoint(path, kind, encoder, head, dict(payload.get("preprocessing") or {}), report)

@@ -45,9 +45,16 @@ from torch import nn
 
 from medssl.config import StrictModel
 from medssl.errors import UserError
-from medssl.training.checkpoint import Kind, LoadReport, load_checkpoint, load_weights, save_checkpoint
+from medssl.training.checkpoint import (
+    ENCODER_PREFIX,
+    Kind,
+    LoadReport,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    with_prefix,
+)
 
-PRETRAIN_PREFIX = "encoder."  # attribute name of the encoder in the pretraining model
 NETWORK_PREFIX = "network."  # attribute name of the whole network there (whole-network objectives)
 DDP_PREFIX = "module."
 
@@ -393,8 +400,8 @@ def load_pretrained(network: nn.Module, checkpoint_path: str | Path, *, arch: Vo
     weights = _strip_prefix(payload["model"], DDP_PREFIX)
     whole: dict[str, torch.Tensor] | None = weights if kind == Kind.VOLUME_NETWORK else None
     if kind == Kind.PRETRAIN_VOLUME:
-        whole = _with_prefix(weights, NETWORK_PREFIX) or None
-        weights = _with_prefix(weights, PRETRAIN_PREFIX)
+        whole = with_prefix(weights, NETWORK_PREFIX) or None
+        weights = with_prefix(weights, ENCODER_PREFIX)
     if parts == "network" and whole is None:
         raise UserError(f"{field_name}: 'network' asks for the whole network, but {source} is a '{kind}' "
                         "checkpoint with the encoder only (use the network.pt of a whole-network pretraining)")
@@ -447,11 +454,6 @@ def _stored_arch(arch: Any, kind: str, source: str) -> VolumeEncoderConfig:
     except ValidationError as err:
         raise UserError(f"{source}: checkpoint arch {arch!r} is not a volume encoder "
                         f"({err.error_count()} validation errors)") from None
-
-
-def _with_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries whose key starts with `prefix`, without it."""
-    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def _strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

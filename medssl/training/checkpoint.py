@@ -23,15 +23,16 @@ from medssl.atomic import atomic_path
 from medssl.errors import UserError
 
 FORMAT = "medssl-checkpoint-v1"
+ENCODER_PREFIX = "encoder."  # where a pretraining or classifier model keeps its encoder (`model.encoder`)
 
 
 class Kind:
     """What a checkpoint holds (its "kind"): one name per producer, shared by producers and readers."""
 
-    PRETRAIN_VOLUME = "pretrain-volume"  # the volume pretraining model (encoder under "encoder.")
+    PRETRAIN_VOLUME = "pretrain-volume"  # the volume pretraining model (encoder under ENCODER_PREFIX)
     VOLUME_ENCODER = "volume-encoder"  # an exported encoder, MONAI key names
     VOLUME_NETWORK = "volume-network"  # an exported whole segmentation network (encoder + decoder), MONAI key names
-    PRETRAIN_TIMESERIES = "pretrain-timeseries"  # the signal pretraining model (encoder under "encoder.")
+    PRETRAIN_TIMESERIES = "pretrain-timeseries"  # the signal pretraining model (encoder under ENCODER_PREFIX)
     TIMESERIES_ENCODER = "timeseries-encoder"  # an exported signal encoder (its own key names)
     FINETUNE_SEG = "finetune-seg"
     FINETUNE_TIMESERIES = "finetune-timeseries"
@@ -80,6 +81,11 @@ def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...] | None = No
         expected = " or ".join(f"'{k}'" for k in kinds)
         raise UserError(f"{path}: checkpoint is a '{payload['kind']}' checkpoint, expected {expected}")
     return payload
+
+
+def with_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries whose key starts with `prefix`, without it (e.g. the encoder of a whole model)."""
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
 
 
 @dataclass

@@ -30,7 +30,7 @@ from medssl.training.checkpoint import Kind, load_checkpoint, load_weights
 from medssl.training.distributed import DistContext, init_distributed, rank_seed
 from medssl.training.loop import Checkpointing, Freeze, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
-from medssl.viewer.figures import LabelledCase, write_label_overlay
+from medssl.display.figures import LabelledCase, write_label_overlay
 
 
 @dataclass

@@ -39,8 +39,8 @@ from medssl.explain.maps import (
     describe_scale,
     raw_values,
 )
-from medssl.viewer.slicing import PlaneView
-from medssl.viewer.windowing import Window, apply_window
+from medssl.display.slicing import PlaneView
+from medssl.display.windowing import Window, apply_window
 
 MODES = ("fill", "outline")
 PROVENANCE_KEYS = ("checkpoint", "phrase", "preprocessing", "rescaling", "threshold")

@@ -1,4 +1,4 @@
-"""The app's plain functions without Streamlit (`medssl.viewer.session`): start-up arguments and command,
+"""The app's plain functions without Streamlit (`medssl.app.session`): start-up arguments and command,
 the data folders and what is found under them, cases from manifests, uploads (files and zipped DICOM
 series), volumes that cannot be shown, default display, region statistics and exports."""
 
@@ -20,7 +20,7 @@ from test_io import write_dicom_series
 from medssl.data.synthetic.hospital import make_hospital
 from medssl.errors import UserError
 from medssl.explain.maps import MapSidecar, peak, read_map
-from medssl.viewer import paths, session
+from medssl.app import paths, session, viewport
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_start_up_arguments_and_the_streamlit_command(tmp_path: Path) -> None:
     assert int(options["--server.maxUploadSize"]) * 2**20 == paths.UPLOAD_LIMIT_BYTES  # Streamlit's limit matches
     assert command[command.index("--") + 1:] == ["--run", str(tmp_path.resolve()), "--data-root",
                                                  str((tmp_path / "x").resolve())]
-    assert session.APP_SCRIPT.is_file() and session.APP_SCRIPT.parent.name == "viewer"
+    assert session.APP_SCRIPT.is_file() and session.APP_SCRIPT.parent.name == "app"
     with pytest.raises(UserError, match="not a TCP port"):
         session.streamlit_command([], [], port=70000)
     with pytest.raises(UserError, match="give a run directory"):
@@ -184,13 +184,58 @@ def test_volumes_that_cannot_be_shown(tmp_path: Path) -> None:
         session.window_for(view, "pet")
 
 
+class _Result:
+    """A groundable result on the linear [-1, 1] -> [0, 1] cosine scale (what grounding writes)."""
+
+    def __init__(self, map01: np.ndarray):
+        from medssl.app.grounding import Grounding
+
+        sidecar = MapSidecar.model_validate({
+            "kind": "phrase-grounding", "image": "x.nii.gz", "checkpoint": "g.pt", "phrase": "p",
+            "raw_scale": {"name": "cosine"}, "rescaling": {"name": "linear", "from": [-1, 1], "to": [0, 1]},
+            "groundable": True, "score": 0.5, "score_threshold": 0.0, "preprocessing": {}, "peak_voxel": [7, 7, 7],
+            "peak_mm": [7.0, 7.0, 7.0]})
+        self.map01, self.sidecar = map01, sidecar
+        self.raw = Grounding("p", "finding", True, 0.5, 0.0, "", map01, sidecar).raw
+
+
+def test_display_steps_keep_a_512_slice_whole_and_say_so() -> None:
+    assert viewport.display_steps((64, 64, 64), (1.0, 1.0, 1.0)) == (1, 1, 1)
+    steps = viewport.display_steps((512, 512, 300), (0.7, 0.7, 1.0))
+    assert steps == (1, 1, 2) and "512 x 512 x 300 voxels as 512 x 512 x 150" in viewport.thinning_note(
+        (512, 512, 300), steps)
+    data = viewport.nifti_bytes(np.arange(24, dtype=np.float32).reshape(2, 3, 4) - 1000, np.diag([2, 2, 3, 1]),
+                                (1, 1, 2))
+    image = nib.Nifti1Image.from_bytes(data)
+    assert image.shape == (2, 3, 2) and image.get_data_dtype() == np.int16 and image.affine[2, 2] == 6
+    lut, legend = viewport.label_table({1: "liver", 3: "spleen"})
+    assert lut["labels"] == ["", "liver", "", "spleen"] and [n for n, _ in legend] == ["liver", "spleen"]
+    assert lut["A"][2] == 0 and lut["A"][3] == 255
+
+
+def test_the_window_a_phrase_opens_in() -> None:
+    from medssl.display.windowing import preset_for_phrase
+
+    assert preset_for_phrase("A 12 mm nodule in the right upper lobe.") == "lung"
+    assert preset_for_phrase("The lungs are clear.") == "lung"
+    assert preset_for_phrase("Sclerotic lesion of a vertebra") == "bone"
+    assert preset_for_phrase("A 27 mm hypodense lesion in the spleen") == "soft tissue"
+    assert preset_for_phrase("") == "soft tissue"
+
+
 def test_default_display_and_statistics_of_a_map() -> None:
     map01 = np.zeros((10, 10, 10), np.float32)
     map01[2:8, 2:8, 2:8] = np.linspace(0.4, 0.6, 216).reshape(6, 6, 6)
     map01[7, 7, 7] = 0.9
-    threshold, vmin, vmax = session.default_display(map01)
-    assert threshold == vmin and vmax == 0.9 and np.mean(map01[map01 > 0] > threshold) == pytest.approx(0.05, abs=0.01)
-    assert session.default_display(np.zeros((3, 3, 3), np.float32)) == (0.5, 0.0, 1.0)
+    result = _Result(map01)
+    shown = viewport.default_display(result)  # raw cosine units: map 0.9 is cosine 0.8
+    assert shown.vmax == pytest.approx(0.8) and shown.range[0] == pytest.approx(-0.2)
+    threshold = viewport.to_map01(result, shown.threshold)
+    assert np.mean(map01[map01 > 0] > threshold) == pytest.approx(0.05, abs=0.01)
+    assert viewport.map_cues(result) == []  # peak cosine 0.8: not weak
+    assert "weak map" in viewport.map_cues(_Result(map01 * 0.5))[0]  # peak 0.45: cosine -0.1, weak
+    assert viewport.correlation_cue(viewport.map_correlation(map01, map01 * 0.9)) is not None
+    assert viewport.map_correlation(map01, np.zeros((2, 2, 2), np.float32)) is None
     counted = session.stats_map(map01, threshold, True)
     assert counted.max() == pytest.approx(0.9) and (counted[map01 <= threshold] == 0).all()
     assert session.stats_map(map01, threshold, False) is map01
@@ -243,7 +288,7 @@ def test_review_rows_from_two_writers(tmp_path: Path) -> None:
 
 
 def test_the_apps_plain_modules_do_not_import_streamlit() -> None:
-    code = ("import sys, medssl.viewer.session, medssl.viewer.render, medssl.viewer.signals, medssl.viewer.browser; "
+    code = ("import sys, medssl.app.session, medssl.app.viewport, medssl.app.grounding, medssl.app.signals; "
             "print('streamlit' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", check=True,
                             timeout=120)

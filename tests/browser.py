@@ -1,5 +1,6 @@
 """Drive the app in a real headless Chromium (Debian's `chromium`) over the DevTools protocol: for the
-end-to-end test, the screenshots in docs/ and the measured redraw time.
+end-to-end test (`test_app_browser.py`), the screenshots in docs/ and the measured times
+(`docs/make_screenshots.py`, which puts this folder on its path). A test harness, not part of the package.
 
 `AppServer` starts `medssl app ...` on a free port of 127.0.0.1 and waits for Streamlit's health check;
 `Browser` starts Chromium headless with a fresh profile and no background networking, and offers what
@@ -29,7 +30,9 @@ from typing import Any
 from websockets.sync.client import connect
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+# WebGL2 for the NiiVue viewport through Chromium's software renderer (SwiftShader); no GPU needed
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                  "--ignore-gpu-blocklist", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio", "--disable-extensions")
 # JavaScript: true while Streamlit is running the script (its status widget shows "Running...")

@@ -97,3 +97,23 @@ def percentile_window(array: np.ndarray, lower: float, upper: float, *, mask: np
     if hi <= lo:
         return Window(1.0, lo)
     return Window(hi - lo, (lo + hi) / 2)
+
+
+# words of a phrase that choose the CT window it opens in (anything else: soft tissue)
+PHRASE_WINDOWS: dict[str, tuple[str, ...]] = {
+    "lung": ("lung", "lungs", "pulmonary", "nodule", "nodules", "pneumothorax", "emphysema", "bronch", "airway",
+             "pleura", "pleural", "ground-glass", "consolidation", "lobe"),
+    "bone": ("bone", "bones", "spine", "spinal", "vertebra", "vertebral", "vertebrae", "rib", "ribs", "fracture",
+             "osseous", "sclerotic", "lytic", "skull", "pelvis", "femur"),
+    "brain": ("brain", "cerebral", "cerebellar", "intracranial", "ventricle", "ventricles", "cortex", "cortical"),
+}
+
+
+def preset_for_phrase(phrase: str | None) -> str:
+    """The CT window preset a phrase opens in: lung findings in the lung window, bone findings in the bone
+    window, brain findings in the brain window, everything else soft tissue."""
+    words = "".join(c if c.isalnum() or c == "-" else " " for c in (phrase or "").lower()).split()
+    for preset, cues in PHRASE_WINDOWS.items():
+        if any(word == cue or (cue == "bronch" and word.startswith(cue)) for word in words for cue in cues):
+            return preset
+    return "soft tissue"

@@ -1,7 +1,9 @@
 """The clinician review table: one CSV row per verdict on a map.
 
 Columns (`COLUMNS`): time (ISO 8601), run, checkpoint, image, phrase, verdict (one of `VERDICTS`),
-comment. Appending is atomic and safe across processes: an exclusive `fcntl.flock` on `<csv>.lock`
+comment, reviewer (who judged; required), true_location_mm (the RAS point where the reviewer says the
+finding is, "x y z", or empty). A table written before the last two columns existed (`LEGACY_COLUMNS`) is
+read with them empty and rewritten with them at the next append. Appending is atomic and safe across processes: an exclusive `fcntl.flock` on `<csv>.lock`
 serialises writers, each of which reads the table, writes it plus the new row to a temporary sibling and
 renames it over the table (`medssl.atomic`). Readers need no lock: they always see a complete file.
 """
@@ -24,7 +26,15 @@ from medssl.atomic import atomic_path
 from medssl.errors import UserError, validation_message
 
 VERDICTS = ("right", "wrong_region", "should_not_be_groundable")
-COLUMNS = ("time", "run", "checkpoint", "image", "phrase", "verdict", "comment")
+LEGACY_COLUMNS = ("time", "run", "checkpoint", "image", "phrase", "verdict", "comment")
+COLUMNS = (*LEGACY_COLUMNS, "reviewer", "true_location_mm")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return abs(float(text)) < float("inf")
+    except ValueError:
+        return False
 
 
 def _now() -> str:
@@ -43,6 +53,16 @@ class ReviewRow(BaseModel):
     phrase: str = Field(min_length=1)
     verdict: Literal["right", "wrong_region", "should_not_be_groundable"]
     comment: str = ""
+    reviewer: str = ""
+    true_location_mm: str = ""
+
+    @field_validator("true_location_mm")
+    @classmethod
+    def _point(cls, value: str) -> str:
+        parts = value.split()
+        if value and (len(parts) != 3 or not all(_is_number(p) for p in parts)):
+            raise ValueError(f"expected 'x y z' in mm or nothing, got {value!r}")
+        return value
 
     @field_validator("time")
     @classmethod
@@ -75,10 +95,12 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _check_header(path: Path, text: str) -> None:
-    header = next(csv.reader(io.StringIO(text)), [])
-    if tuple(header) != COLUMNS:
+def _check_header(path: Path, text: str) -> tuple[str, ...]:
+    """The table's columns: `COLUMNS` or `LEGACY_COLUMNS`; UserError for anything else."""
+    header = tuple(next(csv.reader(io.StringIO(text)), []))
+    if header not in (COLUMNS, LEGACY_COLUMNS):
         raise UserError(f"{path}: not a review table (header {','.join(header)!r}, expected {','.join(COLUMNS)!r})")
+    return header
 
 
 def append_review(csv_path: str | os.PathLike, row: ReviewRow | Mapping[str, Any]) -> ReviewRow:
@@ -90,16 +112,12 @@ def append_review(csv_path: str | os.PathLike, row: ReviewRow | Mapping[str, Any
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     with _locked(path):
-        existing = path.read_text(encoding="utf-8") if path.exists() else ""
-        if existing:
-            _check_header(path, existing)
-            if not existing.endswith("\n"):
-                existing += "\n"
-        else:
-            writer.writerow(COLUMNS)
-        writer.writerow([getattr(row, column) for column in COLUMNS])
+        existing = read_reviews(path) if path.exists() else []
+        writer.writerow(COLUMNS)
+        for stored in [*existing, row]:
+            writer.writerow([getattr(stored, column) for column in COLUMNS])
         with atomic_path(path) as tmp:
-            tmp.write_text(existing + out.getvalue(), encoding="utf-8")
+            tmp.write_text(out.getvalue(), encoding="utf-8")
     return row
 
 
@@ -114,14 +132,14 @@ def read_reviews(csv_path: str | os.PathLike) -> list[ReviewRow]:
         raise UserError(f"{path}: cannot read the review table ({type(err).__name__}: {err})") from err
     if not text:
         return []
-    _check_header(path, text)
+    columns = _check_header(path, text)
     reader = csv.reader(io.StringIO(text, newline=""))
     next(reader)
     rows = []
     for values in reader:
-        if len(values) != len(COLUMNS):
-            raise UserError(f"{path}: line {reader.line_num} has {len(values)} fields, expected {len(COLUMNS)}")
-        rows.append(_row(dict(zip(COLUMNS, values)), f"{path}:{reader.line_num}"))
+        if len(values) != len(columns):
+            raise UserError(f"{path}: line {reader.line_num} has {len(values)} fields, expected {len(columns)}")
+        rows.append(_row(dict(zip(columns, values)), f"{path}:{reader.line_num}"))
     return rows
 
 

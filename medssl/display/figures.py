@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from medssl.atomic import atomic_path
-from medssl.viewer.overlay import overlay_labels
-from medssl.viewer.slicing import plane_slice
-from medssl.viewer.windowing import apply_window, percentile_window
+from medssl.display.overlay import overlay_labels
+from medssl.display.slicing import plane_slice
+from medssl.display.windowing import apply_window, percentile_window
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The signals panel's plain functions (`medssl.viewer.signals`): time-series checkpoints of both kinds,
+"""The signals panel's plain functions (`medssl.app.signals`): time-series checkpoints of both kinds,
 gradient and occlusion saliency, and refusals."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from medssl.downstream.ts_classification import Classifier
 from medssl.errors import UserError
 from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig
 from medssl.training.checkpoint import save_checkpoint
-from medssl.viewer import signals
+from medssl.app import signals
 
 ARCH = {"in_channels": 2, "hidden": 8, "out_dim": 16, "depth": 2, "kernel": 3}
 PREP = {"manifest": "/data/manifest.json", "cache_dir": None, "fs": 50.0, "channels": ["ECG", "PPG"],
@@ -91,7 +91,7 @@ def test_refusals(tmp_path: Path) -> None:
     pretrain, finetune = _checkpoints(tmp_path)
     seg = tmp_path / "seg.pt"
     save_checkpoint(seg, kind="finetune-seg", step=1, model={}, arch={}, preprocessing={}, config={})
-    with pytest.raises(UserError, match="is not a time-series model"):
+    with pytest.raises(UserError, match="'finetune-seg' checkpoint, expected 'pretrain-timeseries' or 'finetune-timeseries'"):
         signals.load_timeseries_model(seg)
     model = signals.load_timeseries_model(pretrain)
     short = _record(tmp_path, seconds=0.5)

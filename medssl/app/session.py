@@ -5,7 +5,7 @@ Data folders ("roots"). The app reads files only under its roots: the run direct
 folders it was started with, plus the folders those run directories name themselves: the manifest's
 folder of a grounding run (`RUN/config.yaml` `data.manifest`) and the image's folder of a `medssl ground
 infer` output (`OUT/results.json` `image`, and the folder of its `checkpoint`). Every file path, also the
-ones a manifest lists, goes through `medssl.viewer.paths.resolve_under`, so `..`, absolute paths and
+ones a manifest lists, goes through `medssl.app.paths.resolve_under`, so `..`, absolute paths and
 symbolic links cannot lead outside them.
 Uploads are written by the app into its own temporary folder.
 
@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,11 +32,12 @@ import yaml
 
 from medssl.data import io
 from medssl.errors import UserError, one_line
-from medssl.explain.maps import MapSidecar, read_map, write_map
+from medssl.explain.maps import MapSidecar, write_map
+from medssl.text.query import MAX_PHRASE_CHARS
 from medssl.text.statements import Statement, split_statements
-from medssl.viewer import paths, review
-from medssl.viewer.slicing import DisplayGrid, display_grid
-from medssl.viewer.windowing import CT_PRESETS, MR_PERCENTILE_PRESETS, Window, percentile_window
+from medssl.app import paths, review
+from medssl.display.slicing import DisplayGrid, display_grid
+from medssl.display.windowing import CT_PRESETS, MR_PERCENTILE_PRESETS, Window, percentile_window
 
 APP_SCRIPT = Path(__file__).with_name("app.py")
 UPLOAD_LIMIT_MB = paths.UPLOAD_LIMIT_BYTES // 2**20  # Streamlit's server.maxUploadSize is in MB
@@ -133,6 +134,14 @@ class Library:
         """A path under the roots (relative to the first root that has it, or absolute); UserError otherwise."""
         return paths.resolve_under(self.root_paths, str(user_path))
 
+    def shown(self, text: str) -> str:
+        """`text` with every data folder written as its name (`hospital/vol/P001.nii.gz`), so messages name files
+        relative to the data folders and never show the server's full paths."""
+        for root in sorted(self.roots, key=lambda r: -len(str(r.path))):
+            text = text.replace(str(root.path) + os.sep, root.path.name + "/").replace(str(root.path),
+                                                                                        root.path.name)
+        return text
+
     def review_folder(self, checkpoint: str | os.PathLike | None) -> Path | None:
         """Where the review table and exports go: the grounding run of `checkpoint` (a run directory given or
         found under a data root), else the first run directory given, else None."""
@@ -175,9 +184,20 @@ def read_infer_output(folder: Path) -> InferOutput:
             raise ValueError("'results' is not a list of phrases")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path}: not a medssl ground infer listing ({one_line(err, with_type=True)})") from None
-    image = image if image.is_absolute() else Path(os.path.abspath(image))
-    checkpoint = checkpoint if checkpoint.is_absolute() else Path(os.path.abspath(checkpoint))
-    return InferOutput(folder.resolve(), image, checkpoint, rows, list(data.get("warnings") or []))
+    return InferOutput(folder.resolve(), _listed(folder, image), _listed(folder, checkpoint), rows,
+                       list(data.get("warnings") or []))
+
+
+def _listed(folder: Path, path: Path) -> Path:
+    """A path written in `folder/results.json`: absolute as it is, else relative to that folder (so the app may
+    start anywhere); a relative path that only exists from the current folder (older listings) is taken from
+    there."""
+    if path.is_absolute():
+        return path
+    own = Path(os.path.abspath(folder / path))
+    if own.exists() or not Path(os.path.abspath(path)).exists():
+        return own
+    return Path(os.path.abspath(path))
 
 
 def _below(root: Path, pattern: str) -> list[Path]:
@@ -387,6 +407,29 @@ def case_from_infer_output(library: Library, output: InferOutput) -> Case:
                 source=str(output.folder), report=report, rows=tuple(rows), checkpoint=output.checkpoint)
 
 
+def other_studies(cases: Sequence[Case], case: Case) -> list[Case]:
+    """The same patient's other studies among `cases` (for follow-up side by side), in study order."""
+    if case.patient_id is None:
+        return []
+    return sorted((c for c in cases if c.patient_id == case.patient_id and c.study_id != case.study_id
+                   and c.image != case.image), key=lambda c: str(c.study_id))
+
+
+# THE HOOK for the anatomical matcher of issue #19 (`match_point`, not on main yet): a function
+# (from_image, to_image, mm) -> mm. While it is None the follow-up view links the two studies by mm.
+ANATOMY_MATCHER: Callable[[Path, Path, tuple[float, float, float]], Sequence[float]] | None = None
+
+
+def matched_point(from_image: Path, to_image: Path, mm: Sequence[float]) -> tuple[tuple[float, float, float], str]:
+    """Where the point `mm` (RAS) of `from_image` lies in `to_image`, and how it was found ("anatomy" through
+    `ANATOMY_MATCHER`, else "mm": the same coordinates). The follow-up view calls only this."""
+    point = tuple(float(v) for v in mm[:3])
+    if ANATOMY_MATCHER is None:
+        return point, "mm"
+    found = ANATOMY_MATCHER(from_image, to_image, point)
+    return (float(found[0]), float(found[1]), float(found[2])), "anatomy"
+
+
 def case_from_file(path: Path, source: str) -> Case:
     """A volume alone (a file under the data folders or an upload)."""
     return Case(key=f"file::{path}", title=path.name, image=path, source=source)
@@ -536,18 +579,23 @@ def mask_centre(mask: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(v) for v in nearest)
 
 
-def default_display(map01: np.ndarray, *, top: float = 0.05) -> tuple[float, float, float]:
-    """(threshold, vmin, vmax) for a new map: transparent below the top `top` share of the voxels where
-    the map is above 0 (inside the body), colours from there to the map's maximum."""
-    inside = map01[map01 > 0]
-    if inside.size == 0:
-        return 0.5, 0.0, 1.0
-    peak = float(inside.max())
-    threshold = float(np.quantile(inside, 1.0 - top))
-    threshold = min(round(threshold, 3), peak - 1e-3) if peak > 1e-3 else 0.0
-    if threshold <= 0.0 < peak:  # a map near 0 almost everywhere (outside its organ): half its peak
-        threshold = round(peak / 2, 3)
-    return max(threshold, 0.0), max(threshold, 0.0), max(round(peak, 3), threshold + 1e-3)
+PHRASE_MAX = MAX_PHRASE_CHARS  # characters: longer text is refused (and echoed shortened), as `ground infer` does
+
+
+def phrase_problem(phrase: str | None) -> str | None:
+    """Why a typed phrase cannot be grounded (empty, or longer than `PHRASE_MAX`), or None."""
+    text = (phrase or "").strip()
+    if not text:
+        return "phrase: empty; type a finding to ground, e.g. 'a hypodense lesion in the spleen'"
+    if len(text) > PHRASE_MAX:
+        return (f"phrase: {len(text)} characters, at most {PHRASE_MAX} ('{text[:60]}...'); ground one finding at a "
+                "time")
+    return None
+
+
+def regions_at(families: dict[str, dict[str, np.ndarray]], voxel: tuple[int, int, int]) -> dict[str, list[str]]:
+    """{family: names of its regions that contain `voxel`} (containers such as "body" included)."""
+    return {family: [name for name, mask in masks.items() if bool(mask[voxel])] for family, masks in families.items()}
 
 
 def stats_map(map01: np.ndarray, threshold: float, above_only: bool) -> np.ndarray:
@@ -582,11 +630,14 @@ def review_csv(folder: Path) -> Path:
     return folder / REVIEW_NAME
 
 
-def add_review(folder: Path, *, checkpoint: str, image: str, phrase: str, verdict: str,
-               comment: str = "") -> review.ReviewRow:
-    """Append one verdict to `folder/review.csv` (atomic, safe across tabs: `medssl.viewer.review`)."""
-    return review.append_review(review_csv(folder), {"run": str(folder), "checkpoint": checkpoint, "image": image,
-                                                     "phrase": phrase, "verdict": verdict, "comment": comment})
+def add_review(folder: Path, *, checkpoint: str, image: str, phrase: str, verdict: str, comment: str = "",
+               reviewer: str = "", true_mm: Sequence[float] | None = None) -> review.ReviewRow:
+    """Append one verdict to `folder/review.csv` (atomic, safe across tabs: `medssl.app.review`), with who
+    judged and, where given, the RAS mm point where the finding really is."""
+    where = "" if true_mm is None else " ".join(f"{float(v):.1f}" for v in true_mm)
+    return review.append_review(review_csv(folder), {
+        "run": str(folder), "checkpoint": checkpoint, "image": image, "phrase": phrase, "verdict": verdict,
+        "comment": comment, "reviewer": reviewer, "true_location_mm": where})
 
 
 def review_table(folder: Path) -> list[dict[str, Any]]:
@@ -595,64 +646,15 @@ def review_table(folder: Path) -> list[dict[str, Any]]:
     return [{"checkpoint": name, **counts} for name, counts in review.review_summary(rows).items()]
 
 
-def read_stored_map(row: dict, view: ViewVolume):
-    """A precomputed map of a `ground infer` output on the case's grid (`maps.read_map`)."""
-    return read_map(row["map"], like=view.volume)
-
-
 # ----------------------------------------------------------------------------------------------- maps
 
 
 CONTAINER_LABELS = ("background", "body")  # labels that contain the others: left out of the organ shares
 
 
-@dataclass(eq=False)
-class Grounding:
-    """One phrase over one case: a map (`map01` on the image's grid, with its sidecar) or a not-groundable
-    result (no map; its score, the threshold and the reason)."""
-
-    phrase: str
-    kind: str
-    groundable: bool
-    score: float
-    threshold: float
-    reason: str
-    map01: np.ndarray | None
-    sidecar: MapSidecar
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def checkpoint(self) -> str:
-        return self.sidecar.checkpoint
-
-
-def ground_phrase(grounder: Any, grounded: Any, phrase: str) -> Grounding:
-    """Ground one phrase with a loaded `Grounder` over a prepared image (`Grounder.prepare`)."""
-    result = grounder.ground(grounded, [phrase])[0]
-    return Grounding(result.phrase, result.kind, result.groundable, result.score, grounder.threshold, result.reason,
-                     result.map01, grounder.sidecar(result, grounded.path), list(result.warnings))
-
-
-def stored_grounding(row: dict, view: ViewVolume) -> Grounding:
-    """A result of a `ground infer` output: its map on the case's grid, or its sidecar alone."""
-    from medssl.explain.maps import read_sidecar
-
-    if row.get("map"):
-        loaded = read_map(row["map"], like=view.volume)
-        sidecar, map01 = loaded.sidecar, loaded.array
-    elif row.get("sidecar"):
-        sidecar, map01 = read_sidecar(row["sidecar"]), None
-    else:
-        raise UserError(f"results.json: phrase {row.get('phrase')!r} lists neither a map nor a sidecar")
-    extra = sidecar.extra or {}
-    return Grounding(sidecar.phrase, str(extra.get("statement_kind", row.get("kind", ""))), sidecar.groundable,
-                     sidecar.score, sidecar.score_threshold, str(extra.get("reason", row.get("reason", ""))), map01,
-                     sidecar)
-
-
 def region_report(map01: np.ndarray, affine: np.ndarray, families: dict[str, dict[str, np.ndarray]]
                   ) -> tuple[list[dict], list[dict]]:
-    """Region statistics of a map per family of masks ("anatomy graph", "organs", "lesions"): one row per
+    """Region statistics of a map per family of masks ("anatomy", "organs", "lesions"): one row per
     region (share of the map's mass, whether it holds the peak) and one summary per family (the region
     with the largest share and its signed CNR against the rest, `medssl.viewer.stats`)."""
     from medssl.viewer.stats import region_stats

@@ -28,8 +28,8 @@ from scipy.ndimage import uniform_filter1d
 from medssl.data import io
 from medssl.data.preprocessing import SignalPreprocessing
 from medssl.errors import UserError
-from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, pool
-from medssl.training.checkpoint import Kind, load_checkpoint, load_weights
+from medssl.models.ts_encoder import TSEncoder, load_timeseries_checkpoint, pool
+from medssl.training.checkpoint import Kind
 
 METHODS = ("gradient", "occlusion")
 OCCLUSION_SECONDS = 0.1
@@ -70,36 +70,14 @@ class TimeseriesModel:
 
 
 def load_timeseries_model(path: str | Path) -> TimeseriesModel:
-    """A `pretrain-timeseries` or `finetune-timeseries` checkpoint; UserError for any other kind or a
-    checkpoint whose weights do not fit its architecture."""
-    path = Path(path)
-    payload = load_checkpoint(path)
-    kind = payload["kind"]
-    if kind not in (Kind.PRETRAIN_TIMESERIES, Kind.FINETUNE_TIMESERIES):
-        raise UserError(f"{path}: a '{kind}' checkpoint is not a time-series model (expected "
-                        f"'{Kind.PRETRAIN_TIMESERIES}' or '{Kind.FINETUNE_TIMESERIES}')")
-    arch = dict(payload["arch"])
-    classes = arch.pop("classes", None)
-    try:
-        encoder = TSEncoder(TSEncoderConfig(**arch))
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{path}: its architecture does not read as a time-series encoder "
-                        f"({type(err).__name__})") from None
+    """A `pretrain-timeseries` or `finetune-timeseries` checkpoint (`models.ts_encoder.load_timeseries_checkpoint`);
+    UserError for any other kind or a checkpoint whose weights do not fit its architecture."""
+    stored = load_timeseries_checkpoint(path, (Kind.PRETRAIN_TIMESERIES, Kind.FINETUNE_TIMESERIES))
     fields = SignalPreprocessing.model_fields
-    prep = SignalPreprocessing.from_dict({k: v for k, v in payload["preprocessing"].items() if k in fields},
+    prep = SignalPreprocessing.from_dict({k: v for k, v in stored.preprocessing.items() if k in fields},
                                          where=str(path))
-    weights = payload["model"]
-    load_weights(encoder, {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")},
-                 min_fraction=1.0, source=str(path))
-    head = None
-    if kind == Kind.FINETUNE_TIMESERIES:
-        if not isinstance(classes, int) or classes < 1:
-            raise UserError(f"{path}: a fine-tuned time-series checkpoint without its number of classes")
-        head = torch.nn.Linear(encoder.config.out_dim, classes)
-        load_weights(head, {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")},
-                     min_fraction=1.0, source=str(path))
-    encoder.eval()
-    return TimeseriesModel(path, kind, encoder, head.eval() if head is not None else None, prep)
+    head = stored.head.eval() if stored.head is not None else None
+    return TimeseriesModel(stored.path, stored.kind, stored.encoder.eval(), head, prep)
 
 
 def read_for_model(model: TimeseriesModel, path: str | Path, format: str | None = None) -> io.Signal:
