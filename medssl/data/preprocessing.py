@@ -121,9 +121,22 @@ class VolumeDataConfig(VolumePreprocessing, DataSource):
     """The `data` section of a volume task: the preprocessing plus where the volumes are.
 
     `modality` may be left unset (None): it is then the manifest's modality "0" (`preprocessing`).
+    `store`: the preprocessed on-disk store (`medssl.data.store`) that `medssl preprocess` writes and training
+    reads crops from; unset, one folder per preprocessing beside the manifest (``.medssl-store/<key>``).
     """
 
     modality: Modality | None = None
+    store: Path | None = None
+
+    @field_validator("store")
+    @classmethod
+    def _store_folder(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = Path(os.path.abspath(Path(value).expanduser()))
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{value} is a file, not a store folder")
+        return value
 
     def preprocessing(self, manifest_modality: str | None) -> VolumePreprocessing:
         """The preprocessing, the modality defaulting to the manifest's (`manifest_modality`, e.g. "CT")."""
@@ -131,7 +144,7 @@ class VolumeDataConfig(VolumePreprocessing, DataSource):
         if modality not in ("CT", "MR"):
             raise UserError(f"data.modality: manifest {self.manifest} declares modality {manifest_modality!r}; "
                             "volume tasks need CT or MR (set data.modality)")
-        values = self.model_dump(exclude=set(DataSource.model_fields))
+        values = self.model_dump(exclude={*DataSource.model_fields, "store"})
         return VolumePreprocessing(**{**values, "modality": modality})
 
 

@@ -30,6 +30,7 @@ from medssl.config import StrictModel, TrainConfig, dump_config
 from medssl.data.checks import require_patient_independent
 from medssl.data.manifest import SPLITS, load_manifest
 from medssl.data.preprocessing import VolumeDataConfig
+from medssl.data.store import ensure_store
 from medssl.errors import UserError
 from medssl.losses.objective import VIEWS, ObjectiveContext, VolumeStep
 from medssl.losses.registry import VOLUME_OBJECTIVES, VolumeObjectivesConfig, total_loss
@@ -45,7 +46,7 @@ from medssl.models.volume_encoders import (
 from medssl.pretrain.probe import OrganProbe, ProbeUnavailable
 from medssl.pretrain.volume_batches import VolumePretrainBatches
 from medssl.training.checkpoint import Kind
-from medssl.training.distributed import DistContext, init_distributed
+from medssl.training.distributed import DistContext, init_distributed, main_first
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
 
@@ -196,9 +197,9 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
                   "own (torch's SyncBatchNorm needs GPUs); heads.norm=layer has no batch statistics",
                   file=sys.stderr)
     views = config.views
-    batches = VolumePretrainBatches.from_manifest(
-        manifest, config.split, prep, views.matcher, cache_dir=config.data.cache_dir,
-        cache_max_gib=config.data.cache_max_gib,
+    store = main_first(lambda: ensure_store(config.data, prep, manifest, quiet=not ctx.is_main), ctx)
+    batches = VolumePretrainBatches.from_store(
+        store, config.split, prep, views.matcher,
         batch_size=config.train.batch_size, points=views.points, stride=views.feature_stride, grid=views.region_grid,
         scale_range=views.scale_range, max_shift_fraction=views.max_shift_fraction, flip_prob=views.flip_prob,
         jitter=views.jitter, match_retries=views.match_retries, seed=config.train.seed, rank=ctx.rank,
