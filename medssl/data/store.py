@@ -23,8 +23,8 @@ Layout of a store folder (`data.store`; unset: ``<manifest folder>/.medssl-store
         label.b2nd      (X, Y, Z) uint8 or uint16: the label map on the image grid (entries with a label)
         scan.json       shape, affine, spacing, body box, body voxels per X plane, label voxels per class,
                         the source files, and a CRC-32 per compressed chunk of each array
-        classes.npz     "class_<k>": up to `CLASS_LOCATIONS` voxel indices (n, 3) int32 of class k, drawn
-                        uniformly (seeded by the scan), for class-balanced crops
+        classes.npz     "class_<k>": up to `CLASS_LOCATIONS` voxel indices (n, 3) int32 of class k, evenly
+                        spread over its voxels in C order (`spread_locations`), for class-balanced crops
 
 Arrays are Blosc2 NDArrays (zstd level 1, byte shuffle) chunked in about half the configured crop per axis
 and blocked in a quarter, so a crop decompresses only the blocks it covers; every chunk a read touches is
@@ -68,13 +68,14 @@ from typing import Any
 
 import blosc2
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 
 from medssl.atomic import write_json
 from medssl.data import io
 from medssl.data.body import DEFAULT_THRESHOLD, body_box, body_mask
 from medssl.data.checks import image_problems, labelled_volume_problems
 from medssl.data.manifest import SPLITS, Manifest, load_manifest
-from medssl.data.preprocessing import VolumePreprocessing
+from medssl.data.preprocessing import VolumeDataConfig, VolumePreprocessing
 from medssl.errors import UserError, one_line
 
 FORMAT = 1
@@ -302,7 +303,7 @@ class StoredScan:
         return np.stack([self.body_voxel(int(k)) for k in rng.integers(self.body_count, size=n)])
 
     def class_locations(self, value: int) -> np.ndarray:
-        """(n, 3) int64 voxels of class `value` (all of them, or `CLASS_LOCATIONS` drawn uniformly)."""
+        """(n, 3) int64 voxels of class `value` (all of them, or `CLASS_LOCATIONS` evenly spread over them)."""
         path = self.folder / "classes.npz"
         try:
             with np.load(path) as stored:
@@ -373,13 +374,31 @@ def ensure_store(data: Any, prep: VolumePreprocessing, manifest: Manifest | None
     manifest = manifest if manifest is not None else load_manifest(data.manifest)
     count = sum(1 for _, entry in manifest.entries() if entry.image)
     if count > AUTO_BUILD_SCANS:
-        raise UserError(f"data.store: {root} is missing or stale for {data.manifest} ({count} volumes); run "
-                        "medssl preprocess -c CONFIG (parallel with --workers, resumable) before training")
+        asked = data.preprocessing(manifest.modality.get("0")).to_dict()
+        hint = " ".join(f"data.{k}={json.dumps(v).replace(' ', '')}" for k, v in prep.to_dict().items()
+                        if asked.get(k) != v and k in store_settings(prep))
+        raise UserError(f"data.store: {root} is missing or stale for {data.manifest} ({count} volumes); run medssl "
+                        f"preprocess -c CONFIG{' ' + hint if hint else ''} (parallel with --workers, resumable) "
+                        "before training")
     preprocess(data.manifest, root, prep, workers=1, quiet=quiet, manifest=manifest)
     return open_store(root, prep, data.manifest)
 
 
 # ------------------------------------------------------------------------------------------------ writing
+
+
+class PreprocessConfig(BaseModel):
+    """What `medssl preprocess` reads of a volume task's config: its `data` section (other sections ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+    data: VolumeDataConfig
+
+
+def preprocess_data(data: VolumeDataConfig, *, workers: int = 1, quiet: bool = False) -> dict[str, Any]:
+    """`preprocess` for a task's `data` section: its manifest, its store (`store_path`), its preprocessing."""
+    manifest = load_manifest(data.manifest)
+    prep = data.preprocessing(manifest.modality.get("0"))
+    return preprocess(data.manifest, store_path(data, prep), prep, workers=workers, quiet=quiet, manifest=manifest)
 
 
 @dataclass
@@ -479,7 +498,9 @@ def _run_jobs(todo: list[_Job], root: Path, prep: VolumePreprocessing, declared:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        context = multiprocessing.get_context("spawn")  # no torch/OpenMP state copied from this process
+        # forkserver: the modules are imported once, in the server, and no OpenMP state of this process is copied
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["medssl.data.volumes", "medssl.data.store"])
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread) as pool:
             futures = [pool.submit(_write_scan, job, root, prep, declared) for job in todo]
             try:
@@ -558,6 +579,14 @@ def _write_array(path: Path, array: np.ndarray, chunks: Sequence[int]) -> list[i
     return crcs
 
 
+def spread_locations(flat: np.ndarray, limit: int = CLASS_LOCATIONS) -> np.ndarray:
+    """At most `limit` of the sorted flat voxel indices `flat`, evenly spread over them (all of them when fewer):
+    the class locations a store keeps (the same whether a volume is padded or not)."""
+    if len(flat) <= limit:
+        return flat
+    return flat[np.linspace(0, len(flat) - 1, limit).round().astype(np.int64)]
+
+
 def _prepare_scan(job: _Job, prep: VolumePreprocessing, declared: list[int] | None
                   ) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, np.ndarray] | None]:
     """Read, check and preprocess one entry: (arrays, scan.json content, class locations or None)."""
@@ -605,13 +634,10 @@ def _prepare_scan(job: _Job, prep: VolumePreprocessing, declared: list[int] | No
         arrays["label"] = labels.astype(dtype)
         counts = np.bincount(labels.ravel())
         meta["class_counts"] = {str(k): int(n) for k, n in enumerate(counts) if n}
-        rng = np.random.default_rng(int(job.scan[:8], 16))
         flat_labels = labels.ravel()
         locations = {}
         for value in meta["class_counts"]:
-            where = np.flatnonzero(flat_labels == int(value))
-            if len(where) > CLASS_LOCATIONS:
-                where = np.sort(rng.choice(where, CLASS_LOCATIONS, replace=False))
+            where = spread_locations(np.flatnonzero(flat_labels == int(value)))
             locations[f"class_{value}"] = np.stack(np.unravel_index(where, labels.shape), 1).astype(np.int32)
     return arrays, meta, locations
 
