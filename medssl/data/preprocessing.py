@@ -54,15 +54,16 @@ class DataSource(StrictModel):
     """Where a task's data comes from. A relative `manifest` is resolved against the current directory."""
 
     manifest: Path
+    store: Path | None = None  # the on-disk store (volumes: `medssl preprocess`; signals: memory-mapped recordings)
     cache_dir: Path | None = None
     cache_max_gib: PositiveFloat | None = None  # bound on cache_dir's size: least recently used files go first
 
-    @field_validator("manifest", "cache_dir")
+    @field_validator("manifest", "cache_dir", "store")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else Path(os.path.abspath(Path(value).expanduser()))
 
-    @field_validator("cache_dir")
+    @field_validator("cache_dir", "store")
     @classmethod
     def _a_folder(cls, value: Path | None) -> Path | None:
         if value is not None and value.exists() and not value.is_dir():
@@ -126,17 +127,6 @@ class VolumeDataConfig(VolumePreprocessing, DataSource):
     """
 
     modality: Modality | None = None
-    store: Path | None = None
-
-    @field_validator("store")
-    @classmethod
-    def _store_folder(cls, value: Path | None) -> Path | None:
-        if value is None:
-            return None
-        value = Path(os.path.abspath(Path(value).expanduser()))
-        if value.exists() and not value.is_dir():
-            raise ValueError(f"{value} is a file, not a store folder")
-        return value
 
     def preprocessing(self, manifest_modality: str | None) -> VolumePreprocessing:
         """The preprocessing, the modality defaulting to the manifest's (`manifest_modality`, e.g. "CT")."""
@@ -144,7 +134,7 @@ class VolumeDataConfig(VolumePreprocessing, DataSource):
         if modality not in ("CT", "MR"):
             raise UserError(f"data.modality: manifest {self.manifest} declares modality {manifest_modality!r}; "
                             "volume tasks need CT or MR (set data.modality)")
-        values = self.model_dump(exclude={*DataSource.model_fields, "store"})
+        values = self.model_dump(exclude=set(DataSource.model_fields))
         return VolumePreprocessing(**{**values, "modality": modality})
 
 
@@ -189,5 +179,7 @@ class SignalPreprocessing(FrozenModel):
 
 
 class SignalDataConfig(SignalPreprocessing, DataSource):
-    """The `data` section of a signal task: the preprocessing plus where the recordings are."""
+    """The `data` section of a signal task: the preprocessing plus where the recordings are. `store`: a folder
+    for the resampled recordings as memory-mapped ``.npy`` files (`medssl.data.timeseries.RecordingStore`),
+    kept for later runs; unset, a temporary folder for the run."""
 

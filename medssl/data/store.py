@@ -332,8 +332,8 @@ def open_store(root: str | os.PathLike, prep: VolumePreprocessing, manifest_path
     if manifest_path is not None:
         manifest_path = Path(manifest_path).resolve()
         if index.get("manifest") != str(manifest_path):
-            raise UserError(f"{field}: {root} indexes {index.get('manifest')}, not {manifest_path}; use another "
-                            "data.store or run medssl preprocess")
+            raise StaleStore(f"{field}: {root} indexes {index.get('manifest')}, not {manifest_path}; run medssl "
+                             "preprocess -c CONFIG for this manifest (or use another data.store)")
         if index.get("manifest_sha256") != _sha256(manifest_path):
             raise StaleStore(f"{field}: {root} is stale: {manifest_path} changed since it was preprocessed; run "
                             "medssl preprocess -c CONFIG again (it redoes only what changed)")
@@ -341,7 +341,7 @@ def open_store(root: str | os.PathLike, prep: VolumePreprocessing, manifest_path
 
 
 class StaleStore(UserError):
-    """The store indexes an older version of its manifest."""
+    """The store indexes another manifest, or an older version of its manifest."""
 
 
 def _check_settings(root: Path, meta: dict[str, Any], prep: VolumePreprocessing, field: str) -> None:

@@ -39,8 +39,6 @@ from medssl.models.volume_encoders import (
     VolumeEncoderConfig,
     build_segmentation_network,
     build_volume_encoder,
-    export_encoder,
-    export_network,
     network_encoder,
 )
 from medssl.pretrain.probe import OrganProbe, ProbeUnavailable
@@ -48,6 +46,7 @@ from medssl.pretrain.volume_batches import VolumePretrainBatches
 from medssl.training.checkpoint import Kind
 from medssl.training.distributed import DistContext, init_distributed, main_first
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
+from medssl.training.pretrained import export_encoder, export_network
 from medssl.training.rundir import RunDir, prepare_run_dir
 
 
@@ -178,7 +177,7 @@ def _objective(model: nn.Module, batch: dict, generator: torch.Generator) -> Ste
 
 
 def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
-    """Pretrain, write the run directory (DESIGN.md 3.2) and `encoder.pt`; return the summary."""
+    """Pretrain, write the run directory (../shared/DESIGN.md 3.2) and `encoder.pt`; return the summary."""
     run_dir = Path(run_dir)
     ctx = init_distributed()
     if ctx.is_main:  # the other ranks would find rank 0's new folder

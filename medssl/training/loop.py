@@ -57,7 +57,7 @@ AfterStep = Callable[[nn.Module, int], None]
 
 @dataclass
 class Checkpointing:
-    """What goes into every checkpoint besides the weights (DESIGN.md 3.3)."""
+    """What goes into every checkpoint besides the weights (../shared/DESIGN.md 3.3)."""
 
     kind: str  # e.g. "pretrain-volume"
     arch: dict[str, Any]

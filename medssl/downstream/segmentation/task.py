@@ -25,10 +25,11 @@ from medssl.downstream.segmentation.metrics import evaluate_cases, mean_metrics,
 from medssl.downstream.segmentation.training import DiceCEObjective, SegBatches, build_network, layerwise_param_groups
 from medssl.errors import UserError
 from medssl.inference import SlidingWindowPredictor
-from medssl.models.volume_encoders import EncoderLoadReport, VolumeEncoder, network_encoder
+from medssl.models.volume_encoders import VolumeEncoder, network_encoder
 from medssl.training.checkpoint import Kind, load_checkpoint, load_weights
 from medssl.training.distributed import DistContext, init_distributed, main_first, rank_seed
 from medssl.training.loop import Checkpointing, Freeze, Trainer
+from medssl.training.pretrained import EncoderLoadReport
 from medssl.training.rundir import RunDir, prepare_run_dir
 from medssl.viewer.figures import LabelledCase, write_label_overlay
 

@@ -31,10 +31,10 @@ from medssl.data.preprocessing import VolumePreprocessing
 from medssl.data.store import StoredScan, VolumeStore, spread_locations
 from medssl.downstream.segmentation.config import AugmentSettings, CropSettings, FinetuneSegConfig
 from medssl.errors import UserError
-from medssl.models.volume_encoders import (BACKBONES, EncoderLoadReport, VolumeEncoder, VolumeEncoderConfig,
-                                          build_segmentation_network, load_pretrained)
+from medssl.models.volume_encoders import BACKBONES, VolumeEncoder, VolumeEncoderConfig, build_segmentation_network
 from medssl.seeding import derive_seed, numpy_generator
 from medssl.training.loop import ParamGroup, StepOutput
+from medssl.training.pretrained import EncoderLoadReport, load_pretrained
 
 DEEP_SUPERVISION_LEVELS = 2  # decoder maps with auxiliary heads: the two finest below full resolution
 _AUGMENT_STREAM = 1  # random stream (with seed, i) of the class sampler and the augmentation
