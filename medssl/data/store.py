@@ -5,7 +5,9 @@ RAM before its first step, on every rank. The store does that work once, offline
 training then reads only the region each crop needs: nothing proportional to the number of scans stays
 in memory beyond the index (a few numbers per manifest entry).
 
-Layout of a store folder (`data.store`; unset: ``<manifest folder>/.medssl-store/<key>``):
+Layout of a store folder (`data.store`; unset, `medssl preprocess` writes ``<manifest folder>/.medssl-store/<key>``
+and training looks there; a training command that finds no current store builds a small cohort's in a
+temporary folder for the run, see `ensure_store`):
 
     store.json          {"format", "key", "preprocessing"}: the settings that shape the stored arrays
                         (modality, spacing, orientation, CT window or MR percentiles, body threshold);
@@ -46,9 +48,9 @@ Reading API (pretraining, fine-tuning and grounding use only this)::
     scan.affine, scan.spacing, scan.offset   # the unpadded grid's affine; the padding before each axis
 
 `store.scan` keeps at most `OPEN_SCANS` scans open per process (least recently used closed first), so a
-DataLoader worker's memory is bounded whatever the number of scans. `ensure_store` is what a training
-command calls: the store when it is current, else built on the spot for a small cohort
-(`AUTO_BUILD_SCANS`), else one line saying to run `medssl preprocess`.
+DataLoader worker's memory is bounded whatever the number of scans. `task_store` / `ensure_store` are what
+training commands call: the store when it is current (found from its index alone), else built on the spot for
+a small cohort (`AUTO_BUILD_SCANS`), else one line saying to run `medssl preprocess`.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
+import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -73,7 +77,7 @@ from pydantic import BaseModel, ConfigDict
 from medssl.atomic import write_json
 from medssl.data import io
 from medssl.data.body import DEFAULT_THRESHOLD, body_box, body_mask
-from medssl.data.checks import image_problems, labelled_volume_problems
+from medssl.data.checks import image_problems, labelled_volume_problems, require_patient_independent
 from medssl.data.manifest import SPLITS, Manifest, load_manifest
 from medssl.data.preprocessing import VolumeDataConfig, VolumePreprocessing
 from medssl.errors import UserError, one_line
@@ -157,6 +161,7 @@ class VolumeStore:
     def __init__(self, root: Path, settings: dict[str, Any], index: dict[str, Any]) -> None:
         self.root, self.settings = root, settings
         self.manifest = index["manifest"]
+        self.manifest_modality = index.get("modality")
         self._splits = index["splits"]
         scans = index["scans"]
         self.scan_ids = list(scans["id"])
@@ -167,11 +172,16 @@ class VolumeStore:
         self.body_counts = np.asarray(scans["body_count"], np.int64)
         self.images = list(scans["image"])
         self._open: OrderedDict[tuple, StoredScan] = OrderedDict()
+        self.temporary: TemporaryFolder | None = None  # the folder of a store built for one run only
 
     def split(self, name: str) -> StoreSplit:
         columns = self._splits.get(name, {"patient_id": [], "study_id": [], "scan": []})
         return StoreSplit(name, np.asarray(columns["patient_id"], dtype=object),
                           np.asarray(columns["study_id"], dtype=object), np.asarray(columns["scan"], dtype=object))
+
+    def patients_by_split(self) -> dict[str, set[str]]:
+        """Split name -> its patient ids (for `medssl.data.checks.patient_split_problems`)."""
+        return {name: set(columns["patient_id"]) for name, columns in self._splits.items()}
 
     def row(self, scan: str) -> int:
         """The scan's row in the per-scan arrays (`shapes`, `boxes`, `body_counts`, ...)."""
@@ -358,19 +368,43 @@ def store_path(data: Any, prep: VolumePreprocessing) -> Path:
     return Path(data.store) if data.store is not None else default_store_path(data.manifest, prep)
 
 
+def task_store(data: VolumeDataConfig, *, quiet: bool = False) -> tuple[VolumeStore, VolumePreprocessing]:
+    """The store of a task's `data` section and the preprocessing it stands for (the modality, when
+    `data.modality` is unset, is the manifest's). A current store is found from its index alone, without
+    parsing the manifest (only its bytes are hashed), so a training process's start costs the same whatever
+    the manifest's size; otherwise `ensure_store` (built here for a small cohort)."""
+    for modality in ([None] if data.modality else ["CT", "MR"]):
+        prep = data.preprocessing(modality)
+        root = store_path(data, prep)
+        if not (root / "index.json").is_file():
+            continue
+        try:
+            store = open_store(root, prep, data.manifest)
+        except StaleStore:
+            continue
+        if data.modality or (store.manifest_modality or "CT").upper() == modality:
+            return store, prep
+    manifest = load_manifest(data.manifest)
+    prep = data.preprocessing(manifest.modality.get("0"))
+    return ensure_store(data, prep, manifest, quiet=quiet), prep
+
+
 def ensure_store(data: Any, prep: VolumePreprocessing, manifest: Manifest | None = None, *,
                  quiet: bool = False) -> VolumeStore:
-    """The store of a task's `data` section (`VolumeDataConfig`) for `prep`: opened when current, else built
-    here when the manifest has at most `AUTO_BUILD_SCANS` volume entries, else UserError saying to run
+    """The store of a task's `data` section (`VolumeDataConfig`) for `prep`, opened when current. Otherwise, for
+    a manifest of at most `AUTO_BUILD_SCANS` volume entries, built here: at `data.store` when it is set, else in
+    a temporary folder that lives as long as the returned store (so a small experiment writes nothing beside its
+    data; `medssl preprocess` keeps one there for later runs). Otherwise UserError saying to run
     `medssl preprocess`."""
     root = store_path(data, prep)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data.store: {root} is a file, not a store folder")
     if (root / "index.json").is_file():
         try:
             return open_store(root, prep, data.manifest)
         except StaleStore:
-            pass
-    elif root.exists() and not root.is_dir():
-        raise UserError(f"data.store: {root} is a file, not a store folder")
+            if data.store is not None:
+                raise
     manifest = manifest if manifest is not None else load_manifest(data.manifest)
     count = sum(1 for _, entry in manifest.entries() if entry.image)
     if count > AUTO_BUILD_SCANS:
@@ -380,8 +414,29 @@ def ensure_store(data: Any, prep: VolumePreprocessing, manifest: Manifest | None
         raise UserError(f"data.store: {root} is missing or stale for {data.manifest} ({count} volumes); run medssl "
                         f"preprocess -c CONFIG{' ' + hint if hint else ''} (parallel with --workers, resumable) "
                         "before training")
+    if data.store is None:
+        folder = TemporaryFolder("medssl-store-")
+        root = folder.path
+        quiet = True
     preprocess(data.manifest, root, prep, workers=1, quiet=quiet, manifest=manifest)
-    return open_store(root, prep, data.manifest)
+    store = open_store(root, prep, data.manifest)
+    if data.store is None:
+        store.temporary = folder  # removed with the store
+    return store
+
+
+class TemporaryFolder:
+    """A fresh temporary folder, removed when this object is collected or at exit, by the process that made it
+    only (a forked DataLoader worker's copy never removes it)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        weakref.finalize(self, _remove_folder, str(self.path), os.getpid())
+
+
+def _remove_folder(folder: str, owner: int) -> None:
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -421,6 +476,7 @@ def preprocess(manifest_path: str | os.PathLike, root: str | os.PathLike, prep: 
     manifest_path = Path(manifest_path).resolve()
     root = Path(root)
     manifest = manifest if manifest is not None else load_manifest(manifest_path)
+    require_patient_independent(manifest, SPLITS, str(manifest_path))
     if root.exists() and not root.is_dir():
         raise UserError(f"data.store: {root} is a file, not a store folder")
     if (root / "store.json").is_file():
@@ -460,8 +516,8 @@ def preprocess(manifest_path: str | os.PathLike, root: str | os.PathLike, prep: 
     failures = _run_jobs(todo, root, prep, declared, workers, quiet)
     if failures:
         shown = "; ".join(failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
-        raise UserError(f"preprocess: {len(failures)} of {len(jobs)} scan(s) failed their checks (the others are "
-                        f"stored; fix or drop these and run again): {shown}")
+        raise UserError(f"preprocess: {len(failures)} of {len(jobs)} scan(s) failed their checks (fix or drop them; "
+                        f"medssl preprocess keeps the others and redoes only these): {shown}")
     facts = {"id": [], "image": [], "shape": [], "spacing": [], "body_box": [], "body_count": [], "label": []}
     for job in jobs.values():
         meta = json.loads((root / "scans" / job.scan / "scan.json").read_text(encoding="utf-8"))
@@ -474,7 +530,8 @@ def preprocess(manifest_path: str | os.PathLike, root: str | os.PathLike, prep: 
         facts["label"].append(job.label is not None)
     try:
         write_json(root / "index.json", {"format": FORMAT, "manifest": str(manifest_path),
-                                         "manifest_sha256": _sha256(manifest_path), "splits": splits,
+                                         "manifest_sha256": _sha256(manifest_path),
+                                         "modality": manifest.modality.get("0"), "splits": splits,
                                          "scans": facts})
     except OSError as err:
         raise _write_error(root, err) from None
@@ -572,10 +629,11 @@ def _write_array(path: Path, array: np.ndarray, chunks: Sequence[int]) -> list[i
     chunks = tuple(min(c, s) for c, s in zip(chunks, array.shape))
     blocks = tuple(max(1, c // 2) for c in chunks)
     cparams = blosc2.CParams(codec=blosc2.Codec.ZSTD, clevel=1, typesize=array.dtype.itemsize, nthreads=1)
-    stored = blosc2.asarray(np.ascontiguousarray(array), chunks=chunks, blocks=blocks, cparams=cparams)
+    frame = blosc2.asarray(np.ascontiguousarray(array), chunks=chunks, blocks=blocks, cparams=cparams).to_cframe()
+    stored = blosc2.ndarray_from_cframe(frame)  # the chunks as the file holds them (the frame re-encodes some)
     crcs = [zlib.crc32(stored.schunk.get_chunk(n)) for n in range(stored.schunk.nchunks)]
     with open(path, "wb") as handle:
-        handle.write(stored.to_cframe())
+        handle.write(frame)
     return crcs
 
 

@@ -20,9 +20,6 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
-import tempfile
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -35,6 +32,7 @@ from torch.utils.data import Dataset, Sampler
 
 from medssl.atomic import atomic_path, write_json
 from medssl.data import io
+from medssl.data.store import TemporaryFolder
 from medssl.errors import UserError
 from medssl.seeding import torch_generator
 
@@ -65,8 +63,8 @@ class RecordingStore:
 
     def __init__(self, folder: str | os.PathLike | None = None) -> None:
         if folder is None:
-            folder = tempfile.mkdtemp(prefix="medssl-signals-")
-            weakref.finalize(self, _remove_folder, folder, os.getpid())
+            self.temporary = TemporaryFolder("medssl-signals-")
+            folder = self.temporary.path
         self.folder = Path(folder)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -90,11 +88,6 @@ class RecordingStore:
         except OSError as err:
             raise UserError(f"data.store: cannot write {self.path(key)} ({err.strerror or err})") from None
         return np.load(self.path(key), mmap_mode="r")
-
-
-def _remove_folder(folder: str, owner: int) -> None:
-    if os.getpid() == owner:  # not from a DataLoader worker (a forked copy) while the owner still reads it
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _recording_key(path: Path, ref_format: str | None, fs: float, channels: list[str] | None, missing: str) -> str:
