@@ -377,7 +377,7 @@ def task_store(data: VolumeDataConfig, *, quiet: bool = False) -> tuple[VolumeSt
     for modality in ([None] if data.modality else ["CT", "MR"]):
         prep = data.preprocessing(modality)
         root = store_path(data, prep)
-        if not (root / "index.json").is_file():
+        if not (root / "index.json").is_file() or _stored_key(root) != store_key(prep):
             continue
         try:
             store = open_store(root, prep, data.manifest)
@@ -388,6 +388,13 @@ def task_store(data: VolumeDataConfig, *, quiet: bool = False) -> tuple[VolumeSt
     manifest = load_manifest(data.manifest)
     prep = data.preprocessing(manifest.modality.get("0"))
     return ensure_store(data, prep, manifest, quiet=quiet), prep
+
+
+def _stored_key(root: Path) -> str | None:
+    try:
+        return json.loads((root / "store.json").read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def ensure_store(data: Any, prep: VolumePreprocessing, manifest: Manifest | None = None, *,
