@@ -142,15 +142,22 @@ def _scan_id(image: str, label: str | None) -> str:
 
 @dataclass
 class StoreSplit:
-    """One split's entries in manifest order: (N,) arrays of patient ids, study ids and scan ids."""
+    """One split's entries in manifest order: (N,) arrays of patient ids, study ids (fixed-width strings: no
+    Python object per entry) and the row of each entry's scan in the store's per-scan arrays."""
 
     name: str
     patient_ids: np.ndarray
     study_ids: np.ndarray
-    scans: np.ndarray
+    rows: np.ndarray
+    scan_ids: list[str]
 
     def __len__(self) -> int:
-        return len(self.scans)
+        return len(self.rows)
+
+    @property
+    def scans(self) -> np.ndarray:
+        """(N,) the entries' scan ids."""
+        return np.asarray(self.scan_ids, dtype=str)[self.rows] if len(self.rows) else np.zeros(0, str)
 
     def where(self, i: int) -> str:
         return f"{self.name}[{i}]"
@@ -163,10 +170,10 @@ class VolumeStore:
         self.root, self.settings = root, settings
         self.manifest = index["manifest"]
         self.manifest_modality = index.get("modality")
-        self._splits = index["splits"]
         scans = index["scans"]
         self.scan_ids = list(scans["id"])
         self._row = {scan: k for k, scan in enumerate(self.scan_ids)}
+        self._splits = {name: self._columns(columns) for name, columns in index["splits"].items()}
         self.shapes = np.asarray(scans["shape"], np.int64).reshape(-1, 3)
         self.spacings = np.asarray(scans["spacing"], float).reshape(-1, 3)
         self.boxes = np.asarray(scans["body_box"], float).reshape(-1, 2, 3)
@@ -175,14 +182,23 @@ class VolumeStore:
         self._open: OrderedDict[tuple, StoredScan] = OrderedDict()
         self.temporary: TemporaryFolder | None = None  # the folder of a store built for one run only
 
-    def split(self, name: str) -> StoreSplit:
-        columns = self._splits.get(name, {"patient_id": [], "study_id": [], "scan": []})
-        return StoreSplit(name, np.asarray(columns["patient_id"], dtype=object),
-                          np.asarray(columns["study_id"], dtype=object), np.asarray(columns["scan"], dtype=object))
+    def _columns(self, columns: dict[str, list]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """An index split's columns as (patient ids, study ids, scan rows) arrays."""
+        ids, inverse = np.unique(np.asarray(columns["scan"], dtype=str), return_inverse=True)
+        rows = np.array([self._row[scan] for scan in ids.tolist()], np.int64)[inverse.reshape(-1)]
+        return np.asarray(columns["patient_id"], dtype=str), np.asarray(columns["study_id"], dtype=str), rows
 
-    def patients_by_split(self) -> dict[str, set[str]]:
-        """Split name -> its patient ids (for `medssl.data.checks.patient_split_problems`)."""
-        return {name: set(columns["patient_id"]) for name, columns in self._splits.items()}
+    def split(self, name: str) -> StoreSplit:
+        patients, studies, rows = self._splits.get(name, (np.zeros(0, str), np.zeros(0, str), np.zeros(0, np.int64)))
+        return StoreSplit(name, patients, studies, rows, self.scan_ids)
+
+    def shared_patients(self) -> dict[str, list[str]]:
+        """Split name -> its patients that are also in another split (for
+        `medssl.data.checks.patient_split_problems`; empty lists when the splits are patient-independent)."""
+        unique = {name: np.unique(patients) for name, (patients, _, _) in self._splits.items()}
+        pooled, counts = np.unique(np.concatenate([*unique.values(), np.zeros(0, str)]), return_counts=True)
+        shared = pooled[counts > 1]
+        return {name: [str(p) for p in patients[np.isin(patients, shared)]] for name, patients in unique.items()}
 
     def row(self, scan: str) -> int:
         """The scan's row in the per-scan arrays (`shapes`, `boxes`, `body_counts`, ...)."""

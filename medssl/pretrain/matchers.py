@@ -87,12 +87,12 @@ class Matcher(ABC):
                    read: VolumeReader) -> Matcher:
         """Fit on body masks already found (`bodies`, e.g. a store's); `read(i)` gives volume i's array for
         matchers that need more than the masks (registration reads each volume once). Returns self."""
-        spacings = list(spacings) if spacings is not None else [(1.0, 1.0, 1.0)] * len(bodies)
+        spacings = np.ones((len(bodies), 3)) if spacings is None else np.asarray(spacings, float).reshape(-1, 3)
         if not len(bodies) or len(spacings) != len(bodies):
             raise ValueError(f"{type(self).__name__}.fit: need >= 1 volume and as many spacings, got "
                              f"{len(bodies)} volumes, {len(spacings)} spacings")
         self.bodies = bodies
-        self._fit_frames(read, [tuple(map(float, s)) for s in spacings], list(names))
+        self._fit_frames(read, spacings, names)
         self.tried = self.accepted = 0
         return self
 
@@ -101,8 +101,8 @@ class Matcher(ABC):
         """(lo, hi) body box of every volume."""
         return [self.bodies.box(i) for i in range(len(self.bodies))]
 
-    def _fit_frames(self, read: VolumeReader, spacings: list[tuple[float, ...]], names: list[str]) -> None:
-        """Hook for matchers that need more than the body masks."""
+    def _fit_frames(self, read: VolumeReader, spacings: np.ndarray, names: Sequence[str]) -> None:
+        """Hook for matchers that need more than the body masks. spacings: (N, 3) mm."""
 
     @abstractmethod
     def to_normalised(self, index: int, points: np.ndarray) -> np.ndarray:
@@ -181,7 +181,7 @@ class RegistrationMatcher(Matcher):
         self.to_reference: list[np.ndarray] = []
         self.from_reference: list[np.ndarray] = []
 
-    def _fit_frames(self, read: VolumeReader, spacings: list[tuple[float, ...]], names: list[str]) -> None:
+    def _fit_frames(self, read: VolumeReader, spacings: np.ndarray, names: Sequence[str]) -> None:
         if not 0 <= self.reference < len(spacings):
             raise UserError(f"matcher.reference: {self.reference} is not a volume index (0..{len(spacings) - 1})")
         fixed = _sitk_image(read(self.reference), spacings[self.reference])

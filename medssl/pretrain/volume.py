@@ -184,7 +184,7 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
         prepare_run_dir(run_dir, resume=resume)
     # the store's index alone when it is current: neither time nor memory to the first step grow with the manifest
     store, prep = main_first(lambda: task_store(config.data, quiet=not ctx.is_main), ctx)
-    raise_first(patient_split_problems(store.patients_by_split(), str(config.data.manifest)))  # later evaluations
+    raise_first(patient_split_problems(store.shared_patients(), str(config.data.manifest)))  # later evaluations
     torch.manual_seed(config.train.seed)
     model = VolumePretrainModel(config, ctx)
     model.encoder.check_input_size(prep.crop_size)

@@ -118,8 +118,7 @@ class StoredVolumes:
 
     def __init__(self, store: VolumeStore, split: StoreSplit, crop_size: Sequence[int], small_volume: str) -> None:
         self.store, self.crop_size, self.small_volume = store, tuple(int(c) for c in crop_size), small_volume
-        self.scans = split.scans
-        self.rows = np.array([store.row(scan) for scan in split.scans], np.int64)
+        self.rows = split.rows
         stored = store.shapes[self.rows] if len(self.rows) else np.zeros((0, 3), np.int64)
         short = np.maximum(np.asarray(self.crop_size) - stored, 0)
         if small_volume == "error" and short.any():
@@ -140,7 +139,8 @@ class StoredVolumes:
         return len(self.rows)
 
     def scan(self, index: int) -> StoredScan:
-        return self.store.scan(self.scans[index], pad_to=self.crop_size, small_volume=self.small_volume)
+        return self.store.scan(self.store.scan_ids[self.rows[index]], pad_to=self.crop_size,
+                               small_volume=self.small_volume)
 
     def shape(self, index: int) -> tuple[int, int, int]:
         return tuple(int(n) for n in self.shapes[index])  # type: ignore[return-value]
@@ -208,10 +208,10 @@ class VolumePretrainBatches(Dataset):
         else:
             self.volumes = [_fit_size(v, self.crop_size, small_volume, name) for v, name in zip(volumes, names)]
             self.source = TensorVolumes(self.volumes)
-        self.names, self.study_ids = names, list(study_ids)
-        self.patient_ids = sorted(set(patient_ids))
-        index = {patient: k for k, patient in enumerate(self.patient_ids)}
-        self.patient_of = np.array([index[p] for p in patient_ids])
+        self.names, self.study_ids = names, np.asarray(study_ids, dtype=str)
+        # sorted unique patients and each volume's index among them; fixed-width strings, no object per entry
+        self.patient_ids, self.patient_of = np.unique(np.asarray(patient_ids, dtype=str), return_inverse=True)
+        self.patient_of = self.patient_of.reshape(-1)
         self.batch_size, self.points, self.stride, self.grid = batch_size, points, stride, grid
         self.scale_range, self.max_shift_fraction, self.flip_prob = tuple(scale_range), max_shift_fraction, flip_prob
         self.jitter, self.match_retries, self.seed, self.length = jitter, match_retries, seed, length
@@ -236,7 +236,7 @@ class VolumePretrainBatches(Dataset):
             raise UserError(f"{store.manifest}: split '{split}' has no volume to pretrain on")
         options.setdefault("crop_size", prep.crop_size)
         source = StoredVolumes(store, entries, options["crop_size"], prep.small_volume)
-        return cls(source, list(entries.patient_ids), list(entries.study_ids), spacings=source.spacings,
+        return cls(source, entries.patient_ids, entries.study_ids, spacings=source.spacings,
                    matcher=matcher_name, small_volume=prep.small_volume, **options)
 
     @classmethod
