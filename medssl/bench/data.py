@@ -11,12 +11,12 @@ Four measurements, each printed as a table (stages can be chosen with ``--stages
   its first line in metrics.jsonl (import time included, the same for every size).
 - ``cohort``: the same peak memory for cohorts of distinct 64^3 volumes (24 and 288 by default): the issue's
   "within 1.15x" aim.
-- ``crops``: (c) crops per CPU second (and per wall second) of the data path alone (`VolumePretrainBatches.from_store`: body-point
-  draw, matching, region reads, resampling, jitter, region maps) in this one process, one thread: one
-  DataLoader worker's rate, for 96^3 crops from real-size (512 x 512 x 300) volumes; the in-memory path on
-  the same volumes for comparison.
-- ``preprocess``: (d) CPU (and wall) seconds per real-size scan of `medssl preprocess` on one core (read, reorient, window,
-  body mask, class locations, compress, write).
+- ``crops``: (c) crops per CPU second (and per wall second) of the data path alone
+  (`VolumePretrainBatches.from_store`: body-point draw, matching, region reads, resampling, jitter, region
+  maps) in this one process, one thread: one DataLoader worker's rate, for 96^3 crops from real-size
+  (512 x 512 x 300) volumes; the in-memory path on the same volumes for comparison.
+- ``preprocess``: (d) CPU (and wall) seconds per real-size scan of `medssl preprocess` on one core (read,
+  reorient, window, body mask, class locations, compress, write).
 
 The real-size volumes are synthetic CTs: a synthetic torso (`medssl.data.synthetic`) resampled to
 512 x 512 x 300 int16 HU at 0.7 x 0.7 x 1.0 mm with Gaussian noise (sd 12 HU) added, so that they compress
