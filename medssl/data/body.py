@@ -38,17 +38,18 @@ def body_mask(volume: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.nd
     del labels
     in_slice = np.zeros((3, 3, 3), bool)  # 4-connectivity within each Z slice, none across slices
     in_slice[1, :, 1] = in_slice[:, 1, 1] = True
-    background, _ = ndimage.label(~largest, structure=in_slice)
-    outside = np.unique(np.concatenate([background[[0, -1]].ravel(), background[:, [0, -1]].ravel()]))
-    holes = background > 0
-    holes[np.isin(background, outside[outside > 0])] = False
-    return largest | holes
+    background, regions = ndimage.label(~largest, structure=in_slice)
+    outside = np.zeros(regions + 1, bool)  # background regions that touch an X or Y face of their slice
+    outside[background[[0, -1]].ravel()] = True
+    outside[background[:, [0, -1]].ravel()] = True
+    outside[0] = True  # label 0: the body itself, not a hole
+    return largest | ~outside[background]
 
 
 def body_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(lo, hi), each (3,) float: the first and last body voxel index on each axis."""
-    nonzero = np.nonzero(mask)
-    return (np.array([idx.min() for idx in nonzero], float), np.array([idx.max() for idx in nonzero], float))
+    axes = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    return np.array([idx[0] for idx in axes], float), np.array([idx[-1] for idx in axes], float)
 
 
 def body_coordinates(volume: np.ndarray, threshold: float = DEFAULT_THRESHOLD, *,
