@@ -118,6 +118,23 @@ def manifest_build(
     typer.echo(f"wrote {output} ({counts})")
 
 
+@app.command("preprocess")
+def preprocess_command(
+    config: ConfigOpt, overrides: OverridesArg = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help=(
+        "Processes preprocessing scans in parallel (default: the machine's cores)."))] = None,
+) -> None:
+    """Write the preprocessed store named by the config's data.store for every volume of its manifest (resumable:
+    run it again after a stop, or after the manifest changed, and it does only what is missing)."""
+    from medssl.data.store import PreprocessConfig, preprocess_data
+    from medssl.threads import available_cores
+
+    data = load_config(config, PreprocessConfig, overrides).data
+    summary = preprocess_data(data, workers=workers or available_cores())
+    typer.echo(f"store {summary['store']}: {summary['scans']} scans ({summary['written']} written, "
+               f"{summary['kept']} already there)")
+
+
 # ---------------------------------------------------------------------------------------- training
 
 

@@ -45,7 +45,7 @@ class TrainConfig(StrictModel):
     clip_grad: PositiveFloat | None = 1.0
     log_every: PositiveInt = 10
     checkpoint_every: PositiveInt = 100
-    num_workers: NonNegativeInt = 0
+    num_workers: NonNegativeInt = 2  # DataLoader processes drawing micro-batches ahead of the step (0: in this one)
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 from medssl.cli import main
+from medssl.data.preprocessing import VolumePreprocessing
+from medssl.data.store import preprocess
 from medssl.data.synthetic.hospital import make_hospital
 from medssl.training.checkpoint import save_checkpoint
 
@@ -128,6 +130,9 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (run / "checkpoints" / "last.pt").write_bytes(b"corrupt")
     (ws / "out_busy").mkdir()
     (ws / "out_busy" / "keep.txt").write_text("precious", encoding="utf-8")
+    # a preprocessed store of the hospital, made with the tiny configs' settings
+    preprocess(ws / "hospital" / "manifest.json", ws / "store", VolumePreprocessing(crop_size=(32, 32, 32)),
+               quiet=True)
     return ws
 
 
@@ -202,6 +207,25 @@ CASES: list[tuple[str, list[str], str]] = [
     ("volume-resume-missing", [*cfg("pretrain volume"), "-o", "no_run", "--resume"], "no_run"),
     ("volume-resume-corrupt", [*cfg("pretrain volume"), "-o", "run", "--resume"], "last.pt"),
     ("volume-cache-dir-is-file", cfg("pretrain volume", "data.cache_dir=a_file"), "a_file"),
+    ("volume-store-is-file", cfg("pretrain volume", "data.store=a_file"), "a_file"),
+    ("volume-store-other-settings", cfg("pretrain volume", "data.store=store", "data.window=[50,400]"),
+     "window [40.0, 400.0] (asked: [50.0, 400.0])"),
+    ("volume-store-of-another-manifest", cfg("pretrain volume", "data.store=store", manifest="hospital/nan.json"),
+     "medssl preprocess"),
+    # preprocess
+    ("preprocess-store-is-file", ["preprocess", "-c", "pretrain_volume_tiny", f"data.manifest={M}",
+                                  "data.store=a_file"], "a_file"),
+    ("preprocess-other-settings", ["preprocess", "-c", "pretrain_volume_tiny", f"data.manifest={M}",
+                                   "data.store=store", "data.spacing=[2,2,2]"],
+     "spacing None (asked: [2.0, 2.0, 2.0])"),
+    ("preprocess-not-a-store", ["preprocess", "-c", "pretrain_volume_tiny", f"data.manifest={M}",
+                                "data.store=out_busy"], "out_busy"),
+    ("preprocess-missing-manifest", ["preprocess", "-c", "pretrain_volume_tiny", "data.manifest=hospital/none.json"],
+     "none.json"),
+    ("preprocess-two-splits", ["preprocess", "-c", "pretrain_volume_tiny", "data.manifest=hospital/two_splits.json",
+                               "data.store=new_store"], "P00"),
+    ("preprocess-zero-workers", ["preprocess", "-c", "pretrain_volume_tiny", f"data.manifest={M}", "--workers", "0"],
+     "--workers"),
     # pretrain timeseries
     ("ts-unknown-channel", cfg("pretrain timeseries", "data.channels=[FOO]"), "FOO"),
     ("ts-zero-fs", cfg("pretrain timeseries", "data.fs=0"), "data.fs"),

@@ -18,13 +18,8 @@ from medssl.data.manifest_check import check_manifest
 from medssl.data.synthetic.mni152 import FOV_MM, MANIFEST_NAME, TISSUES, make_mni_cohort
 from medssl.data.preprocessing import VolumePreprocessing
 from medssl.errors import UserError
-from medssl.models.volume_encoders import (
-    VolumeEncoderConfig,
-    build_segmentation_network,
-    export_encoder,
-    export_network,
-    network_encoder,
-)
+from medssl.models.volume_encoders import VolumeEncoderConfig, build_segmentation_network, network_encoder
+from medssl.training.pretrained import export_encoder, export_network
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,9 +17,10 @@ from medssl.config import load_config
 from medssl.data.preprocessing import VolumePreprocessing
 from medssl.data.synthetic.hospital import make_hospital
 from medssl.errors import UserError
-from medssl.models.volume_encoders import VolumeEncoderConfig, build_segmentation_network, load_pretrained_encoder
+from medssl.models.volume_encoders import VolumeEncoderConfig, build_segmentation_network
 from medssl.pretrain.volume import PretrainVolumeConfig, VolumePretrainModel, pretrain_volume
 from medssl.pretrain.volume_batches import VolumePretrainBatches
+from medssl.training.pretrained import load_pretrained_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "pretrain_volume_tiny.yaml"

@@ -22,13 +22,9 @@ from medssl.downstream.segmentation.config import FinetuneSegConfig
 from medssl.downstream.segmentation.task import finetune_seg
 from medssl.downstream.segmentation.training import build_network, encoder_stages, layerwise_param_groups
 from medssl.errors import UserError
-from medssl.models.volume_encoders import (
-    VolumeEncoderConfig,
-    build_segmentation_network,
-    export_encoder,
-    network_encoder,
-)
+from medssl.models.volume_encoders import VolumeEncoderConfig, build_segmentation_network, network_encoder
 from medssl.training.checkpoint import load_checkpoint
+from medssl.training.pretrained import export_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "finetune_seg_tiny.yaml"

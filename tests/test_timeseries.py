@@ -221,3 +221,48 @@ def test_load_recordings_from_manifest(physionet_manifest: Path) -> None:
     physionet_manifest.write_text(json.dumps(doc))
     with pytest.raises(UserError, match=r"training\[1\]\.condition: expected an integer class label, got 'sick'"):
         load_recordings(load_manifest(physionet_manifest), "training", fs=125.0, channels=["II"])
+
+
+def test_recordings_in_a_store_are_memory_maps_and_read_back_without_resampling(physionet_manifest: Path,
+                                                                                tmp_path: Path) -> None:
+    from medssl.data.manifest import load_manifest
+    from medssl.data.timeseries import RecordingStore
+
+    manifest = load_manifest(physionet_manifest)
+    in_memory = load_recordings(manifest, "training", fs=125.0, channels=["ii", "PLETH"])
+    store = RecordingStore(tmp_path / "signals")
+    stored = load_recordings(manifest, "training", fs=125.0, channels=["ii", "PLETH"], store=store)
+    assert all(isinstance(r.signal.data, np.memmap) and not r.signal.data.flags.writeable for r in stored)
+    assert len(list((tmp_path / "signals").glob("*.npy"))) == 2
+    again = load_recordings(manifest, "training", fs=125.0, channels=["ii", "PLETH"], store=store)
+    for a, b, c in zip(in_memory, stored, again):
+        np.testing.assert_array_equal(a.signal.data, b.signal.data)
+        np.testing.assert_array_equal(a.signal.data, c.signal.data)
+        assert (a.signal.channels, a.signal.path) == (c.signal.channels, c.signal.path)
+    windows = WindowDataset(again, window=1250, nan="mask")
+    reference = WindowDataset(in_memory, window=1250, nan="mask")
+    assert len(windows) == len(reference)
+    assert all(torch.equal(windows[i]["x"], reference[i]["x"]) for i in (0, len(windows) // 2, len(windows) - 1))
+    temporary = RecordingStore(None)
+    folder = temporary.folder
+    assert folder.is_dir()
+    del temporary
+    assert not folder.exists()
+
+
+def test_batches_drawn_by_the_cursor_equal_the_materialised_epochs(cohort: WindowDataset) -> None:
+    from medssl.pretrain.timeseries import HierarchicalBatches
+
+    batches = HierarchicalBatches(cohort, patients=2, trials=2, samples=3, batches_per_epoch=4, seed=3)
+    reference = HierarchicalBatchSampler(cohort, patients=2, trials=2, samples=3, batches_per_epoch=4,
+                                         seed=batches.sampler.seed)
+    epochs = []
+    for epoch in range(3):
+        reference.set_epoch(epoch)
+        epochs += list(reference)
+    order = [0, 1, 2, 3, 4, 6, 5, 2, 11, 9, 10]  # forwards, skipping, back within an epoch, across epochs (a resume)
+    assert [batches.indices(i) for i in order] == [epochs[i] for i in order]
+    # window positions computed from per-trial counts equal those listed per window
+    for i in range(len(cohort)):
+        trial, start = cohort.locate(i)
+        assert (trial, start) == (int(cohort.trial_index[i]), int(cohort.start[i]))

@@ -17,11 +17,10 @@ from medssl.models.volume_encoders import (
     build_segmentation_network,
     build_volume_encoder,
     encoder_state,
-    export_encoder,
-    load_pretrained_encoder,
     network_encoder,
 )
 from medssl.training.checkpoint import save_checkpoint
+from medssl.training.pretrained import export_encoder, load_pretrained_encoder
 
 NAMES = ("basicunet", "segresnet", "swinunetr")
 PARTS = {"basicunet": {"conv_0", "down_1", "down_2", "down_3", "down_4"},

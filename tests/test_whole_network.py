@@ -16,15 +16,10 @@ from medssl.downstream.segmentation.training import build_network
 from medssl.errors import UserError
 from medssl.losses.masked import block_mask, masked_mse
 from medssl.losses.registry import VolumeObjectivesConfig
-from medssl.models.volume_encoders import (
-    VolumeEncoderConfig,
-    build_segmentation_network,
-    export_network,
-    load_pretrained,
-    network_encoder,
-)
+from medssl.models.volume_encoders import VolumeEncoderConfig, build_segmentation_network, network_encoder
 from medssl.pretrain.volume import PretrainVolumeConfig, VolumePretrainModel, pretrain_volume
 from medssl.training.checkpoint import load_checkpoint
+from medssl.training.pretrained import export_network, load_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 MAE = REPO / "configs" / "pretrain_volume_mae.yaml"

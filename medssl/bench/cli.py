@@ -18,14 +18,29 @@ bench_app = typer.Typer(help="Benchmarks that print their numbers (speed, memory
 
 @bench_app.command("data")
 def data_command(
-    patients: Annotated[int, typer.Option(help="Patients in the synthetic hospital.")] = 8,
-    size: Annotated[int, typer.Option(help="Volume edge length in voxels.")] = 64,
+    entries: Annotated[str, typer.Option(help="Manifest sizes (entries) for the scale stage, comma-separated.")]
+        = "1000,10000,50000",
+    cohorts: Annotated[str, typer.Option(help="Cohort sizes (distinct 64^3 volumes) for the cohort stage.")] = "24,288",
+    steps: Annotated[int, typer.Option(min=1, help="Training steps of each pretrain volume run.")] = 3,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader workers of each run.")] = 2,
+    stages: Annotated[str, typer.Option(help="Stages to run: scale, cohort, crops, preprocess.")]
+        = "scale,cohort,crops,preprocess",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Data layer speed: synth, manifest check, volume pipeline (cached / not), signal batches."""
-    from medssl.bench.data import bench_data
+    """The data path at hospital scale: memory and time to the first step against manifest and cohort size,
+    crops/s of the data path for 96^3 crops from real-size CTs, preprocessing seconds per real-size CT."""
+    from medssl.bench.data import STAGES, bench_data
 
-    bench_data(patients=patients, size=size, seed=seed)
+    chosen = tuple(s.strip() for s in stages.split(",") if s.strip())
+    unknown = sorted(set(chosen) - set(STAGES))
+    if unknown:
+        raise UserError(f"--stages: unknown stage(s) {', '.join(unknown)} (known: {', '.join(STAGES)})")
+    try:
+        sizes = tuple(int(n) for n in entries.split(",")), tuple(int(n) for n in cohorts.split(","))
+    except ValueError:
+        raise UserError(f"--entries / --cohorts: comma-separated whole numbers expected, got {entries!r}, "
+                        f"{cohorts!r}") from None
+    bench_data(entries=sizes[0], cohorts=sizes[1], steps=steps, workers=workers, stages=chosen, seed=seed)
 
 
 @bench_app.command("pretrain-volume")

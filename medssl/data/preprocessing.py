@@ -54,15 +54,16 @@ class DataSource(StrictModel):
     """Where a task's data comes from. A relative `manifest` is resolved against the current directory."""
 
     manifest: Path
+    store: Path | None = None  # the on-disk store (volumes: `medssl preprocess`; signals: memory-mapped recordings)
     cache_dir: Path | None = None
     cache_max_gib: PositiveFloat | None = None  # bound on cache_dir's size: least recently used files go first
 
-    @field_validator("manifest", "cache_dir")
+    @field_validator("manifest", "cache_dir", "store")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else Path(os.path.abspath(Path(value).expanduser()))
 
-    @field_validator("cache_dir")
+    @field_validator("cache_dir", "store")
     @classmethod
     def _a_folder(cls, value: Path | None) -> Path | None:
         if value is not None and value.exists() and not value.is_dir():
@@ -121,6 +122,8 @@ class VolumeDataConfig(VolumePreprocessing, DataSource):
     """The `data` section of a volume task: the preprocessing plus where the volumes are.
 
     `modality` may be left unset (None): it is then the manifest's modality "0" (`preprocessing`).
+    `store`: the preprocessed on-disk store (`medssl.data.store`) that `medssl preprocess` writes and training
+    reads crops from; unset, one folder per preprocessing beside the manifest (``.medssl-store/<key>``).
     """
 
     modality: Modality | None = None
@@ -176,5 +179,7 @@ class SignalPreprocessing(FrozenModel):
 
 
 class SignalDataConfig(SignalPreprocessing, DataSource):
-    """The `data` section of a signal task: the preprocessing plus where the recordings are."""
+    """The `data` section of a signal task: the preprocessing plus where the recordings are. `store`: a folder
+    for the resampled recordings as memory-mapped ``.npy`` files (`medssl.data.timeseries.RecordingStore`),
+    kept for later runs; unset, a temporary folder for the run."""
 

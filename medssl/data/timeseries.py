@@ -6,19 +6,33 @@ its *observations*. `WindowDataset` serves windows with their patient, trial and
 `HierarchicalBatchSampler` draws batches of P patients x R trials x S windows, re-drawn every epoch,
 so that losses can build their positive masks on the device from the collated index tensors
 (``batch["patient"][:, None] == batch["patient"][None, :]``, likewise for trials and samples).
+
+Memory stays flat in the number and length of recordings: `load_recordings` writes each resampled
+recording to a `RecordingStore` (``.npy`` files, `data.store` or a temporary folder) and keeps it only as
+a read-only memory map, so one recording at a time is in RAM while reading; `WindowDataset` keeps
+per-trial counts and computes each window's trial and start from its index (the per-window index
+tensors are built only when asked for); `HierarchicalBatchSampler` draws from those counts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import mmap
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from medssl.atomic import atomic_path, write_json
 from medssl.data import io
+from medssl.data.store import TemporaryFolder
 from medssl.errors import UserError
 from medssl.seeding import torch_generator
 
@@ -41,21 +55,81 @@ class Recording:
     label: int | None = None
 
 
+class RecordingStore:
+    """Resampled recordings as ``.npy`` files in `folder` (a temporary folder, removed at exit, when None),
+    each read back as a read-only memory map: `put(key, data)` -> the (C, T) float32 memmap. A file is named by
+    the hash of its recording's path, size, modification time and the resampling (`key`), so a later run
+    with the same `folder` reads it without resampling again; files are written atomically."""
+
+    def __init__(self, folder: str | os.PathLike | None = None) -> None:
+        if folder is None:
+            self.temporary = TemporaryFolder("medssl-signals-")
+            folder = self.temporary.path
+        self.folder = Path(folder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"data.store: cannot create {self.folder} ({err.strerror or err})") from None
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The stored recording, or None when there is none (or it is unreadable: it is then rewritten)."""
+        try:
+            return np.load(self.path(key), mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+
+    def put(self, key: str, data: np.ndarray) -> np.ndarray:
+        try:
+            with atomic_path(self.path(key)) as tmp:
+                np.save(tmp, np.ascontiguousarray(data, dtype=np.float32))
+        except OSError as err:
+            raise UserError(f"data.store: cannot write {self.path(key)} ({err.strerror or err})") from None
+        return np.load(self.path(key), mmap_mode="r")
+
+
+def _recording_key(path: Path, ref_format: str | None, fs: float, channels: list[str] | None, missing: str) -> str:
+    try:
+        info = os.stat(path)
+        stamp = [info.st_size, info.st_mtime_ns]
+    except OSError:
+        stamp = None  # a WFDB record is several files: the reader names what is missing
+    fields = [str(path), stamp, ref_format, fs, channels, missing, 1]
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()[:24]
+
+
 def load_recordings(manifest: Manifest, split: str, *, fs: float, channels: list[str] | None,
-                    missing_channels: str = "error") -> list[Recording]:
+                    missing_channels: str = "error", store: RecordingStore | None = None) -> list[Recording]:
     """Every signal of `split` in `manifest` (a `medssl.data.manifest.Manifest`), resampled to `fs` Hz.
 
     `channels` selects channels by name (case-insensitive, in that order; `missing_channels`
     "error" | "zeros" as in `io.select_channels`); None keeps them all, and then every recording
     must have the same channel names. The label is the entry's ``condition`` field when present.
+    With `store`, each recording's data is its memory map in the store (one recording in RAM at a time).
     """
     recordings = []
     for index, entry in enumerate(manifest.split(split)):
         label = _condition(entry, f"manifest {manifest.root}: {split}[{index}].condition")
         for ref in entry.signals:
-            signal = io.resample_signal(io.read_signal(manifest.path(ref.path), ref.format, fs=ref.fs), fs)
-            if channels is not None:
-                signal = io.select_channels(signal, channels, missing=missing_channels)
+            path = manifest.path(ref.path)
+            key = _recording_key(path, ref.format, fs, channels, missing_channels) if store is not None else ""
+            stored = store.get(key) if store is not None else None
+            meta = store.folder / f"{key}.json" if store is not None else None
+            if stored is not None and meta is not None and meta.is_file():
+                info = json.loads(meta.read_text(encoding="utf-8"))
+                signal = io.Signal(stored, fs, info["channels"], info["units"], Path(info["path"]), info["meta"])
+            else:
+                signal = io.resample_signal(io.read_signal(path, ref.format, fs=ref.fs), fs)
+                if channels is not None:
+                    signal = io.select_channels(signal, channels, missing=missing_channels)
+                if store is not None:
+                    signal = io.Signal(store.put(key, signal.data), signal.fs, signal.channels, signal.units,
+                                       signal.path, signal.meta)
+                    write_json(meta, {"channels": list(signal.channels), "units": list(signal.units),
+                                      "path": str(signal.path), "meta": json.loads(json.dumps(signal.meta,
+                                                                                              default=str))})
             recordings.append(Recording(entry.patient_id, ref.trial_id, signal, label))
     if channels is None:
         _same_channel_names(recordings)
@@ -99,9 +173,12 @@ class WindowDataset(Dataset):
       missing channels) are listed in `flat_channels` as (patient_id, trial_id, channel);
       "error" -> UserError naming the file and channels; "keep" -> used as they are.
 
-    Per-window index tensors (N,) int64: `patient_index`, `trial_index`, `sample_index`, `start`
-    (first time step in its recording), `labels`; per trial: `trial_patient` (n_trials,).
-    The recordings are held in memory as (C, T) float32 tensors.
+    Per trial: `trial_patient`, `trial_count` (windows), `trial_first` (index of its first window; one more
+    entry, the total), `trial_label` (n_trials,) int64; a window's trial and start are computed from its
+    index (`locate`). Per-window index tensors (N,) int64, built when first asked for: `patient_index`,
+    `trial_index`, `sample_index`, `start` (first time step in its recording), `labels`.
+    The recordings stay as they came (`load_recordings` with a store: memory maps; their pages are released
+    after the checks here), so memory does not grow with the number or length of recordings.
     """
 
     def __init__(self, recordings: Sequence[Recording], *, window: int, stride: int | None = None,
@@ -122,28 +199,58 @@ class WindowDataset(Dataset):
         self.skipped: list[str] = []
         self.flat_channels: list[tuple[str, str, str]] = []
         self.dropped_nan = 0
-        self._data: list[torch.Tensor] = []
+        self._data: list[np.ndarray] = []
         self._paths: dict[str, str] = {}
-        trial_patient, starts, trial_of_window, labels = [], [], [], []
+        self._patient_of: dict[str, int] = {}
+        self._irregular: dict[int, np.ndarray] = {}  # trial -> kept window starts, where NaN windows were dropped
+        trial_patient, counts, labels = [], [], []
         for rec in recordings:
             self._check_compatible(rec.signal, first)
             kept = self._window_starts(rec)
+            _release(rec.signal.data)
             if kept is None:
                 continue
             patient = self._register(rec)
+            if len(kept) != (rec.signal.data.shape[1] - self.window) // self.stride + 1:
+                self._irregular[len(self.trial_ids) - 1] = kept
             trial_patient.append(patient)
-            starts.append(kept)
-            trial_of_window.append(np.full(len(kept), len(self.trial_ids) - 1))
-            labels.append(np.full(len(kept), -1 if rec.label is None else int(rec.label)))
+            counts.append(len(kept))
+            labels.append(-1 if rec.label is None else int(rec.label))
         if not self.trial_ids:
             raise UserError(f"recordings: no window of {self.window} samples left in any recording; "
                             f"skipped: {'; '.join(self.skipped)}")
         self.trial_patient = torch.tensor(trial_patient, dtype=torch.long)
-        self.trial_index = torch.from_numpy(np.concatenate(trial_of_window)).long()
-        self.patient_index = self.trial_patient[self.trial_index]
-        self.sample_index = torch.arange(len(self.trial_index))
-        self.start = torch.from_numpy(np.concatenate(starts)).long()
-        self.labels = torch.from_numpy(np.concatenate(labels)).long()
+        self.trial_count = torch.tensor(counts, dtype=torch.long)
+        self.trial_first = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(self.trial_count, 0)])
+        self.trial_label = torch.tensor(labels, dtype=torch.long)
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(trial, start) of window `i`."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} of {len(self)}")
+        trial = int(torch.searchsorted(self.trial_first, i, right=True)) - 1
+        k = i - int(self.trial_first[trial])
+        return trial, int(self._irregular[trial][k]) if trial in self._irregular else k * self.stride
+
+    @cached_property
+    def trial_index(self) -> torch.Tensor:
+        return torch.repeat_interleave(torch.arange(len(self.trial_ids)), self.trial_count)
+
+    @cached_property
+    def patient_index(self) -> torch.Tensor:
+        return self.trial_patient[self.trial_index]
+
+    @cached_property
+    def sample_index(self) -> torch.Tensor:
+        return torch.arange(len(self))
+
+    @cached_property
+    def labels(self) -> torch.Tensor:
+        return self.trial_label[self.trial_index]
+
+    @cached_property
+    def start(self) -> torch.Tensor:
+        return torch.tensor([self.locate(i)[1] for i in range(len(self))], dtype=torch.long)
 
     def _check_compatible(self, signal: io.Signal, first: io.Signal) -> None:
         if signal.data.ndim != 2 or signal.data.shape[0] != first.data.shape[0]:
@@ -198,19 +305,30 @@ class WindowDataset(Dataset):
             raise UserError(f"{rec.signal.path}: trial {trial_id} appears twice (also {self._paths[trial_id]}); "
                             "trial ids must be unique within a patient")
         self._paths[trial_id] = str(rec.signal.path)
-        if rec.patient_id not in self.patient_ids:
+        if rec.patient_id not in self._patient_of:
+            self._patient_of[rec.patient_id] = len(self.patient_ids)
             self.patient_ids.append(rec.patient_id)
         self.trial_ids.append(trial_id)
-        self._data.append(torch.from_numpy(np.ascontiguousarray(rec.signal.data, dtype=np.float32)))
-        return self.patient_ids.index(rec.patient_id)
+        self._data.append(rec.signal.data)
+        return self._patient_of[rec.patient_id]
 
     def __len__(self) -> int:
-        return len(self.trial_index)
+        return int(self.trial_first[-1])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor | int]:
-        trial, start = int(self.trial_index[i]), int(self.start[i])
-        return {"x": self._data[trial][:, start:start + self.window].clone(), "patient": int(self.patient_index[i]),
-                "trial": trial, "sample": int(i), "label": int(self.labels[i])}
+        trial, start = self.locate(int(i))
+        x = torch.from_numpy(np.array(self._data[trial][:, start:start + self.window], dtype=np.float32))
+        return {"x": x, "patient": int(self.trial_patient[trial]), "trial": trial, "sample": int(i),
+                "label": int(self.trial_label[trial])}
+
+
+def _release(data: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array from this process (they are read again from the file if needed)."""
+    base = data
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    if isinstance(base, mmap.mmap) and hasattr(base, "madvise"):
+        base.madvise(mmap.MADV_DONTNEED)
 
 
 def _positive_int(field: str, value: int) -> int:
@@ -248,8 +366,7 @@ class HierarchicalBatchSampler(Sampler[list[int]]):
             self.num_batches = _positive_int("batches_per_epoch", batches_per_epoch)
         self.seed = int(seed)
         self.epoch = 0
-        order = torch.argsort(dataset.trial_index, stable=True)
-        self._windows_of = list(torch.split(order, torch.bincount(dataset.trial_index).tolist()))
+        self._first, self._count = dataset.trial_first.tolist(), dataset.trial_count.tolist()
         trial_order = torch.argsort(dataset.trial_patient, stable=True)
         self._trials_of = list(torch.split(trial_order, torch.bincount(dataset.trial_patient).tolist()))
 
@@ -263,15 +380,16 @@ class HierarchicalBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch_generator(self.seed, self.epoch)
         self.epoch += 1
-        return (self._batch(generator) for _ in range(self.num_batches))
+        return (self.batch(generator) for _ in range(self.num_batches))
 
-    def _batch(self, generator: torch.Generator) -> list[int]:
+    def batch(self, generator: torch.Generator) -> list[int]:
+        """The next batch drawn from `generator` (an epoch's batches: `torch_generator(seed, epoch)`, then one
+        call per batch)."""
         batch: list[int] = []
         for patient in _draw(len(self._trials_of), self.patients, generator).tolist():
             trials = self._trials_of[patient]
             for trial in trials[_draw(len(trials), self.trials, generator)].tolist():
-                windows = self._windows_of[trial]
-                batch += windows[_draw(len(windows), self.samples, generator)].tolist()
+                batch += (self._first[trial] + _draw(self._count[trial], self.samples, generator)).tolist()
         return batch
 
 
@@ -290,14 +408,16 @@ def signal_windows(data: SignalDataConfig, splits: str | Sequence[str], *,
 
     splits = [splits] if isinstance(splits, str) else list(splits)
     manifest = manifest or load_manifest(data.manifest)
+    store = RecordingStore(data.store)
     recordings = [rec for split in splits
                   for rec in load_recordings(manifest, split, fs=data.fs, channels=data.channels,
-                                             missing_channels=data.missing_channels)]
+                                             missing_channels=data.missing_channels, store=store)]
     name = "+".join(splits)
     if not recordings:
         raise UserError(f"{data.manifest}: split {name} has no signal recordings")
     window, stride = data.window_samples()
     windows = WindowDataset(recordings, window=window, stride=stride, nan=data.nan, flat=data.flat)
+    windows.store = store  # the memory maps' folder lives as long as the windows
     return windows, dataset_notes(windows, name)
 
 

@@ -100,6 +100,21 @@ class LoadVolumed(MapTransform):
             out[key] = self._load(out[key], reader=VolumeReader(label=key == "label"))
         return out
 
+    def from_volume(self, volume: io.Volume) -> MetaTensor:
+        """The ``(1, X, Y, Z)`` float32 `MetaTensor` this transform makes of a file, from a `Volume` already read."""
+        return self._load(str(volume.path), reader=_ReadAlready(volume))
+
+
+class _ReadAlready(VolumeReader):
+    """A `VolumeReader` that hands over a `Volume` read before (so a file is read once)."""
+
+    def __init__(self, volume: io.Volume) -> None:
+        super().__init__()
+        self.volume = volume
+
+    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs: Any) -> io.Volume:
+        return self.volume
+
 
 class RequireSize(MapTransform):
     """Raise `UserError` naming the file and its shape when a spatial size is below `size` (small_volume: error)."""
@@ -147,15 +162,12 @@ class VolumePipeline(Compose):
         return list(self.transforms[:first])
 
 
-def volume_transforms(prep: VolumePreprocessing, *, with_label: bool = False, random_crop: bool = False,
-                      seed: int | None = None) -> VolumePipeline:
-    """The MONAI pipeline for `prep`: entry dict -> ``{"image": (1, D, H, W)[, "label": (1, D, H, W)]}``.
-
-    ``random_crop`` picks RandSpatialCropd (seeded with ``seed``), otherwise a deterministic centre crop.
-    """
-    keys = ["image", "label"] if with_label else ["image"]
+def preprocessing_steps(prep: VolumePreprocessing, keys: Sequence[str]) -> list[Callable]:
+    """The transforms between loading and the size policy: orientation, spacing (bilinear image, nearest
+    label), intensity. `keys`: ``["image"]`` or ``["image", "label"]``. What `medssl.data.store` applies to
+    volumes it has read itself, so a stored volume equals the pipeline's, voxel for voxel."""
     modes = ["bilinear", "nearest"][: len(keys)]
-    steps: list[Callable] = [LoadVolumed(keys), Orientationd(keys, axcodes=prep.orientation, labels=None)]
+    steps: list[Callable] = [Orientationd(keys, axcodes=prep.orientation, labels=None)]
     if prep.spacing is not None:
         steps.append(Spacingd(keys, pixdim=prep.spacing, mode=modes))
     if prep.modality == "CT":
@@ -165,6 +177,17 @@ def volume_transforms(prep: VolumePreprocessing, *, with_label: bool = False, ra
     else:
         steps.append(ScaleIntensityRangePercentilesd("image", lower=prep.percentiles[0], upper=prep.percentiles[1],
                                                      b_min=0.0, b_max=1.0, clip=True))
+    return steps
+
+
+def volume_transforms(prep: VolumePreprocessing, *, with_label: bool = False, random_crop: bool = False,
+                      seed: int | None = None) -> VolumePipeline:
+    """The MONAI pipeline for `prep`: entry dict -> ``{"image": (1, D, H, W)[, "label": (1, D, H, W)]}``.
+
+    ``random_crop`` picks RandSpatialCropd (seeded with ``seed``), otherwise a deterministic centre crop.
+    """
+    keys = ["image", "label"] if with_label else ["image"]
+    steps: list[Callable] = [LoadVolumed(keys), *preprocessing_steps(prep, keys)]
     if prep.small_volume == "pad":
         steps.append(SpatialPadd(keys, spatial_size=prep.crop_size, mode="constant"))
     else:

@@ -5,7 +5,9 @@ axes of one volume, 0 = the centre of the first voxel. The *normalised frame* is
 volumes of a fitted matcher: roughly ``[0, 1]^3`` inside the body, so the same normalised point is
 the same anatomical place in every patient (as well as the matcher can tell).
 
-Every matcher uses the body mask and body box of `medssl.data.body`.
+Every matcher uses the body mask and body box of `medssl.data.body`, read through `BodyMasks`: masks
+computed here from in-memory volumes (`fit`), or read a region at a time from the preprocessed store
+(`fit_bodies`), so a matcher over thousands of stored scans holds no mask in memory.
 
 Matchers:
 - `BodyBoxMatcher`: normalised = position inside the volume's own body box.
@@ -20,16 +22,18 @@ the destination's body mask; the matcher counts tried and accepted points (`acce
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
 
-from medssl.data.body import DEFAULT_THRESHOLD, body_box, body_mask
+from medssl.data.body import DEFAULT_THRESHOLD, BodyMasks, MaskList, body_mask, inside_mask
 from medssl.errors import UserError, one_line
 
 MatcherName = Literal["body_box", "registration"]
+VolumeReader = Callable[[int], np.ndarray]  # volume index -> (X, Y, Z) float32 in [0, 1]
+
 def _box_to_normalised(box: tuple[np.ndarray, np.ndarray], points: np.ndarray) -> np.ndarray:
     lo, hi = box
     return (np.asarray(points, float) - lo) / np.maximum(hi - lo, 1.0)
@@ -46,17 +50,16 @@ def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 class Matcher(ABC):
-    """Common protocol: `fit`, `to_normalised`, `from_normalised`, `match`, `inside_body`, counters.
+    """Common protocol: `fit` / `fit_bodies`, `to_normalised`, `from_normalised`, `match`, `inside_body`, counters.
 
-    After `fit`: `masks` (list of (X, Y, Z) bool) and `boxes` (list of (lo, hi)) per volume.
+    After fitting: `bodies` (`BodyMasks`: each volume's shape, body box, body voxels, mask regions).
     """
 
     name: str
 
     def __init__(self, *, threshold: float = DEFAULT_THRESHOLD) -> None:
         self.threshold = float(threshold)
-        self.masks: list[np.ndarray] = []
-        self.boxes: list[tuple[np.ndarray, np.ndarray]] = []
+        self.bodies: BodyMasks = MaskList([])
         self.tried = 0
         self.accepted = 0
 
@@ -68,25 +71,38 @@ class Matcher(ABC):
         Resets the counters. Returns self.
         """
         names = list(names) if names is not None else [f"volume {i}" for i in range(len(volumes))]
-        spacings = list(spacings) if spacings is not None else [(1.0, 1.0, 1.0)] * len(volumes)
-        if not volumes or len(names) != len(volumes) or len(spacings) != len(volumes):
-            raise ValueError(f"{type(self).__name__}.fit: need >= 1 volume and as many names/spacings, got "
-                             f"{len(volumes)} volumes, {len(names)} names, {len(spacings)} spacings")
-        self.masks = []
+        if not volumes or len(names) != len(volumes):
+            raise ValueError(f"{type(self).__name__}.fit: need >= 1 volume and as many names, got "
+                             f"{len(volumes)} volumes, {len(names)} names")
+        masks = []
         for volume, name in zip(volumes, names):
             mask = body_mask(np.asarray(volume), self.threshold)
             if not mask.any():
                 raise UserError(f"{name}: no body voxel above intensity {self.threshold} after windowing "
                                 f"(empty or constant volume?)")
-            self.masks.append(mask)
-        self.boxes = [body_box(mask) for mask in self.masks]
-        self._fit_frames([np.asarray(v, np.float32) for v in volumes], [tuple(map(float, s)) for s in spacings],
-                         names)
+            masks.append(mask)
+        return self.fit_bodies(MaskList(masks), spacings, names, lambda i: np.asarray(volumes[i], np.float32))
+
+    def fit_bodies(self, bodies: BodyMasks, spacings: Sequence[Sequence[float]] | None, names: Sequence[str],
+                   read: VolumeReader) -> Matcher:
+        """Fit on body masks already found (`bodies`, e.g. a store's); `read(i)` gives volume i's array for
+        matchers that need more than the masks (registration reads each volume once). Returns self."""
+        spacings = np.ones((len(bodies), 3)) if spacings is None else np.asarray(spacings, float).reshape(-1, 3)
+        if not len(bodies) or len(spacings) != len(bodies):
+            raise ValueError(f"{type(self).__name__}.fit: need >= 1 volume and as many spacings, got "
+                             f"{len(bodies)} volumes, {len(spacings)} spacings")
+        self.bodies = bodies
+        self._fit_frames(read, spacings, names)
         self.tried = self.accepted = 0
         return self
 
-    def _fit_frames(self, volumes: list[np.ndarray], spacings: list[tuple[float, ...]], names: list[str]) -> None:
-        """Hook for matchers that need more than the body masks."""
+    @property
+    def boxes(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(lo, hi) body box of every volume."""
+        return [self.bodies.box(i) for i in range(len(self.bodies))]
+
+    def _fit_frames(self, read: VolumeReader, spacings: np.ndarray, names: Sequence[str]) -> None:
+        """Hook for matchers that need more than the body masks. spacings: (N, 3) mm."""
 
     @abstractmethod
     def to_normalised(self, index: int, points: np.ndarray) -> np.ndarray:
@@ -99,12 +115,7 @@ class Matcher(ABC):
     def inside_body(self, index: int, points: np.ndarray) -> np.ndarray:
         """(N,) bool: the nearest voxel of each (N, 3) voxel-coordinate point is in the body mask
         of volume `index` (points outside the array are outside the body)."""
-        mask = self.masks[index]
-        voxel = np.rint(np.asarray(points, float)).astype(np.int64).reshape(-1, 3)
-        inside = np.all((voxel >= 0) & (voxel < mask.shape), axis=1)
-        result = np.zeros(len(voxel), bool)
-        result[inside] = mask[tuple(voxel[inside].T)]
-        return result
+        return inside_mask(self.bodies, index, points)
 
     def match(self, src_index: int, points: np.ndarray, dst_index: int) -> tuple[np.ndarray, np.ndarray]:
         """Map (N, 3) voxel points of volume `src_index` to volume `dst_index`.
@@ -130,10 +141,10 @@ class BodyBoxMatcher(Matcher):
     name = "body_box"
 
     def to_normalised(self, index: int, points: np.ndarray) -> np.ndarray:
-        return _box_to_normalised(self.boxes[index], points)
+        return _box_to_normalised(self.bodies.box(index), points)
 
     def from_normalised(self, index: int, coords: np.ndarray) -> np.ndarray:
-        return _box_from_normalised(self.boxes[index], coords)
+        return _box_from_normalised(self.bodies.box(index), coords)
 
 
 class RegistrationMatcher(Matcher):
@@ -170,16 +181,16 @@ class RegistrationMatcher(Matcher):
         self.to_reference: list[np.ndarray] = []
         self.from_reference: list[np.ndarray] = []
 
-    def _fit_frames(self, volumes: list[np.ndarray], spacings: list[tuple[float, ...]], names: list[str]) -> None:
-        if not 0 <= self.reference < len(volumes):
-            raise UserError(f"matcher.reference: {self.reference} is not a volume index (0..{len(volumes) - 1})")
-        fixed = _sitk_image(volumes[self.reference], spacings[self.reference])
+    def _fit_frames(self, read: VolumeReader, spacings: np.ndarray, names: Sequence[str]) -> None:
+        if not 0 <= self.reference < len(spacings):
+            raise UserError(f"matcher.reference: {self.reference} is not a volume index (0..{len(spacings) - 1})")
+        fixed = _sitk_image(read(self.reference), spacings[self.reference])
         self.from_reference = []
-        for i, (volume, spacing) in enumerate(zip(volumes, spacings)):
+        for i, spacing in enumerate(spacings):
             if i == self.reference:
                 self.from_reference.append(np.eye(4))
                 continue
-            physical = self._register(fixed, _sitk_image(volume, spacing), names[i])
+            physical = self._register(fixed, _sitk_image(read(i), spacing), names[i])
             # voxel(ref) -> mm(ref) -> mm(volume i) -> voxel(volume i)
             self.from_reference.append(np.diag([*(1 / np.array(spacing)), 1.0]) @ physical
                                        @ np.diag([*spacings[self.reference], 1.0]))
@@ -219,10 +230,10 @@ class RegistrationMatcher(Matcher):
         return result
 
     def to_normalised(self, index: int, points: np.ndarray) -> np.ndarray:
-        return _box_to_normalised(self.boxes[self.reference], _apply(self.to_reference[index], points))
+        return _box_to_normalised(self.bodies.box(self.reference), _apply(self.to_reference[index], points))
 
     def from_normalised(self, index: int, coords: np.ndarray) -> np.ndarray:
-        return _apply(self.from_reference[index], _box_from_normalised(self.boxes[self.reference], coords))
+        return _apply(self.from_reference[index], _box_from_normalised(self.bodies.box(self.reference), coords))
 
 
 def _sitk_image(volume: np.ndarray, spacing: Sequence[float]) -> sitk.Image:

@@ -38,7 +38,7 @@ from medssl.data.timeseries import HierarchicalBatchSampler, WindowDataset, sign
 from medssl.errors import UserError
 from medssl.losses.hierarchical import HierarchicalContrast, HierarchyConfig
 from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, pool
-from medssl.seeding import derive_seed
+from medssl.seeding import derive_seed, torch_generator
 from medssl.training.checkpoint import Kind, save_checkpoint
 from medssl.training.distributed import DistContext, init_distributed, local_part, local_rows
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
@@ -90,7 +90,10 @@ class HierarchicalBatches(Dataset):
     """Item i = this rank's part of micro-batch i: {"x": (B, C, W), "sample", "trial", "patient", "label": (B,)}.
 
     Global batch i (`world_size` x `patients` patients) comes from the sampler's epoch i // len(sampler)
-    (re-drawn per epoch), position i % len; rank r keeps the r-th block of `patients` patients.
+    (re-drawn per epoch), position i % len; rank r keeps the r-th block of `patients` patients. No epoch is
+    held: a cursor (epoch, position, generator) moves forward through the epoch's draws, so reading batches in
+    order (each DataLoader worker reads every k-th) costs one draw per batch, and memory does not grow with
+    the epoch's length; going back (a resume) replays the epoch's draws from its start.
     """
 
     def __init__(self, windows: WindowDataset, *, patients: int, trials: int, samples: int,
@@ -100,7 +103,7 @@ class HierarchicalBatches(Dataset):
         self.sampler = HierarchicalBatchSampler(windows, patients=patients * world_size, trials=trials,
                                                 samples=samples, batches_per_epoch=batches_per_epoch,
                                                 seed=derive_seed(seed, 0))  # 0: where the rank was
-        self._epoch: tuple[int, list[list[int]]] | None = None
+        self._cursor: tuple[int, int, torch.Generator] | None = None  # (epoch, next position, its generator)
 
     def __len__(self) -> int:
         return sys.maxsize
@@ -108,10 +111,14 @@ class HierarchicalBatches(Dataset):
     def indices(self, i: int) -> list[int]:
         """Window indices of micro-batch i."""
         epoch, position = divmod(i, len(self.sampler))
-        if self._epoch is None or self._epoch[0] != epoch:
-            self.sampler.set_epoch(epoch)
-            self._epoch = (epoch, list(self.sampler))
-        return self._epoch[1][position][self.rows]
+        if self._cursor is None or self._cursor[0] != epoch or self._cursor[1] > position:
+            self._cursor = (epoch, 0, torch_generator(self.sampler.seed, epoch))
+        _, at, generator = self._cursor
+        for _ in range(position - at):
+            self.sampler.batch(generator)
+        batch = self.sampler.batch(generator)
+        self._cursor = (epoch, position + 1, generator)
+        return batch[self.rows]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return default_collate([self.windows[k] for k in self.indices(i)])

@@ -16,6 +16,7 @@ Conventions:
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,6 +98,46 @@ def extract_crop(volume: torch.Tensor, geom: CropGeometry) -> torch.Tensor:
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)[None]  # (1, *size, 3) as (W, H, D)
     out = F.grid_sample(volume[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out[0]
+
+
+def crop_region(geom: CropGeometry, volume_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) (3,) int64: the voxel box (``lo <= i < hi``, inside the volume) holding every voxel that
+    `extract_crop` may read for `geom` (the two neighbours of each sample, with one voxel to spare for
+    float32 rounding); empty (some ``hi <= lo``) when the crop lies outside the volume."""
+    ends = np.stack([geom.to_volume(np.zeros(3)), geom.to_volume(np.array(geom.size) - 1.0)])
+    lo = np.floor(ends.min(0)).astype(np.int64) - 1
+    hi = np.floor(ends.max(0)).astype(np.int64) + 3
+    shape = np.asarray(volume_shape, np.int64)
+    return np.clip(lo, 0, shape), np.clip(hi, 0, shape)
+
+
+def extract_crop_from_region(region: torch.Tensor, start: Sequence[int], volume_shape: Sequence[int],
+                             geom: CropGeometry) -> torch.Tensor:
+    """`extract_crop` of a volume of `volume_shape` of which only `region` (C, *m), the box starting at voxel
+    `start` (`crop_region`), was read: the same crop, bit for bit.
+
+    grid_sample normalises coordinates by the volume's size, so a crop resampled from a sub-volume would be
+    rounded differently. Instead the region is placed in a (C, *volume_shape) view whose strides are the
+    region's: voxel ``start + r`` of the view is voxel ``r`` of the region, and the voxels grid_sample reads
+    all lie in the region. The view's other voxels alias memory that is never read; its storage is an anonymous
+    memory map, so only the region's pages are ever touched (resident memory stays the region's size).
+    """
+    region = region.float().contiguous()
+    channels, *m = region.shape
+    shape = [int(n) for n in volume_shape]
+    if region.numel() == 0:
+        return torch.zeros((channels, *geom.size), dtype=torch.float32)
+    strides = [m[0] * m[1] * m[2], m[1] * m[2], m[2], 1]
+    begin = sum(int(a) * s for a, s in zip(start, strides[1:]))
+    reach = (channels - 1) * strides[0] + sum((n - 1) * s for n, s in zip(shape, strides[1:])) + 1
+    length = max(reach, begin + region.numel())
+    with mmap.mmap(-1, 4 * length) as memory:
+        buffer = torch.frombuffer(memory, dtype=torch.float32, count=length)
+        buffer[begin: begin + region.numel()] = region.reshape(-1)
+        view = buffer.as_strided((channels, *shape), strides)
+        crop = extract_crop(view, geom).clone()
+        del buffer, view
+    return crop
 
 
 def sample_crop(volume_shape: Sequence[int], centre: np.ndarray, crop_size: Sequence[int] | int,

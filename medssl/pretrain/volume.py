@@ -27,9 +27,10 @@ from pydantic import Field, PositiveFloat, PositiveInt, confloat
 from torch import nn
 
 from medssl.config import StrictModel, TrainConfig, dump_config
-from medssl.data.checks import require_patient_independent
-from medssl.data.manifest import SPLITS, load_manifest
+from medssl.data.checks import patient_split_problems, raise_first
+from medssl.data.manifest import load_manifest
 from medssl.data.preprocessing import VolumeDataConfig
+from medssl.data.store import task_store
 from medssl.errors import UserError
 from medssl.losses.objective import VIEWS, ObjectiveContext, VolumeStep
 from medssl.losses.registry import VOLUME_OBJECTIVES, VolumeObjectivesConfig, total_loss
@@ -38,15 +39,14 @@ from medssl.models.volume_encoders import (
     VolumeEncoderConfig,
     build_segmentation_network,
     build_volume_encoder,
-    export_encoder,
-    export_network,
     network_encoder,
 )
 from medssl.pretrain.probe import OrganProbe, ProbeUnavailable
 from medssl.pretrain.volume_batches import VolumePretrainBatches
 from medssl.training.checkpoint import Kind
-from medssl.training.distributed import DistContext, init_distributed
+from medssl.training.distributed import DistContext, init_distributed, main_first
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
+from medssl.training.pretrained import export_encoder, export_network
 from medssl.training.rundir import RunDir, prepare_run_dir
 
 
@@ -177,14 +177,14 @@ def _objective(model: nn.Module, batch: dict, generator: torch.Generator) -> Ste
 
 
 def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume: bool = False) -> dict:
-    """Pretrain, write the run directory (DESIGN.md 3.2) and `encoder.pt`; return the summary."""
+    """Pretrain, write the run directory (../shared/DESIGN.md 3.2) and `encoder.pt`; return the summary."""
     run_dir = Path(run_dir)
     ctx = init_distributed()
     if ctx.is_main:  # the other ranks would find rank 0's new folder
         prepare_run_dir(run_dir, resume=resume)
-    manifest = load_manifest(config.data.manifest)
-    require_patient_independent(manifest, SPLITS, str(config.data.manifest))  # later evaluations stay honest
-    prep = config.data.preprocessing(manifest.modality.get("0"))
+    # the store's index alone when it is current: neither time nor memory to the first step grow with the manifest
+    store, prep = main_first(lambda: task_store(config.data, quiet=not ctx.is_main), ctx)
+    raise_first(patient_split_problems(store.shared_patients(), str(config.data.manifest)))  # later evaluations
     torch.manual_seed(config.train.seed)
     model = VolumePretrainModel(config, ctx)
     model.encoder.check_input_size(prep.crop_size)
@@ -196,9 +196,8 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
                   "own (torch's SyncBatchNorm needs GPUs); heads.norm=layer has no batch statistics",
                   file=sys.stderr)
     views = config.views
-    batches = VolumePretrainBatches.from_manifest(
-        manifest, config.split, prep, views.matcher, cache_dir=config.data.cache_dir,
-        cache_max_gib=config.data.cache_max_gib,
+    batches = VolumePretrainBatches.from_store(
+        store, config.split, prep, views.matcher,
         batch_size=config.train.batch_size, points=views.points, stride=views.feature_stride, grid=views.region_grid,
         scale_range=views.scale_range, max_shift_fraction=views.max_shift_fraction, flip_prob=views.flip_prob,
         jitter=views.jitter, match_retries=views.match_retries, seed=config.train.seed, rank=ctx.rank,
@@ -207,7 +206,7 @@ def pretrain_volume(config: PretrainVolumeConfig, run_dir: str | Path, *, resume
     if config.probe.enabled and ctx.is_main:
         probe_prep = prep.model_copy(update={"crop_size": config.probe.crop_size})
         try:
-            probe = OrganProbe.from_manifest(manifest, config.probe.split, probe_prep,
+            probe = OrganProbe.from_manifest(load_manifest(config.data.manifest), config.probe.split, probe_prep,
                                              max_volumes=config.probe.max_volumes, stride=config.probe.stride,
                                              voxels_per_class=config.probe.voxels_per_class, seed=config.train.seed)
         except ProbeUnavailable as err:  # a small cohort: pretrain without the probe, and say so

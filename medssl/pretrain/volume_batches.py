@@ -1,4 +1,9 @@
-"""Per-step micro-batches for 3D pretraining, drawn from whole preprocessed volumes held in memory.
+"""Per-step micro-batches for 3D pretraining, read a crop at a time from the preprocessed store.
+
+The volumes come from `medssl.data.store` (`VolumePretrainBatches.from_store`: only the store's index is in
+memory; each crop reads the region it covers, each body-mask look-up the box it needs) or, for tests and
+small experiments, from tensors in memory (the constructor, `from_manifest`). Both give the same batches,
+bit for bit (`views.extract_crop_from_region`; tested against the in-memory path).
 
 Item ``i`` of `VolumePretrainBatches` is one micro-batch, a deterministic function of ``(seed, i)``
 (numpy and torch generators from `medssl.seeding`). Under torchrun every rank draws the anchors of the
@@ -55,6 +60,7 @@ from torch.utils.data import Dataset
 
 from medssl.data.manifest import Manifest, load_manifest
 from medssl.data.preprocessing import VolumePreprocessing
+from medssl.data.store import StoredScan, StoreSplit, VolumeStore
 from medssl.data.volumes import manifest_volume_entries, volume_dataset, whole_volume_pipeline
 from medssl.errors import UserError
 from medssl.pretrain.matchers import Matcher, MatcherName, build_matcher
@@ -62,7 +68,9 @@ from medssl.pretrain.views import (
     CropGeometry,
     cell_centres,
     corresponding_points,
+    crop_region,
     extract_crop,
+    extract_crop_from_region,
     draw_jitter,
     intensity_jitter,
     random_flips,
@@ -87,27 +95,104 @@ class _Anchor:
     accepted: int
 
 
+class TensorVolumes:
+    """In-memory (1, X, Y, Z) volumes as a crop source."""
+
+    def __init__(self, volumes: Sequence[torch.Tensor]) -> None:
+        self.volumes = list(volumes)
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def shape(self, index: int) -> tuple[int, int, int]:
+        return tuple(self.volumes[index].shape[1:])  # type: ignore[return-value]
+
+    def crop(self, index: int, geom: CropGeometry) -> torch.Tensor:
+        return extract_crop(self.volumes[index], geom)
+
+
+class StoredVolumes:
+    """The entries of a store split as a crop source and as `medssl.data.body.BodyMasks`: entry i is scan
+    ``split.scans[i]``, zero-padded to `crop_size` as the in-memory pipeline pads (or refused with
+    ``small_volume="error"``). In memory: the split's index rows only; scans are opened when read."""
+
+    def __init__(self, store: VolumeStore, split: StoreSplit, crop_size: Sequence[int], small_volume: str) -> None:
+        self.store, self.crop_size, self.small_volume = store, tuple(int(c) for c in crop_size), small_volume
+        self.rows = split.rows
+        stored = store.shapes[self.rows] if len(self.rows) else np.zeros((0, 3), np.int64)
+        short = np.maximum(np.asarray(self.crop_size) - stored, 0)
+        if small_volume == "error" and short.any():
+            first = int(np.flatnonzero(short.any(1))[0])
+            raise UserError(f"{self.names[first]}: volume shape {tuple(stored[first])} is smaller than crop_size "
+                            f"{self.crop_size}; set small_volume: pad to zero-pad it")
+        self.shapes, self.offsets = stored + short, short // 2
+
+    @property
+    def names(self) -> list[str]:
+        return [self.store.images[row] for row in self.rows]
+
+    @property
+    def spacings(self) -> np.ndarray:
+        return self.store.spacings[self.rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def scan(self, index: int) -> StoredScan:
+        return self.store.scan(self.store.scan_ids[self.rows[index]], pad_to=self.crop_size,
+                               small_volume=self.small_volume)
+
+    def shape(self, index: int) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.shapes[index])  # type: ignore[return-value]
+
+    def crop(self, index: int, geom: CropGeometry) -> torch.Tensor:
+        lo, hi = crop_region(geom, self.shapes[index])
+        region = torch.from_numpy(self.scan(index).image(lo, hi))[None]
+        return extract_crop_from_region(region, lo, self.shapes[index], geom)
+
+    def read(self, index: int) -> np.ndarray:
+        """The whole (padded) volume (the registration matcher reads each once)."""
+        return self.scan(index).image(np.zeros(3, np.int64), self.shapes[index])
+
+    # medssl.data.body.BodyMasks
+    def box(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.store.boxes[self.rows[index]]
+        return lo + self.offsets[index], hi + self.offsets[index]
+
+    def count(self, index: int) -> int:
+        return int(self.store.body_counts[self.rows[index]])
+
+    def voxel(self, index: int, k: int) -> np.ndarray:
+        return self.scan(index).body_voxel(k)
+
+    def region(self, index: int, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
+        return self.scan(index).body(lo, hi)
+
+
 class VolumePretrainBatches(Dataset):
     """Map-style dataset: item ``i`` = micro-batch ``i`` (see the module docstring for keys and shapes).
 
-    volumes: (1, X, Y, Z) float tensors in [0, 1] (windowed); patient_ids, study_ids: one per volume;
-    spacings: (3,) mm per volume (None: 1 mm; used by the registration matcher); names: file paths
-    for error messages. A volume smaller than `crop_size` is zero-padded (``small_volume="pad"``,
-    centred) or refused with `UserError` naming it (``"error"``). `matcher` is a fitted-or-not
-    `Matcher` or a name for `build_matcher(name, **matcher_options)`; it is fitted here.
-    `length` is what ``len()`` reports (the trainer indexes by step, any ``i >= 0`` works).
+    volumes: (1, X, Y, Z) float tensors in [0, 1] (windowed), or a `StoredVolumes` (`from_store`);
+    patient_ids, study_ids: one per volume; spacings: (3,) mm per volume (None: 1 mm; used by the
+    registration matcher); names: file paths for error messages. A volume smaller than `crop_size` is
+    zero-padded (``small_volume="pad"``, centred) or refused with `UserError` naming it (``"error"``).
+    `matcher` is a fitted-or-not `Matcher` or a name for `build_matcher(name, **matcher_options)`; it is
+    fitted here. `length` is what ``len()`` reports (the trainer indexes by step, any ``i >= 0`` works).
     """
 
-    def __init__(self, volumes: Sequence[torch.Tensor], patient_ids: Sequence[str], study_ids: Sequence[str], *,
-                 batch_size: int, crop_size: int | Sequence[int] = 32,
+    def __init__(self, volumes: Sequence[torch.Tensor] | StoredVolumes, patient_ids: Sequence[str],
+                 study_ids: Sequence[str], *, batch_size: int, crop_size: int | Sequence[int] = 32,
                  spacings: Sequence[Sequence[float]] | None = None, names: Sequence[str] | None = None,
                  matcher: Matcher | MatcherName = "body_box", matcher_options: dict[str, Any] | None = None,
                  points: int = 64, stride: int = 4, grid: int = 4,
                  scale_range: tuple[float, float] = (0.8, 1.25), max_shift_fraction: float = 0.25,
                  flip_prob: float = 0.5, jitter: bool = True, match_retries: int = 10, small_volume: str = "pad",
                  seed: int = 0, rank: int = 0, world_size: int = 1, length: int = 10**9) -> None:
+        stored = isinstance(volumes, StoredVolumes)
+        if stored:
+            names = volumes.names if names is None else names
         names = list(names) if names is not None else [f"volume {i}" for i in range(len(volumes))]
-        if not volumes:
+        if not len(volumes):
             raise UserError("volumes: no volume to pretrain on")
         if not len(volumes) == len(patient_ids) == len(study_ids) == len(names):
             raise ValueError(f"VolumePretrainBatches: {len(volumes)} volumes but {len(patient_ids)} patient ids, "
@@ -115,18 +200,18 @@ class VolumePretrainBatches(Dataset):
         self.crop_size = tuple(int(s) for s in np.broadcast_to(np.asarray(crop_size), (3,)))
         if stride < 1 or min(self.crop_size) < stride:
             raise UserError(f"crop_size: {self.crop_size} must be at least the feature stride {stride} on every axis")
-        padded = {name: share for v, name in zip(volumes, names)
-                  if (share := padding_share(tuple(v.shape[1:]), self.crop_size)) > 0}
-        if padded and small_volume == "pad":  # said once, naming the files: a mostly padded crop teaches little
-            worst = sorted(padded, key=padded.get, reverse=True)
-            print(f"warning: {len(padded)} volume(s) smaller than crop_size {self.crop_size} are zero-padded, up to "
-                  f"{100 * padded[worst[0]]:.0f} % of a crop: {', '.join(map(str, worst[:3]))}"
-                  f"{' ...' if len(worst) > 3 else ''}", file=sys.stderr)
-        self.volumes = [_fit_size(v, self.crop_size, small_volume, name) for v, name in zip(volumes, names)]
-        self.names, self.study_ids = names, list(study_ids)
-        self.patient_ids = sorted(set(patient_ids))
-        index = {patient: k for k, patient in enumerate(self.patient_ids)}
-        self.patient_of = np.array([index[p] for p in patient_ids])
+        shapes = volumes.store.shapes[volumes.rows] if stored else [tuple(v.shape[1:]) for v in volumes]
+        if small_volume == "pad":  # said once, naming the files: a mostly padded crop teaches little
+            _warn_padded(shapes, names, self.crop_size)
+        if stored:
+            self.source: TensorVolumes | StoredVolumes = volumes
+        else:
+            self.volumes = [_fit_size(v, self.crop_size, small_volume, name) for v, name in zip(volumes, names)]
+            self.source = TensorVolumes(self.volumes)
+        self.names, self.study_ids = names, np.asarray(study_ids, dtype=str)
+        # sorted unique patients and each volume's index among them; fixed-width strings, no object per entry
+        self.patient_ids, self.patient_of = np.unique(np.asarray(patient_ids, dtype=str), return_inverse=True)
+        self.patient_of = self.patient_of.reshape(-1)
         self.batch_size, self.points, self.stride, self.grid = batch_size, points, stride, grid
         self.scale_range, self.max_shift_fraction, self.flip_prob = tuple(scale_range), max_shift_fraction, flip_prob
         self.jitter, self.match_retries, self.seed, self.length = jitter, match_retries, seed, length
@@ -134,18 +219,35 @@ class VolumePretrainBatches(Dataset):
         self.global_size = batch_size * world_size
         if isinstance(matcher, str):
             matcher = build_matcher(matcher, **(matcher_options or {}))
-        self.matcher = matcher.fit([v[0].numpy() for v in self.volumes], spacings, names)
-        self.body_voxels = [np.flatnonzero(mask) for mask in self.matcher.masks]
+        if stored:
+            self.matcher = matcher.fit_bodies(volumes, spacings, names, volumes.read)
+        else:
+            self.matcher = matcher.fit([v[0].numpy() for v in self.volumes], spacings, names)
+        self.bodies = self.matcher.bodies
         self.cell_positions = cell_centres(grid)
+
+    @classmethod
+    def from_store(cls, store: VolumeStore, split: str, prep: VolumePreprocessing,
+                   matcher_name: MatcherName = "body_box", **options: Any) -> VolumePretrainBatches:
+        """The batches of `split` of a preprocessed store (`medssl.data.store.ensure_store`), read lazily. Crops
+        have ``prep.crop_size`` unless ``crop_size`` is in `options` (the constructor's keyword arguments)."""
+        entries = store.split(split)
+        if not len(entries):
+            raise UserError(f"{store.manifest}: split '{split}' has no volume to pretrain on")
+        options.setdefault("crop_size", prep.crop_size)
+        source = StoredVolumes(store, entries, options["crop_size"], prep.small_volume)
+        return cls(source, entries.patient_ids, entries.study_ids, spacings=source.spacings,
+                   matcher=matcher_name, small_volume=prep.small_volume, **options)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest | str | os.PathLike, split: str, prep: VolumePreprocessing,
                       matcher_name: MatcherName = "body_box", *, cache_dir: str | os.PathLike | None = None,
                       cache_max_gib: float | None = None, **options: Any) -> VolumePretrainBatches:
-        """Load every image of `split` through the MONAI pipeline of `medssl.data.volumes` without its
-        crop (`whole_volume_pipeline`: load, orientation, spacing, intensity window, the small-volume
-        policy), optionally cached in `cache_dir` (at most `cache_max_gib`). Crops have ``prep.crop_size`` unless
-        ``crop_size`` is in `options` (the other keyword arguments of the constructor).
+        """Every image of `split` loaded into memory through the MONAI pipeline of `medssl.data.volumes` without
+        its crop (`whole_volume_pipeline`: load, orientation, spacing, intensity window, the small-volume
+        policy), optionally cached in `cache_dir` (at most `cache_max_gib`): for tests and small experiments
+        (training reads the store: `from_store`). Crops have ``prep.crop_size`` unless ``crop_size`` is in
+        `options` (the other keyword arguments of the constructor).
         A split without any volume raises `UserError` naming the manifest and split.
         """
         manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
@@ -204,14 +306,14 @@ class VolumePretrainBatches(Dataset):
 
     def _anchor(self, rng: np.random.Generator) -> _Anchor:
         """Draw one anchor (volume, body point) and the geometry of its four views."""
-        volume = int(rng.integers(len(self.volumes)))
-        voxel = self.body_voxels[volume][rng.integers(len(self.body_voxels[volume]))]
-        point = np.array(np.unravel_index(voxel, self.matcher.masks[volume].shape), float) + rng.uniform(-0.5, 0.5, 3)
+        volume = int(rng.integers(len(self.source)))
+        voxel = self.bodies.voxel(volume, int(rng.integers(self.bodies.count(volume))))
+        point = voxel.astype(float) + rng.uniform(-0.5, 0.5, 3)
         geom_a = self._view_at(volume, point, rng)
         geom_b = sample_overlapping(geom_a, rng, self.max_shift_fraction, self.scale_range, self.flip_prob,
-                                    volume_shape=self.volumes[volume].shape[1:])
+                                    volume_shape=self.source.shape(volume))
         patient = self.patient_of[volume]
-        same_patient = np.flatnonzero((self.patient_of == patient) & (np.arange(len(self.volumes)) != volume))
+        same_patient = np.flatnonzero((self.patient_of == patient) & (np.arange(len(self.source)) != volume))
         others = np.flatnonzero(self.patient_of != patient)
         c_volume, c_point = volume, point
         if len(same_patient):
@@ -229,16 +331,16 @@ class VolumePretrainBatches(Dataset):
 
     def _view_at(self, volume: int, point: np.ndarray, rng: np.random.Generator) -> CropGeometry:
         scale = rng.uniform(*self.scale_range)
-        return sample_crop(self.volumes[volume].shape[1:], point, self.crop_size, scale,
+        return sample_crop(self.source.shape(volume), point, self.crop_size, scale,
                            random_flips(rng, self.flip_prob))
 
     def _crop(self, volume: int, geom: CropGeometry, generator: torch.Generator, make: bool) -> torch.Tensor | None:
         """The crop (jittered when enabled), or None for another rank's crop, whose draws are still taken."""
         if not make:
             if self.jitter:
-                draw_jitter((self.volumes[volume].shape[0], *self.crop_size), generator)
+                draw_jitter((1, *self.crop_size), generator)
             return None
-        crop = extract_crop(self.volumes[volume], geom)
+        crop = self.source.crop(volume, geom)
         return intensity_jitter(crop, generator) if self.jitter else crop
 
     def _regions(self, anchors: list[_Anchor], view: str) -> torch.Tensor:
@@ -251,10 +353,16 @@ class VolumePretrainBatches(Dataset):
         return torch.from_numpy(volumes if lookup is None else lookup[volumes]).long()
 
 
-def padding_share(shape: tuple[int, ...], crop_size: tuple[int, int, int]) -> float:
-    """The share of a centred crop of `crop_size` that lies outside a volume of `shape` (zero padding)."""
-    inside = np.prod([min(s, c) for s, c in zip(shape, crop_size)])
-    return float(1 - inside / np.prod(crop_size))
+def _warn_padded(shapes: Sequence[Sequence[int]], names: Sequence[str], crop_size: tuple[int, int, int]) -> None:
+    """Say once, naming up to three files, that volumes smaller than the crop are zero-padded."""
+    shapes = np.asarray(shapes, np.int64).reshape(-1, 3)
+    shares = 1 - np.prod(np.minimum(shapes, crop_size), axis=1) / np.prod(crop_size)
+    padded = np.flatnonzero(shares > 0)
+    if len(padded):
+        worst = padded[np.argsort(-shares[padded], kind="stable")]
+        print(f"warning: {len(padded)} volume(s) smaller than crop_size {crop_size} are zero-padded, up to "
+              f"{100 * shares[worst[0]]:.0f} % of a crop: {', '.join(str(names[k]) for k in worst[:3])}"
+              f"{' ...' if len(worst) > 3 else ''}", file=sys.stderr)
 
 
 def _fit_size(volume: torch.Tensor, crop_size: tuple[int, int, int], small_volume: str, name: str) -> torch.Tensor:

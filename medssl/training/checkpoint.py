@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN.md 3.3): weights plus everything needed to use them.
+"""Checkpoints (../shared/DESIGN.md 3.3): weights plus everything needed to use them.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so that
 `torch.load(weights_only=True)` reads it:

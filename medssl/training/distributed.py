@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from medssl.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,28 @@ def wait_for_all(ctx: DistContext) -> None:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def main_first(fn: Callable[[], T], ctx: DistContext) -> T:
+    """`fn()` on rank 0 first, then on every other node's first process, then on the remaining ranks (e.g.
+    building an on-disk store that later ranks open); a UserError on any rank is raised on every rank."""
+    if not ctx.distributed:
+        return fn()
+    turn_of_mine = 0 if ctx.rank == 0 else 1 if ctx.local_rank == 0 else 2
+    result = None
+    for turn in range(3):
+        error = None
+        if turn == turn_of_mine:
+            try:
+                result = fn()
+            except UserError as err:
+                error = str(err)
+        errors: list[str | None] = [None] * ctx.world_size
+        dist.all_gather_object(errors, error)
+        first = next((message for message in errors if message), None)
+        if first:
+            raise UserError(first)
+    return result  # type: ignore[return-value]
 
 
 def mean_across_ranks(values: dict[str, float], ctx: DistContext) -> dict[str, float]:

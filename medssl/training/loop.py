@@ -57,7 +57,7 @@ AfterStep = Callable[[nn.Module, int], None]
 
 @dataclass
 class Checkpointing:
-    """What goes into every checkpoint besides the weights (DESIGN.md 3.3)."""
+    """What goes into every checkpoint besides the weights (../shared/DESIGN.md 3.3)."""
 
     kind: str  # e.g. "pretrain-volume"
     arch: dict[str, Any]
@@ -195,7 +195,7 @@ class Trainer:
         accum = cfg.grad_accum
         loader = DataLoader(self.batches, batch_size=None, sampler=range(self.step * accum, cfg.steps * accum),
                             num_workers=cfg.num_workers, pin_memory=self.ctx.device.type == "cuda",
-                            persistent_workers=False)
+                            persistent_workers=cfg.num_workers > 0, prefetch_factor=2 if cfg.num_workers else None)
         micro_batches = iter(loader)
         use_amp = cfg.amp and self.ctx.device.type == "cuda"
         window: dict[str, float] = {}

@@ -1,4 +1,4 @@
-"""The run directory of DESIGN.md 3.2: config.yaml, metrics.jsonl, summary.json, checkpoints/, tb/."""
+"""The run directory of ../shared/DESIGN.md 3.2: config.yaml, metrics.jsonl, summary.json, checkpoints/, tb/."""
 
 from __future__ import annotations
 
@@ -77,11 +77,6 @@ class RunDir:
                 if line.strip() and json.loads(line)["step"] <= after_step]
         write_text(self.metrics_file, "".join(line + "\n" for line in kept))
         self._purge_step = after_step + 1
-
-    def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_file.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def close(self) -> None:
         if self._tb is not None:

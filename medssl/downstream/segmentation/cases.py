@@ -7,14 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from monai.data import MetaTensor
 
 from medssl.data import io
 from medssl.data.checks import labelled_volume_problems, raise_first
 from medssl.data.manifest import Manifest
 from medssl.data.preprocessing import VolumeDataConfig, VolumePreprocessing
-from medssl.data.volumes import patients_in_turn, volume_dataset, whole_volume_pipeline
+from medssl.data.store import VolumeStore
+from medssl.data.volumes import patients_in_turn
 from medssl.downstream.segmentation.config import SegSettings
 from medssl.errors import UserError
 from medssl.inference import SlidingWindowPredictor
@@ -99,11 +99,21 @@ def load_cases(entries: list[dict], predictor: SlidingWindowPredictor, classes: 
     return cases
 
 
-def load_training_volumes(entries: list[dict], prep: VolumePreprocessing, cache_dir: Path | None,
-                          cache_max_gib: float | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Whole preprocessed images and label maps, (1, D, H, W) each (cached with `cache_dir`)."""
-    data = volume_dataset(entries, whole_volume_pipeline(prep, with_label=True), cache_dir=cache_dir,
-                          cache_max_gib=cache_max_gib)
-    items = [data[i] for i in range(len(entries))]
-    return [item["image"].as_tensor() for item in items], [item["label"].as_tensor().round().to(torch.uint8)
-                                                          for item in items]
+def stored_training_scans(store: VolumeStore, split: str, entries: list[dict], prep: VolumePreprocessing,
+                          classes: dict[int, str], declared_in: str) -> list[str]:
+    """The store's scans of `entries` (dicts of `manifest_volume_entries(manifest, split, with_label=True)`, whose
+    ``where`` is ``split[i]``), each label map's values checked against `classes` from the store's class counts
+    (the grid was checked when the store was written). UserError naming the label file otherwise."""
+    stored = store.split(split)
+    scans = []
+    for entry in entries:
+        scan = stored.scans[int(entry["where"][len(split) + 1: -1])]
+        counts = store.scan(scan, pad_to=prep.crop_size, small_volume=prep.small_volume).class_counts
+        undeclared = sorted(set(counts) - set(classes))
+        if undeclared:
+            raise UserError(f"{entry['label']}: {entry['where']}.label: value(s) {undeclared} not declared in "
+                            f"{declared_in} (declared: {sorted(classes)})")
+        if not set(counts) - {0}:
+            raise UserError(f"{entry['label']}: {entry['where']}.label: label map is empty (every voxel 0)")
+        scans.append(scan)
+    return scans

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from medssl.config import dump_config
@@ -17,18 +16,20 @@ from medssl.data import io
 from medssl.data.checks import require_patient_independent
 from medssl.data.manifest import load_manifest
 from medssl.data.preprocessing import VolumePreprocessing
+from medssl.data.store import VolumeStore, ensure_store
 from medssl.data.volumes import manifest_volume_entries
-from medssl.downstream.segmentation.cases import (Case, check_labelled, class_names, load_cases,
-                                                 load_training_volumes, resolve_preprocessing, select_labelled)
+from medssl.downstream.segmentation.cases import (Case, class_names, load_cases, resolve_preprocessing,
+                                                 select_labelled, stored_training_scans)
 from medssl.downstream.segmentation.config import FinetuneSegConfig
 from medssl.downstream.segmentation.metrics import evaluate_cases, mean_metrics, write_cases_csv
 from medssl.downstream.segmentation.training import DiceCEObjective, SegBatches, build_network, layerwise_param_groups
 from medssl.errors import UserError
 from medssl.inference import SlidingWindowPredictor
-from medssl.models.volume_encoders import EncoderLoadReport, VolumeEncoder, network_encoder
+from medssl.models.volume_encoders import VolumeEncoder, network_encoder
 from medssl.training.checkpoint import Kind, load_checkpoint, load_weights
-from medssl.training.distributed import DistContext, init_distributed, rank_seed
+from medssl.training.distributed import DistContext, init_distributed, main_first, rank_seed
 from medssl.training.loop import Checkpointing, Freeze, Trainer
+from medssl.training.pretrained import EncoderLoadReport
 from medssl.training.rundir import RunDir, prepare_run_dir
 from medssl.display.figures import LabelledCase, write_label_overlay
 
@@ -44,8 +45,8 @@ class Prepared:
     prep: VolumePreprocessing
     warnings: list[str]
     train_entries: list[dict]
-    images: list[torch.Tensor]  # (1, D, H, W) whole preprocessed training volumes
-    labels: list[torch.Tensor]
+    store: VolumeStore  # the preprocessed store the training crops are read from
+    train_scans: list[str]  # its scans of train_entries
     predictor: SlidingWindowPredictor
     val_cases: list[Case]
     test_cases: list[Case]
@@ -71,16 +72,15 @@ def prepare(config: FinetuneSegConfig, pretrained: Path | None, ctx: DistContext
     encoder.check_input_size(prep.crop_size)
     train_entries = select_labelled(manifest_volume_entries(manifest, s.train_split, with_label=True),
                                     s.labelled_volumes, config.train.seed)
-    for entry in train_entries:
-        check_labelled(entry, classes, declared_in)
     predictor = SlidingWindowPredictor(prep, sw_batch_size=s.sw_batch_size, overlap=s.sw_overlap, mode=s.sw_mode,
                                        device=ctx.device)
     val_cases, test_cases = (load_cases(manifest_volume_entries(manifest, split, with_label=True), predictor,
                                         classes, declared_in) for split in (s.val_split, s.test_split))
     if not test_cases:
         raise UserError(f"{source}: the '{s.test_split}' split has no labelled volume to test on")
-    images, labels = load_training_volumes(train_entries, prep, config.data.cache_dir, config.data.cache_max_gib)
-    return Prepared(classes, network, encoder, report, prep, notes, train_entries, images, labels, predictor,
+    store = main_first(lambda: ensure_store(config.data, prep, manifest, quiet=not ctx.is_main), ctx)
+    train_scans = stored_training_scans(store, s.train_split, train_entries, prep, classes, declared_in)
+    return Prepared(classes, network, encoder, report, prep, notes, train_entries, store, train_scans, predictor,
                     val_cases, test_cases)
 
 
@@ -98,9 +98,9 @@ def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir, *, resume: bo
     objective = DiceCEObjective(s.lambda_dice, s.lambda_ce, class_weights=s.class_weights,
                                 deep_supervision=getattr(ready.network, "deep_supervision", None))
     trainer = Trainer(ready.network, objective,
-                      SegBatches(ready.images, ready.labels, crop=ready.prep.crop_size, size=cfg.batch_size,
-                                 seed=rank_seed(cfg.seed, ctx), classes=len(ready.classes), crops=s.crops,
-                                 augment=s.augment),
+                      SegBatches.from_store(ready.store, ready.train_scans, ready.prep, size=cfg.batch_size,
+                                            seed=rank_seed(cfg.seed, ctx), classes=len(ready.classes), crops=s.crops,
+                                            augment=s.augment),
                       config=cfg, run_dir=run, ctx=ctx,
                       checkpointing=Checkpointing(kind=Kind.FINETUNE_SEG, arch=arch, preprocessing=ready.prep.to_dict(),
                                                   config=config.model_dump(mode="json")),

@@ -7,31 +7,34 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.transforms import (
     Compose,
     RandAffined,
-    RandCropByLabelClassesd,
     RandFlipd,
     RandGaussianNoised,
     RandScaleIntensityd,
     RandShiftIntensityd,
 )
-from monai.transforms.utils import map_classes_to_indices
+from monai.transforms.utils import generate_label_classes_crop_centers
 from monai.utils import MAX_SEED
 from torch import nn
 from torch.utils.data import Dataset
 
+from medssl.data.preprocessing import VolumePreprocessing
+from medssl.data.store import StoredScan, VolumeStore, spread_locations
 from medssl.downstream.segmentation.config import AugmentSettings, CropSettings, FinetuneSegConfig
 from medssl.errors import UserError
-from medssl.models.volume_encoders import (BACKBONES, EncoderLoadReport, VolumeEncoder, VolumeEncoderConfig,
-                                          build_segmentation_network, load_pretrained)
+from medssl.models.volume_encoders import BACKBONES, VolumeEncoder, VolumeEncoderConfig, build_segmentation_network
 from medssl.seeding import derive_seed, numpy_generator
 from medssl.training.loop import ParamGroup, StepOutput
+from medssl.training.pretrained import EncoderLoadReport, load_pretrained
 
 DEEP_SUPERVISION_LEVELS = 2  # decoder maps with auxiliary heads: the two finest below full resolution
 _AUGMENT_STREAM = 1  # random stream (with seed, i) of the class sampler and the augmentation
@@ -80,15 +83,79 @@ class DeepSupervisionHeads(nn.Module):
 # ------------------------------------------------------------------------------------------------ crops
 
 
+class TensorSegVolumes:
+    """In-memory (1, D, H, W) images and label maps as `SegBatches` volumes, each zero-padded to at least `crop`
+    (centred) and then by `margin` on every side. Class locations: `medssl.data.store.spread_locations` of each
+    class's voxels in the volume itself (not its padding)."""
+
+    def __init__(self, images: list[torch.Tensor], labels: list[torch.Tensor], crop: Sequence[int], margin: int,
+                 classes: int | None) -> None:
+        self.images = [_pad(_pad_to(image, crop), margin) for image in images]
+        self.labels = [_pad(_pad_to(label, crop), margin) for label in labels]
+        self.offsets = [[max(0, c - n) // 2 + margin for n, c in zip(label.shape[1:], crop)] for label in labels]
+        self.unpadded = [label[0].numpy() for label in labels]
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def shape(self, k: int) -> tuple[int, int, int]:
+        return tuple(self.images[k].shape[1:])  # type: ignore[return-value]
+
+    def read(self, k: int, start: Sequence[int], size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        window = (slice(None),) + tuple(slice(a, a + c) for a, c in zip(start, size))
+        return self.images[k][window], self.labels[k][window]
+
+    def class_locations(self, k: int) -> list[np.ndarray]:
+        label, shape = self.unpadded[k], self.shape(k)
+        places = [np.unravel_index(spread_locations(np.flatnonzero(label.ravel() == c)), label.shape)
+                  for c in range(self.classes or 0)]
+        return [np.ravel_multi_index(tuple(a + o for a, o in zip(place, self.offsets[k])), shape) for place in places]
+
+
+class StoredSegVolumes:
+    """Labelled scans of a preprocessed store (`medssl.data.store`) as `SegBatches` volumes, padded as
+    `TensorSegVolumes` pads, read a crop at a time; class locations from the store's side files (the same:
+    `spread_locations` of the volume's own voxels, padding excluded)."""
+
+    def __init__(self, store: VolumeStore, scans: Sequence[str], crop: Sequence[int], margin: int,
+                 classes: int | None, small_volume: str = "pad") -> None:
+        self.store, self.scans, self.crop, self.margin = store, list(scans), tuple(crop), margin
+        self.classes, self.small_volume = classes, small_volume
+
+    def __len__(self) -> int:
+        return len(self.scans)
+
+    def _scan(self, k: int) -> StoredScan:
+        return self.store.scan(self.scans[k], pad_to=self.crop, small_volume=self.small_volume)
+
+    def shape(self, k: int) -> tuple[int, int, int]:
+        return tuple(n + 2 * self.margin for n in self._scan(k).shape)  # type: ignore[return-value]
+
+    def read(self, k: int, start: Sequence[int], size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        scan = self._scan(k)
+        lo = np.asarray(start, np.int64) - self.margin
+        hi = lo + np.asarray(size, np.int64)
+        return torch.from_numpy(scan.image(lo, hi))[None], torch.from_numpy(scan.label(lo, hi))[None]
+
+    def class_locations(self, k: int) -> list[np.ndarray]:
+        scan, shape = self._scan(k), self.shape(k)
+        return [np.ravel_multi_index(tuple((scan.class_locations(c) + self.margin).T), shape)
+                if scan.class_counts.get(c) else np.zeros(0, np.int64) for c in range(self.classes or 0)]
+
+
 class SegBatches(Dataset):
     """Micro-batch i: `size` training crops of `crop` from the labelled volumes, drawn by (seed, i).
 
     images, labels: (1, D, H, W) tensors, each at least `crop` per axis (smaller ones are zero-padded to
-    the sampled size). For each crop a volume is drawn uniformly, then the crop's place:
+    the sampled size), or `StoredSegVolumes` (`from_store`: scans of the preprocessed store, read a crop at a
+    time; the same crops as from the same volumes in memory). For each crop a volume is drawn uniformly, then
+    the crop's place:
     - `crops.sampler` "classes": with probability `crops.uniform_fraction` as "uniform", else a class with
       probability proportional to `crops.ratios` (None: equal; classes absent from the volume are
-      skipped), the centre uniformly among its voxels (MONAI `RandCropByLabelClassesd` with precomputed
-      class indices), the crop moved inside the volume;
+      skipped), the centre uniformly among its voxels (MONAI's `generate_label_classes_crop_centers`, the
+      centre picker of `RandCropByLabelClassesd`, over at most `CLASS_LOCATIONS` voxels per class evenly
+      spread over them: what the store keeps), the crop moved inside the volume;
     - "uniform": the corner uniformly (the original sampler: with `augment` None the crops are exactly
       those of the code before class-balanced sampling).
     `augment` (enabled): `augmentation(augment, crop)`; with an affine step the sampled crop is larger by
@@ -96,59 +163,68 @@ class SegBatches(Dataset):
     would) and the affine resamples its centre. Item: {"image": (B, 1, *crop) float32,
     "label": (B, 1, *crop) int64}."""
 
-    def __init__(self, images: list[torch.Tensor], labels: list[torch.Tensor], *, crop: Sequence[int], size: int,
-                 seed: int, classes: int | None = None, crops: CropSettings | None = None,
-                 augment: AugmentSettings | None = None):
+    def __init__(self, images: list[torch.Tensor] | StoredSegVolumes, labels: list[torch.Tensor] | None = None, *,
+                 crop: Sequence[int], size: int, seed: int, classes: int | None = None,
+                 crops: CropSettings | None = None, augment: AugmentSettings | None = None):
         crops = crops or CropSettings(sampler="uniform")
         self.crop, self.size, self.seed = tuple(crop), size, seed
         self.augment = augmentation(augment, self.crop) if augment is not None and augment.enabled else None
-        margin = augment.affine_margin if self.augment is not None and augment.affine_prob > 0 else 0
-        self.sampled = tuple(c + 2 * margin for c in self.crop)
+        self.margin = augment.affine_margin if self.augment is not None and augment.affine_prob > 0 else 0
+        self.sampled = tuple(c + 2 * self.margin for c in self.crop)
         # the margin is added on every side, so the larger crops are centred where the crops would be
-        self.images = [_pad(_pad_to(image, self.crop), margin) for image in images]
-        self.labels = [_pad(_pad_to(label, self.crop), margin) for label in labels]
-        self.sampler, self.uniform_fraction = None, crops.uniform_fraction
+        if isinstance(images, StoredSegVolumes):
+            images.margin = self.margin
+            self.volumes: TensorSegVolumes | StoredSegVolumes = images
+        else:
+            self.volumes = TensorSegVolumes(images, labels or [], self.crop, self.margin, classes)
+        self.ratios, self.uniform_fraction = None, crops.uniform_fraction
         if crops.sampler == "classes":
             if classes is None:
                 raise ValueError("SegBatches: the class sampler needs the number of classes")
             ratios = list(crops.ratios) if crops.ratios is not None else [1.0] * classes
             if len(ratios) != classes:
                 raise UserError(f"seg.crops.ratios: {len(ratios)} values given, one per class is needed ({classes})")
-            self.indices = [map_classes_to_indices(label, classes) for label in self.labels]
-            for k, indices in enumerate(self.indices):
-                if not any(len(ix) and r > 0 for ix, r in zip(indices, ratios)):
+            for k in range(len(self.volumes)):
+                if not any(len(ix) and r > 0 for ix, r in zip(self.volumes.class_locations(k), ratios)):
                     raise UserError(f"seg.crops.ratios: labelled volume {k} holds no class with a ratio > 0")
-            self.sampler = RandCropByLabelClassesd(["image", "label"], "label", spatial_size=self.sampled,
-                                                   ratios=ratios, num_classes=classes, indices_key="indices",
-                                                   warn=False)
+            self.ratios = ratios
+
+    @classmethod
+    def from_store(cls, store: VolumeStore, scans: Sequence[str], prep: VolumePreprocessing, *, classes: int,
+                   augment: AugmentSettings | None = None, **options: Any) -> SegBatches:
+        """The batches over labelled `scans` of a preprocessed store, crops of ``prep.crop_size``."""
+        return cls(StoredSegVolumes(store, scans, prep.crop_size, 0, classes, prep.small_volume), crop=prep.crop_size,
+                   classes=classes, augment=augment, **options)
 
     def __len__(self) -> int:
         return 10**12
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = numpy_generator(self.seed, i)
-        if self.sampler is None and self.augment is None:  # the original uniform crops, draw for draw
+        if self.ratios is None and self.augment is None:  # the original uniform crops, draw for draw
             images, labels = [], []
             for _ in range(self.size):
-                k = int(rng.integers(len(self.images)))
+                k = int(rng.integers(len(self.volumes)))
                 image, label = self._uniform(k, rng)
                 images.append(image)
                 labels.append(label)
             return {"image": torch.stack(images).float(), "label": torch.stack(labels).long()}
         monai_seed = derive_seed(self.seed, i, _AUGMENT_STREAM) % MAX_SEED
-        if self.sampler is not None:
-            self.sampler.set_random_state(seed=monai_seed)
+        centres = np.random.RandomState(monai_seed)  # the random state MONAI's set_random_state(seed) makes
         if self.augment is not None:
             self.augment.set_random_state(seed=monai_seed + 1)
         images, labels = [], []
         for _ in range(self.size):
-            k = int(rng.integers(len(self.images)))
-            if self.sampler is None or rng.random() < self.uniform_fraction:
+            k = int(rng.integers(len(self.volumes)))
+            if self.ratios is None or rng.random() < self.uniform_fraction:
                 image, label = self._uniform(k, rng)
-                item = {"image": image, "label": label.float()}
             else:
-                item = self.sampler({"image": self.images[k], "label": self.labels[k].float(),
-                                     "indices": self.indices[k]})[0]
+                centre = generate_label_classes_crop_centers(self.sampled, 1, self.volumes.shape(k),
+                                                             self.volumes.class_locations(k), self.ratios, centres,
+                                                             warn=False)[0]
+                start = [int(c) - s // 2 for c, s in zip(centre, self.sampled)]
+                image, label = (_cropped(x, start) for x in self.volumes.read(k, start, self.sampled))
+            item = {"image": image, "label": label.float()}
             if self.augment is not None:
                 item = self.augment(item)
             images.append(torch.as_tensor(item["image"]).float())
@@ -156,10 +232,17 @@ class SegBatches(Dataset):
         return {"image": torch.stack(images), "label": torch.stack(labels)}
 
     def _uniform(self, k: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = self.images[k].shape[1:]
+        shape = self.volumes.shape(k)
         start = [int(rng.integers(0, s - c + 1)) for s, c in zip(shape, self.sampled)]
-        window = (slice(None),) + tuple(slice(a, a + c) for a, c in zip(start, self.sampled))
-        return self.images[k][window], self.labels[k][window]
+        return self.volumes.read(k, start, self.sampled)
+
+
+def _cropped(crop: torch.Tensor, start: Sequence[int]) -> MetaTensor:
+    """A crop as MONAI's `SpatialCrop` returns it from a volume without meta data (identity affine): a
+    `MetaTensor` whose affine is shifted to `start`, so the augmentation's resampling sees what it always saw."""
+    affine = torch.eye(4, dtype=torch.float64)
+    affine[:3, 3] = torch.as_tensor(start, dtype=torch.float64)
+    return MetaTensor(crop, affine=affine)
 
 
 def augmentation(settings: AugmentSettings, crop: Sequence[int]) -> Compose:
