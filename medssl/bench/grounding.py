@@ -191,9 +191,10 @@ def grounding_benchmark(out_dir: str | Path, *, seeds: Sequence[int] = (0, 1, 2)
         manifest = out / "hospital" / "manifest.json"
         if not manifest.exists():
             write_cohort("hospital", out / "hospital", patients=patients, studies=2, size=64, seed=0)
-    encoder = pretrained or _pretrain(manifest, out / "pretrain", pretrain_steps)
-    runs = []
     baselines = [v for v in variants if v in BASELINES]
+    needs_encoder = "ours" in variants or bool(baselines)
+    encoder = pretrained or (_pretrain(manifest, out / "pretrain", pretrain_steps) if needs_encoder else None)
+    runs = []
     for seed in seeds:
         summaries = {}
         for variant in (v for v in TRAINED if v in variants or (v == "ours" and baselines)):

@@ -13,7 +13,8 @@ Per study of the split, one pass of the organ head, then the maps of:
   hold no lesion in this study (absent: their report sentence, and the unseen absent templates), plus the
   negated and normal statements of the report (never groundable); balanced accuracy over present and absent;
 - the phrase swap: another study's finding (another organ or kind) grounded instead of the true one: its mean
-  absolute map change and its pointing game on the true target (it should not find it);
+  absolute map change where either map marks a finding (> 0.5), and its pointing game on the true target (it
+  should not find it);
 - follow-up: each lesion of a patient's first study, phrased as its report said, grounded in the patient's
   next study and scored against the same lesion there (same organ and kind, nearest centre).
 """
@@ -165,7 +166,8 @@ def evaluate(grounder: Grounder, manifest: Manifest, split: str, *, absent_per_s
                 true = by_phrase[row["true_phrase"]]
                 if true.map01 is not None:
                     swapped = result.map01 if result.map01 is not None else np.zeros_like(true.map01)
-                    record["map_change"] = float(np.abs(swapped - true.map01).mean())
+                    shown = (true.map01 > 0.5) | (swapped > 0.5)  # where either map marks a finding
+                    record["map_change"] = float(np.abs(swapped - true.map01)[shown].mean()) if shown.any() else 0.0
                     swap_changes.append(record["map_change"])
             rows.append(record)
         rows += _follow_up(grounder, studies, by_patient, k, where)
