@@ -238,7 +238,7 @@ def ground_infer_command(
         raise UserError("give exactly one of --text PHRASE or --report FILE")
     if modality is not None and modality.upper() not in ("CT", "MR"):
         raise UserError(f"--modality: {modality!r} is not one of CT, MR")
-    phrases = [check_phrase(text)] if text is not None else read_report(report)
+    phrases = [check_phrase(text, '--text')] if text is not None else read_report(report)
     grounder = Grounder.load(checkpoint)
     if text is not None:  # a bad phrase is refused before the volume is read
         grounder.check_query(grounder.query(text))

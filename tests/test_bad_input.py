@@ -247,7 +247,7 @@ CASES: list[tuple[str, list[str], str]] = [
     # ground train / infer
     ("ground-no-reports", cfg("ground train", manifest="hospital/no_reports.json"), "report"),
     ("ground-bad-window", cfg("ground train", "scorer.windows=[[40, 0]]"), "scorer.windows"),
-    ("ground-unknown-text", cfg("ground train", "text.name=bert"), "text.name"),
+    ("ground-unknown-text", cfg("ground train", "text.name=bert"), "unknown key 'text'"),
     ("ground-wrong-kind", [*cfg("ground train"), "--pretrained", "ts_kind.pt"], "ts_kind.pt"),
     ("infer-missing-checkpoint", ["ground", "infer", "--checkpoint", "gone.pt", "--image", "fake.nii.gz",
                                   "--text", "cyst", "-o", "maps"], "gone.pt"),

@@ -167,14 +167,14 @@ def _match(words: list[str], forms: Sequence[_Form]) -> list[_Hit]:
     return sorted(hits, key=lambda h: h.start)
 
 
-def check_phrase(text: object) -> str:
-    """The phrase, or a UserError for a non-string, empty or over-long one."""
+def check_phrase(text: object, field: str = "phrase") -> str:
+    """The phrase, or a UserError naming `field` for a non-string, empty or over-long one."""
     if not isinstance(text, str):
-        raise UserError(f"phrase: expected text, got {type(text).__name__}")
+        raise UserError(f"{field}: expected text, got {type(text).__name__}")
     if not text.strip():
-        raise UserError("phrase: empty; give the words to ground")
+        raise UserError(f"{field}: empty; give the words to ground")
     if len(text) > MAX_PHRASE_CHARS:
-        raise UserError(f"phrase: {len(text)} characters, at most {MAX_PHRASE_CHARS} (one statement of a report; "
+        raise UserError(f"{field}: {len(text)} characters, at most {MAX_PHRASE_CHARS} (one statement of a report; "
                         "give a report file for a whole report)")
     return text.strip()
 

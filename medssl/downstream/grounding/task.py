@@ -43,7 +43,7 @@ from medssl.downstream.grounding.scorer import FindingScorer
 from medssl.downstream.segmentation.cases import select_labelled
 from medssl.downstream.segmentation.config import FinetuneSegConfig
 from medssl.errors import UserError
-from medssl.training.checkpoint import Kind, save_checkpoint
+from medssl.training.checkpoint import Kind, load_checkpoint, save_checkpoint
 from medssl.training.distributed import DistContext, init_distributed, rank_seed, wait_for_all
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
@@ -113,13 +113,19 @@ class TrainingStudies:
     median_size: dict[str, float]
 
 
-def training_studies(grounder: Grounder, manifest: Manifest, split: str, *, quiet: bool) -> TrainingStudies:
-    """Parse every report of `split`, run the organ head on its volume, keep the organ voxels of every bag."""
+def training_entries(manifest: Manifest, split: str) -> list:
+    """The volumes of `split`; one without a report is a UserError (grounding trains on (volume, report))."""
     entries = [e for e in manifest.split(split) if e.image]
     missing = [str(e.image) for e in entries if not (e.report or "").strip()]
     if missing:
         raise UserError(f"{len(missing)} volume(s) have no report to ground ({', '.join(missing[:5])}): grounding "
                         "trains on (volume, report) pairs")
+    return entries
+
+
+def training_studies(grounder: Grounder, manifest: Manifest, split: str, *, quiet: bool) -> TrainingStudies:
+    """Parse every report of `split`, run the organ head on its volume, keep the organ voxels of every bag."""
+    entries = training_entries(manifest, split)
     organs = grounder.head.organs
     reports = [report_bags(e.report, organs) for e in entries]
     if not any(r.findings for r in reports):
@@ -173,11 +179,14 @@ def ground_train(config: GroundingConfig, run_dir: str | Path, *, pretrained: Pa
     """Train, calibrate, export `grounding.pt`, evaluate and write the run directory; returns the summary."""
     run_dir = Path(run_dir)
     ctx = init_distributed()
-    if ctx.is_main:
-        prepare_run_dir(run_dir, resume=resume)
     manifest = load_manifest(config.data.manifest)
     require_patient_independent(manifest, (config.train_split, config.eval.split, config.eval.calibration_split),
                                 str(config.data.manifest))
+    training_entries(manifest, config.train_split)  # refused before minutes of organ-head training
+    if pretrained is not None and organs is None:
+        load_checkpoint(pretrained, kind=(Kind.VOLUME_ENCODER, Kind.VOLUME_NETWORK, Kind.PRETRAIN_VOLUME))
+    if ctx.is_main:
+        prepare_run_dir(run_dir, resume=resume)
     head, head_summary = organ_head(config, manifest, run_dir, organs=organs, pretrained=pretrained, quiet=quiet,
                                     ctx=ctx)
     windows = [tuple(w) for w in config.scorer.windows] if head.prep.modality == "CT" else None
