@@ -241,6 +241,12 @@ def set_crosshair_voxel(voxel: tuple[int, int, int], view: session.ViewVolume) -
     bump_view()
 
 
+def set_cursor_b(voxel: tuple[int, int, int], view_b: session.ViewVolume) -> None:
+    """Unlink the cursors and put B's on `voxel` of B's volume (a finding of the prior study)."""
+    S.cursor_b = [float(v) for v in voxel_to_mm(view_b.volume.affine, view_b.grid.check_voxel(voxel))]
+    bump_view()
+
+
 def set_phrase(phrase: str, slot: str = "phrase") -> None:
     S[slot] = phrase.strip() or None
     S.phrase_problem = None
@@ -512,7 +518,8 @@ def show_viewport(panes: list[dict[str, Any]], view: session.ViewVolume, display
                                                                            p["layers"][1]["kind"] == "map"
                                                                            for p in panes),
             "view": {"seq": S.view_seq, "crosshair_mm": crosshair_mm, "window": display["window"],
-                     "map": display["map"], "hero": display["hero"], "convention": S.get("convention", "radiological")},
+                     "map": display["map"], "hero": display["hero"], "convention": S.get("convention", "radiological"),
+                     "linked": S.get("cursor_b") is None},
             "notes": notes, "link": link, "linked": linked, "map_scale": scale}
     component(key="viewport", data=data, default={"click": None, "display": None, "measurement": None},
               on_click_change=lambda: None, on_display_change=lambda: None, on_measurement_change=lambda: None,
@@ -825,7 +832,7 @@ def main() -> None:
         return
     if S.get("case_key") != case.key:
         S.case_key, S.crosshair, S.phrase, S.phrase_b = case.key, view.centre, None, None
-        S.measurements, S.cursor_b, S.follow = {}, None, None
+        S.measurements, S.cursor_b, S.follow, S.pane_b_is = {}, None, None, None
         bump_view()
     st.sidebar.radio("Convention", CONVENTIONS, key="convention", horizontal=True, on_change=bump_view,
                      help="radiological: the patient's right on the screen's left; neurological: the patient's left "
@@ -873,6 +880,15 @@ def main() -> None:
             for n, (name, mask) in enumerate(lesions.items()):
                 st.button(f"Centre on {name}", key=f"centre_lesion_{n}", on_click=set_crosshair_voxel,
                           args=(session.mask_centre(mask), view), width="stretch")
+        if mode == "prior study (follow-up)" and case_b is not None and case_b.lesion_mask is not None:
+            view_b = view_volume(str(case_b.image), _mtime(case_b.image))  # read (or cached) by second_view
+            lesions_b = attempt("lesion mask", label_masks, str(case_b.lesion_mask), _mtime(case_b.lesion_mask),
+                                str(case_b.image), _mtime(case_b.image), tuple(case_b.lesion_names.items()),
+                                "lesion") or {}
+            for n, (name, mask) in enumerate(lesions_b.items()):
+                st.button(f"Centre {case_b.title} on {name}", key=f"centre_lesion_b_{n}", on_click=set_cursor_b,
+                          args=(session.mask_centre(mask), view_b), width="stretch",
+                          help="unlinks the cursors: each study keeps its own")
         families = families_for(case, checkpoint, modality, anatomy_wanted(case, view, checkpoint))
     with left:
         empty_map = {"threshold": 0.0, "vmax": 1.0, "range": [0.0, 1.0], "opacity": 0.6, "cmap": "hot", "mode": "fill"}
@@ -882,27 +898,26 @@ def main() -> None:
         linked: dict[str, list[float]] = {}
         link = "mm"
         titles = {"A": case.title}
+        S.follow = None  # how pane B's points map to pane A's (read by the next click)
         if case_b is not None and (result_b is not None or mode == "prior study (follow-up)"):
             view_b = view_volume(str(case_b.image), _mtime(case_b.image))
             pane_b, notes_b = pane_layers(case_b, view_b, result_b, "B", show_organs, show_lesions)
             panes.append({"key": "B", "title": title_b, **pane_b})
             notes += notes_b
             titles["B"] = title_b.removeprefix("B: ") if case_b is case else case_b.title
-            follow = None
             if case_b is not case:
-                follow = {"a": str(case.image), "b": str(case_b.image)}
                 point, how = session.matched_point(case.image, case_b.image, voxel_to_mm(view.volume.affine,
                                                                                          S.crosshair))
                 link = "mm" if how == "mm" else "python"
                 if how != "mm":
                     linked["B"] = list(point)
-                follow["how"] = how
+                S.follow = {"a": str(case.image), "b": str(case_b.image), "how": how}
                 notes.append(f"cursor linked by {'anatomy' if how == 'anatomy' else 'mm (RAS coordinates)'}")
-            if follow != S.get("follow"):
-                S.follow, S.cursor_b = follow, None
-                S.measurements = {k: v for k, v in (S.get("measurements") or {}).items() if k == "A"}
-        elif S.get("follow") is not None:
-            S.follow, S.cursor_b = None, None
+        pane_b_is = (titles.get("B"), str(case_b.image) if "B" in titles else None)
+        if S.get("pane_b_is") != pane_b_is:  # another pane B: its own cursor and measurement go, the cursors link
+            S.pane_b_is, S.cursor_b = pane_b_is, None
+            S.measurements = {k: v for k, v in (S.get("measurements") or {}).items() if k == "A"}
+            bump_view()
         if S.get("cursor_b") is not None:
             linked["B"] = list(S.cursor_b)
         show_viewport(panes, view, shown_display, notes, link, linked, map_scale(result))

@@ -5,9 +5,9 @@
 // presets, the map's scale (name and stated meaning, for the colour bar) and a `view` block (crosshair in mm,
 // window, map settings, main plane, convention) that is applied when its `seq` changes. Everything a reader
 // does with the mouse runs here without a Python round trip: wheel slicing, ctrl+wheel zoom, middle-drag (or
-// pan mode) pan, right-drag (or W/L mode) width/level, shift-drag (or measure mode) distance, preset buttons,
-// opacity / threshold. Outlines (the map's threshold border, organ and lesion masks) and the map's peak are
-// drawn on a 2D canvas over NiiVue's, 2 screen pixels wide whatever the zoom (`Outlines`).
+// shift-drag, or pan mode) pan, right-drag (or W/L mode) width/level, ctrl-drag (or distance mode) distance,
+// preset buttons, opacity / threshold. Outlines (the map's threshold border, organ and lesion masks) and the map's peak are
+// drawn on a 2D canvas over NiiVue's, 2 screen pixels wide whatever the zoom (`Outline`).
 // Python hears of what it needs as component state (each a rerun of the app):
 //   click:       {pane, mm, seq, linked}    a crosshair set by a click (the statistics follow it)
 //   display:     {window, map, hero, view_seq}  settings to keep per case/model/phrase (debounced)
@@ -31,9 +31,7 @@ const CSS = `
 .mv button { background: #262730; color: #e8e8e8; border: 1px solid #555; border-radius: 4px; padding: 1px 5px;
   font: inherit; cursor: pointer; }
 .mv button.on { background: #ff4b4b; border-color: #ff4b4b; color: #fff; }
-.mv-map { position: absolute; z-index: 3; left: 4px; bottom: 86px; background: rgba(14, 17, 23, 0.8);
-  padding: 3px 6px; border-radius: 3px; font-size: 13px; }
-.mv-map input[type=range] { width: 110px; }
+.mv-map input[type=range] { width: 90px; }
 .mv label { color: #c0c0c0; }
 .mv-panes { display: flex; gap: 6px; }
 .mv-pane { flex: 1 1 0; min-width: 0; position: relative; background: #000; }
@@ -42,16 +40,16 @@ const CSS = `
 .mv-canvas canvas.mv-outlines { pointer-events: none; }
 .mv-title, .mv-read, .mv-legend, .mv-bar2 { position: absolute; z-index: 2; background: rgba(14, 17, 23, 0.72);
   padding: 1px 6px; border-radius: 3px; pointer-events: none; }
-.mv-title { top: 2px; left: 2px; font-weight: 600; max-width: 60%; white-space: nowrap; overflow: hidden;
+.mv-title { top: 2px; left: 2px; font-weight: 600; max-width: calc(100% - 250px); white-space: nowrap; overflow: hidden;
   text-overflow: ellipsis; }
 .mv-read { bottom: 2px; left: 2px; font-family: ui-monospace, monospace; font-size: 12px; color: #e0e0e0;
   max-width: 75%; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
-.mv-legend { top: 24px; left: 2px; display: flex; flex-direction: column; font-size: 12px; }
-.mv-cbar { position: absolute; z-index: 2; bottom: 24px; left: 2px; background: rgba(14, 17, 23, 0.8);
-  padding: 3px 6px; border-radius: 3px; font-size: 13px; pointer-events: none; }
+.mv-legend { bottom: 24px; left: 2px; display: flex; flex-direction: column; font-size: 12px; }
+.mv-cbar { position: absolute; z-index: 2; top: 2px; right: 2px; background: rgba(14, 17, 23, 0.8);
+  padding: 3px 6px; border-radius: 3px; font-size: 12px; pointer-events: none; }
 .mv-cbar .ramp { width: 220px; height: 12px; border: 1px solid #888; margin: 2px 0; }
 .mv-cbar .ticks { display: flex; justify-content: space-between; width: 222px; }
-.mv-cbar .meaning { max-width: 300px; font-size: 11px; line-height: 1.25; color: #d0d0d0; margin-top: 2px; }
+.mv-scale { color: #d0d0d0; font-size: 12px; line-height: 1.3; }
 .mv-legend i { display: inline-block; width: 10px; height: 10px; margin-right: 4px; border: 1px solid #000; }
 .mv-note { color: #f0c36d; font-size: 12px; }
 `;
@@ -234,8 +232,9 @@ class Viewer {
     this.frame = el("div", "mv");
     this.bar = el("div", "mv-bar");
     this.paneRow = el("div", "mv-panes");
+    this.scale = el("div", "mv-scale"); // what the map's values mean (the sidecar's words), once for all panes
     this.notes = el("div", "mv-note");
-    this.frame.append(this.bar, this.paneRow, this.notes);
+    this.frame.append(this.bar, this.paneRow, this.scale, this.notes);
     this.frame.viewer = this;
     root.append(style, this.frame);
     this.onResize = () => this.resize();
@@ -278,7 +277,8 @@ class Viewer {
     this.windowText = el("span", "mv-wl");
     presets.append(this.windowText);
     const modes = el("div", "grp");
-    modes.title = "what a left drag does (shift-drag: distance, middle-drag: pan, ctrl+wheel: zoom, wheel: slices)";
+    modes.title = "what a left drag does (ctrl-drag: distance, middle- or shift-drag: pan, right-drag: W/L, "
+      + "ctrl+wheel: zoom, wheel: slices)";
     for (const [mode, title] of [["crosshair", "crosshair"], ["windowing", "W/L"], ["pan", "pan/zoom"],
       ["measurement", "distance"]]) {
       const button = el("button", mode === this.mode ? "on" : "", title);
@@ -324,7 +324,7 @@ class Viewer {
         this.reportDisplay();
       };
       map.append(mode);
-      this.frame.append(map);
+      this.bar.append(map);
     }
   }
 
@@ -398,7 +398,8 @@ class Viewer {
     });
     nv.attachToCanvas(canvas);
     nv.opts.mouseEventConfig = {
-      leftButton: { primary: MODES[this.mode], withShift: DRAG_MODE.measurement, withCtrl: DRAG_MODE.pan },
+      // NiiVue takes shift + left as the middle button (it pans whatever the mode): shift-drag pans, ctrl-drag measures
+      leftButton: { primary: MODES[this.mode], withShift: DRAG_MODE.pan, withCtrl: DRAG_MODE.measurement },
       rightButton: DRAG_MODE.windowing, centerButton: DRAG_MODE.pan,
     };
     pane = { key: spec.key, nv, box, title, read, legend, cbar, overlay, layersKey: null, outlines: [],
@@ -484,12 +485,15 @@ class Viewer {
     this.resize();
     for (const delay of [300, 1500]) setTimeout(() => this.resize(), delay); // after the page around settles
     this.notes.textContent = (data.notes || []).join(" · ");
+    this.scale.textContent = data.map_scale ? `map values (${data.map_scale.name}): ${data.map_scale.meaning}` : "";
+    this.resize();
     const view = data.view;
     if (view.seq !== this.viewSeq) {
       this.viewSeq = view.seq;
       this.window = { ...view.window };
       this.mapSettings = { ...view.map };
       this.hero = view.hero;
+      this.linked = view.linked !== false;
       this.eachNv((nv) => nv.setRadiologicalConvention(view.convention !== "neurological"));
       this.setHero(view.hero);
       if (view.crosshair_mm) this.moveTo(data.panes[0].key, view.crosshair_mm, true);
@@ -499,6 +503,23 @@ class Viewer {
     this.applyMap();
     this.frame.dataset.ready = String(view.seq);
     this.frame.dataset.crosshair = JSON.stringify(this.panes.get(data.panes[0].key)?.mm || null);
+  }
+
+  // Page (CSS pixel) coordinates of RAS `mm` on pane `key`'s largest tile of `plane` (default: the main plane), or
+  // null; with `hero` (that tile's box on the page, its mm per CSS pixel). For tests and measurements.
+  pagePoint(key, mm, plane = this.hero) {
+    const pane = this.panes.get(key);
+    const tiles = (pane?.nv.screenSlices || []).filter((t) => t.axCorSag === PLANES[plane] && t.fovMM?.length);
+    if (!tiles.length) return null;
+    const tile = tiles.reduce((a, b) => (Math.abs(b.leftTopWidthHeight[2]) > Math.abs(a.leftTopWidthHeight[2]) ? b : a));
+    const rect = pane.nv.canvas.getBoundingClientRect();
+    const ratio = pane.nv.canvas.width / rect.width;
+    const [x, y] = tileXY(tile, mm);
+    const [l, t, w, h] = tile.leftTopWidthHeight;
+    const left = Math.min(l, l + w);
+    return { x: rect.x + x / ratio, y: rect.y + y / ratio,
+      tile: { x: rect.x + left / ratio, y: rect.y + t / ratio, width: Math.abs(w) / ratio, height: h / ratio },
+      mm_per_px: Math.abs(tile.fovMM[0]) / (Math.abs(w) / ratio) };
   }
 
   setMode(mode) {
@@ -619,15 +640,14 @@ class Viewer {
     }
     const scale = this.data?.map_scale || { name: "map", meaning: "" };
     pane.cbar.replaceChildren();
-    const head = el("div", "", `${scale.name}; transparent at or below ${threshold.toFixed(3)}, `
-      + `cyan line: that border`);
+    const head = el("div", "", `${scale.name} (meaning below the image)`);
+    const cut = el("div", "", `≤ ${threshold.toFixed(3)}: transparent, cyan border`);
     const ramp = el("div", "ramp");
     ramp.style.background = gradient;
     const ticks = el("div", "ticks");
     ticks.append(el("span", "", threshold.toFixed(3)), el("span", "", ((threshold + vmax) / 2).toFixed(3)),
       el("span", "", vmax.toFixed(3)));
-    const meaning = el("div", "meaning", scale.meaning);
-    pane.cbar.append(head, ramp, ticks, meaning);
+    pane.cbar.append(head, ramp, ticks, cut);
   }
 
   moveTo(key, mm, link) {
@@ -700,9 +720,12 @@ class Viewer {
   }
 
   resize() {
-    const top = this.paneRow.getBoundingClientRect().top;
+    // the panes' top on the page, scrolled or not (a button clicked lower down scrolls Streamlit's main block)
+    const main = document.querySelector("[data-testid='stMain']");
+    const top = this.paneRow.getBoundingClientRect().top + (main ? main.scrollTop : 0) + window.scrollY;
     const fixed = this.data?.height;
-    const height = fixed || Math.max(360, Math.floor(window.innerHeight - Math.max(0, top) - 12));
+    const below = this.scale.getBoundingClientRect().height + this.notes.getBoundingClientRect().height;
+    const height = fixed || Math.max(360, Math.floor(window.innerHeight - Math.max(0, top) - below - 12));
     for (const pane of this.panes.values()) {
       pane.box.querySelector(".mv-canvas").style.height = `${height}px`;
       pane.nv.resizeListener?.();
