@@ -1,11 +1,13 @@
 """Drive the app in a real headless Chromium (Debian's `chromium`) over the DevTools protocol: for the
-end-to-end test (`test_app_browser.py`), the screenshots in docs/ and the measured times
-(`docs/make_screenshots.py`, which puts this folder on its path). A test harness, not part of the package.
+end-to-end test (`test_app_browser.py`), the screenshots in docs/ (`docs/make_screenshots.py`) and the measured
+times of the viewport (`docs/measure_viewport.py`); both scripts put this folder on their path. A test harness,
+not part of the package.
 
 `AppServer` starts `medssl app ...` on a free port of 127.0.0.1 and waits for Streamlit's health check;
 `Browser` starts Chromium headless with a fresh profile and no background networking, and offers what
 the tests need: open a page, wait for a text or a JavaScript condition, click a button by its text or a
-point of the page (a real mouse event), read the page, save a PNG screenshot. The DevTools connection is
+point of the page (a real mouse event), drag, open the sidebar, choose in a selectbox, read the page, save a
+PNG screenshot; `VIEWER` is the reading viewport's JavaScript object in the page. The DevTools connection is
 a plain websocket (`websockets`, which Streamlit itself depends on).
 """
 
@@ -38,6 +40,12 @@ CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--use-angle=swiftshader", "
 # JavaScript: true while Streamlit is running the script (its status widget shows "Running...")
 APP_BUSY = ("!!document.querySelector('[data-testid=\"stStatusWidget\"]') || "
             "!document.querySelector('[data-testid=\"stApp\"]')")
+
+
+# JavaScript: the reading viewport's `.mv` element (inside the component's shadow root) and its Viewer object
+FRAME = ("(() => { const h = document.querySelector('[data-testid=\"stBidiComponentIsolated\"]');"
+         " return h && h.shadowRoot ? h.shadowRoot.querySelector('.mv') : null; })()")
+VIEWER = f"({FRAME} || {{}}).viewer"
 
 
 def find_chromium() -> str | None:
@@ -214,12 +222,61 @@ class Browser:
         for kind in ("mousePressed", "mouseReleased"):
             self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
 
-    def frames(self, title: str = "streamlit_image_coordinates") -> list[dict]:
-        """Bounding boxes {x, y, width, height} of the component iframes (the clickable planes), in order."""
-        return self.evaluate(f"""[...document.querySelectorAll('iframe')]
-            .filter(f => (f.title || '').includes({json.dumps(title)}))
-            .map(f => {{ const r = f.getBoundingClientRect();
-                         return {{x: r.x, y: r.y, width: r.width, height: r.height}}; }})""")
+    def drag(self, start: Sequence[float], end: Sequence[float], *, button: str = "left", modifiers: int = 0,
+             steps: int = 8) -> None:
+        """A real mouse drag from `start` to `end` (page coordinates) with `button` held (modifiers: 2 = ctrl, 8 = shift)."""
+        buttons = {"left": 1, "right": 2, "middle": 4}[button]
+        self.send("Input.dispatchMouseEvent", type="mouseMoved", x=start[0], y=start[1], modifiers=modifiers)
+        self.send("Input.dispatchMouseEvent", type="mousePressed", x=start[0], y=start[1], button=button,
+                  buttons=buttons, clickCount=1, modifiers=modifiers)
+        for n in range(1, steps + 1):
+            x = start[0] + (end[0] - start[0]) * n / steps
+            y = start[1] + (end[1] - start[1]) * n / steps
+            self.send("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y, button=button, buttons=buttons,
+                      modifiers=modifiers)
+        self.send("Input.dispatchMouseEvent", type="mouseReleased", x=end[0], y=end[1], button=button, buttons=0,
+                  clickCount=1, modifiers=modifiers)
+
+    def frames_drawn(self, frames: int = 2) -> None:
+        """Until the page has drawn `frames` more frames: headless Chromium moves CSS transitions (the sidebar's)
+        and the layout after them only as it draws frames."""
+        self.evaluate(f"new Promise(r => {{ let n = {int(frames)}; "
+                      "const f = () => (--n > 0 ? requestAnimationFrame(f) : r()); requestAnimationFrame(f); })")
+
+    def sidebar(self, open_: bool) -> None:
+        """Open or close Streamlit's sidebar (the app starts with it collapsed)."""
+        state = ("(() => { const s = document.querySelector('[data-testid=\"stSidebar\"]');"
+                 " return !!s && s.getBoundingClientRect().width > 50 && s.getBoundingClientRect().x >= 0; })()")
+        if self.evaluate(state) == open_:
+            return
+        button = ("[data-testid='stExpandSidebarButton']" if open_ else
+                  "[data-testid='stSidebar'] [data-testid='stSidebarCollapseButton'] button, "
+                  "[data-testid='stSidebarCollapseButton'] button, [data-testid='stSidebarHeader'] button")
+        box = self.evaluate(f"""(() => {{ const b = document.querySelector({json.dumps(button)}); if (!b) return null;
+            b.scrollIntoView({{block: 'nearest'}}); const r = b.getBoundingClientRect();
+            return [r.x + r.width / 2, r.y + r.height / 2]; }})()""")
+        if box is None:
+            raise RuntimeError(f"no button to {'open' if open_ else 'close'} the sidebar")
+        self.frames_drawn()
+        self.click(*box)
+        deadline = time.monotonic() + 10
+        while self.evaluate(state) != open_:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the sidebar did not {'open' if open_ else 'close'}")
+            self.frames_drawn()
+        self.frames_drawn(20)  # the transition's end and the page's layout after it
+
+    def select(self, label: str, option: str) -> None:
+        """Choose `option` in the selectbox labelled `label` as a keyboard user does: focus it, type the option's
+        text (Streamlit's selectboxes filter as one types), Enter."""
+        found = self.evaluate(f"""(() => {{ const i = document.querySelector('input[aria-label={json.dumps(label)}]');
+            if (!i) return false; i.focus(); return true; }})()""")
+        if not found:
+            raise RuntimeError(f"no selectbox labelled {label!r}")
+        self.send("Input.insertText", text=option)
+        self.frames_drawn()
+        for kind in ("keyDown", "keyUp"):
+            self.send("Input.dispatchKeyEvent", type=kind, key="Enter", code="Enter", windowsVirtualKeyCode=13)
 
     def scroll_to(self, y: float) -> None:
         self.evaluate(f"(() => {{ const m = document.querySelector('[data-testid=\"stMain\"]') || "

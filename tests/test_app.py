@@ -149,22 +149,30 @@ def test_a_click_in_the_viewport_moves_the_crosshair_and_the_read_out(app_data: 
     assert "lesions: lesion 1" in captions(at)
 
 
-def test_a_phrase_opens_in_its_window_with_its_raw_score_and_trust_cues(app_data: AppData, monkeypatch) -> None:
+def test_a_phrase_opens_in_its_window_with_its_score_query_and_organ(app_data: AppData, monkeypatch) -> None:
     at = start(monkeypatch, "--run", app_data.run)
     button(at, "The lungs are clear.").click().run()
     clean(at)
     assert viewer_data(at)["view"]["window"] == {"width": 1500.0, "level": -600.0}  # lung finding: lung window
-    assert any("not groundable" in w.value and "raw score" in w.value for w in at.warning)
-    assert kinds(at) == ["image", "labels"]  # no map for a not-groundable result
+    assert any("not groundable" in w.value and "normal statement" in w.value and "score" in w.value
+               for w in at.warning)
+    assert "read as: organ **lung_left, lung_right** · finding **the organ itself** · **normal** statement" in \
+        captions(at)  # what the model read is shown for a not-groundable statement too
+    assert kinds(at) == ["image", "labels"] and viewer_data(at)["map_scale"] is None  # no map, no colour bar
     button(at, LESION).click().run()
     clean(at)
     data = viewer_data(at)
-    assert kinds(at) == ["image", "map", "labels"] and data["has_map"] and data["map_unit"] == "cosine"
+    assert kinds(at) == ["image", "map", "labels"] and data["has_map"]
+    assert data["map_scale"]["name"] == "probability" and "0 outside the organ searched" in data["map_scale"]["meaning"]
     assert data["view"]["window"] == {"width": 400.0, "level": 40.0}
-    shown = data["view"]["map"]
-    assert shown["range"][0] <= shown["threshold"] < shown["vmax"] <= 1.0 and shown["vmax"] < 0.2
-    assert any("groundable, raw score" in s.value for s in at.success)
-    assert any("weak map: its peak cosine" in w.value for w in at.warning)  # 4 training steps: a weak map
+    assert data["view"]["map"] == {"threshold": 0.5, "vmax": 1.0, "range": [0.0, 1.0], "opacity": 0.6, "cmap": "hot",
+                                   "mode": "fill"}  # a probability: the same colours mean the same in every map
+    assert any("groundable, score" in s.value and "threshold -1.000" in s.value for s in at.success)
+    text = captions(at)
+    assert ("read as: organ **spleen** · finding **hypodense lesion** · places **lower, posterior** · size "
+            "**27 mm**") in text
+    assert "organ searched: **spleen** (predicted " in text and " ml, " in text
+    assert not [w for w in at.warning if "close call" in w.value]  # threshold -1: far from every score
 
 
 def test_display_settings_are_kept_per_case_model_and_phrase(app_data: AppData, monkeypatch) -> None:
@@ -211,6 +219,41 @@ def test_compare_a_checkpoint_with_its_control_and_a_prior_study(app_data: AppDa
     assert data["panes"][1]["title"] == "P007 / S1 (test)" and "cursor linked by mm (RAS coordinates)" in data["notes"]
     assert data["panes"][1]["layers"][0]["url"] != data["panes"][0]["layers"][0]["url"]  # the other study's image
     assert any("P007 / S1" in s.value for s in list(at.success) + list(at.warning))  # the same phrase grounded there too
+
+
+def test_follow_up_cursors_and_distances_between_the_studies(app_data: AppData, monkeypatch) -> None:
+    at = start(monkeypatch, "--run", app_data.run)
+    at.radio(key="second").set_value("prior study (follow-up)").run()
+    a, b = case_mm(app_data, (20, 16, 6)), case_mm(app_data, (22, 13, 6))
+    click(at, b, seq="1:1", pane="B")  # linked: a click in the prior moves the crosshair (the same RAS point)
+    clean(at)
+    assert "voxel (22, 13, 6)" in captions(at)
+    at.session_state["viewport"] = {"click": {"pane": "A", "mm": a, "seq": "1:2", "linked": False},
+                                    "display": None, "measurement": None}
+    at.run()
+    at.session_state["viewport"] = {"click": {"pane": "B", "mm": b, "seq": "1:3", "linked": False},
+                                    "display": None, "measurement": None}
+    at.run()
+    clean(at)
+    assert "voxel (20, 16, 6)" in captions(at)  # B's own cursor does not move A's
+    assert viewer_data(at)["linked"] == {"B": b}  # the viewer keeps B's cursor where it was put
+    gap = np.subtract(b, a)
+    assert (f"cursors unlinked: P007 / S2 (test) at ({a[0]:.1f}, {a[1]:.1f}, {a[2]:.1f}) mm, P007 / S1 (test) at "
+            f"({b[0]:.1f}, {b[1]:.1f}, {b[2]:.1f}) mm: **{np.linalg.norm(gap):.1f} mm apart**") in captions(at)
+    for pane, length in (("B", 24.0), ("A", 26.5)):  # the same finding measured in the prior and the current study
+        at.session_state["viewport"] = {"click": None, "display": None, "measurement": {
+            "pane": pane, "start_mm": [0, 0, 0], "end_mm": [length, 0, 0], "distance_mm": length, "seq": pane}}
+        at.run()
+    text = captions(at)
+    assert "distance P007 / S2 (test): **26.5 mm**" in text and "distance P007 / S1 (test): **24.0 mm**" in text
+    assert "P007 / S2 (test) − P007 / S1 (test): **+2.5 mm**" in text
+    at.session_state["viewport"] = {"click": {"pane": "A", "mm": a, "seq": "1:4", "linked": True},
+                                    "display": None, "measurement": None}
+    at.run()  # linked again: one cursor
+    assert "cursors unlinked" not in captions(at) and "B" not in viewer_data(at)["linked"]
+    at.radio(key="second").set_value("none").run()
+    clean(at)
+    assert "distance P007 / S1" not in captions(at) and "distance P007 / S2 (test): **26.5 mm**" in captions(at)
 
 
 def test_two_phrases_that_give_near_identical_maps_are_flagged(app_data: AppData, monkeypatch) -> None:
@@ -354,7 +397,7 @@ def test_a_checkpoint_of_another_kind_and_a_run_without_maps(app_data: AppData, 
     assert any("expected 'grounding-model'" in e.value for e in at.error)
     at.selectbox(key="checkpoint").set_value((app_data.run / "grounding.pt").resolve()).run()
     button(at, LESION).click().run()
-    assert not at.exception and any("groundable, raw score" in s.value for s in at.success)
+    assert not at.exception and any("groundable, score" in s.value for s in at.success)
 
 
 def test_bad_app_arguments_are_a_message(monkeypatch) -> None:
@@ -384,7 +427,7 @@ def test_a_ground_infer_output_opens_with_its_stored_maps(app_data: AppData, tmp
     assert at.radio(key="source").value == "maps of a ground infer output"
     button(at, LESION).click().run()
     clean(at)
-    assert any("groundable, raw score" in s.value for s in at.success) and "map" in kinds(at)
+    assert any("groundable, score" in s.value for s in at.success) and "map" in kinds(at)
     button(at, "The lungs are clear.").click().run()
     clean(at)
     assert any("not groundable" in w.value and "normal statement" in w.value for w in at.warning)

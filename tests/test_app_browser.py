@@ -72,7 +72,7 @@ def test_the_reading_station_in_a_real_browser(app_data: AppData, tmp_path) -> N
         browser.wait(f"{PYTHON_READOUT} !== {json.dumps(python_before)}", timeout=30, what="Python's read-out")
         browser.screenshot(tmp_path / "opened_1366x768.png")
         browser.click_text(LESION)
-        browser.wait_text("groundable, raw score", timeout=120)
+        browser.wait_text("groundable, score", timeout=120)
         browser.wait_idle(settle=0.5)
         wait_state(browser, "loaded", "2")
         time.sleep(1.0)

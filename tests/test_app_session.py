@@ -184,19 +184,21 @@ def test_volumes_that_cannot_be_shown(tmp_path: Path) -> None:
         session.window_for(view, "pet")
 
 
-class _Result:
-    """A groundable result on the linear [-1, 1] -> [0, 1] cosine scale (what grounding writes)."""
+def _result(map01: np.ndarray | None, *, scale: dict | None = None, score: float = 0.5, threshold: float = 0.0,
+            extra: dict | None = None, warnings: list[str] | None = None):
+    """A result as the app holds it: a probability map (what grounding writes), or a map on `scale` with a linear
+    [-1, 1] -> [0, 1] rescaling (an older cosine map file)."""
+    from medssl.app.grounding import Grounding
 
-    def __init__(self, map01: np.ndarray):
-        from medssl.app.grounding import Grounding
-
-        sidecar = MapSidecar.model_validate({
-            "kind": "phrase-grounding", "image": "x.nii.gz", "checkpoint": "g.pt", "phrase": "p",
-            "raw_scale": {"name": "cosine"}, "rescaling": {"name": "linear", "from": [-1, 1], "to": [0, 1]},
-            "groundable": True, "score": 0.5, "score_threshold": 0.0, "preprocessing": {}, "peak_voxel": [7, 7, 7],
-            "peak_mm": [7.0, 7.0, 7.0]})
-        self.map01, self.sidecar = map01, sidecar
-        self.raw = Grounding("p", "finding", True, 0.5, 0.0, "", map01, sidecar).raw
+    probability = scale is None
+    sidecar = MapSidecar.model_validate({
+        "kind": "grounding", "image": "x.nii.gz", "checkpoint": "g.pt", "phrase": "p",
+        "raw_scale": scale or {"name": "probability", "meaning": "how likely"},
+        "rescaling": {"name": "linear", "from": [0, 1] if probability else [-1, 1], "to": [0, 1]},
+        "groundable": map01 is not None, "score": score, "score_threshold": threshold, "preprocessing": {},
+        "peak_voxel": [7, 7, 7] if map01 is not None else None, "peak_mm": [7.0, 7.0, 7.0] if map01 is not None
+        else None, "extra": extra})
+    return Grounding("p", "finding", map01 is not None, score, threshold, "", map01, sidecar, warnings or [])
 
 
 def test_display_steps_keep_a_512_slice_whole_and_say_so() -> None:
@@ -227,13 +229,16 @@ def test_default_display_and_statistics_of_a_map() -> None:
     map01 = np.zeros((10, 10, 10), np.float32)
     map01[2:8, 2:8, 2:8] = np.linspace(0.4, 0.6, 216).reshape(6, 6, 6)
     map01[7, 7, 7] = 0.9
-    result = _Result(map01)
-    shown = viewport.default_display(result)  # raw cosine units: map 0.9 is cosine 0.8
+    result = _result(map01)  # a probability: drawn from 0.5 to 1 whatever its values
+    assert viewport.default_display(result).to_dict() == {"threshold": 0.5, "vmax": 1.0, "range": [0.0, 1.0],
+                                                          "opacity": 0.6, "cmap": "hot", "mode": "fill"}
+    assert result.meaning == "how likely" and viewport.result_cues(result) == []
+    cosine = _result(map01, scale={"name": "cosine"})  # an older map file: its own top 5 %, in raw cosine units
+    shown = viewport.default_display(cosine)
     assert shown.vmax == pytest.approx(0.8) and shown.range[0] == pytest.approx(-0.2)
-    threshold = viewport.to_map01(result, shown.threshold)
+    threshold = viewport.to_map01(cosine, shown.threshold)
     assert np.mean(map01[map01 > 0] > threshold) == pytest.approx(0.05, abs=0.01)
-    assert viewport.map_cues(result) == []  # peak cosine 0.8: not weak
-    assert "weak map" in viewport.map_cues(_Result(map01 * 0.5))[0]  # peak 0.45: cosine -0.1, weak
+    assert "stretch this map's own range (cosine)" in viewport.result_cues(cosine)[0]
     assert viewport.correlation_cue(viewport.map_correlation(map01, map01 * 0.9)) is not None
     assert viewport.map_correlation(map01, np.zeros((2, 2, 2), np.float32)) is None
     counted = session.stats_map(map01, threshold, True)
@@ -246,6 +251,49 @@ def test_default_display_and_statistics_of_a_map() -> None:
     assert rows[0]["share of map mass"] == pytest.approx(1.0) and rows[0]["holds the peak"]
     assert len(summary) == 1 and summary[0]["top region"] == "corner" and summary[0]["share"] == 1.0
     assert summary[0]["CNR vs rest"] > 0
+
+
+def test_close_calls_and_what_the_model_read_are_said_beside_a_result() -> None:
+    map01 = np.zeros((10, 10, 10), np.float32)
+    map01[5, 5, 5] = 0.98
+    assert "close call: score 0.530 is within 0.05 of the threshold 0.500; 'found'" in viewport.result_cues(
+        _result(map01, score=0.53, threshold=0.5))[0]
+    assert "'not found' could" in viewport.result_cues(_result(None, score=0.47, threshold=0.5))[0]
+    assert viewport.result_cues(_result(None, score=0.3, threshold=0.5)) == []  # clearly not found
+    query = {"text": "a 12 mm lump in the upper spleen", "statement": "finding", "organs": ["spleen"], "kind": "mass",
+             "locations": ["upper"], "size_mm": 12.0, "unknown_organs": [], "unknown": ["blob"], "sides": [],
+             "mapped": [{"word": "lump", "slot": "kind", "concept": "mass", "confidence": 0.71, "used": True},
+                        {"word": "tiny", "slot": "location", "concept": "lower", "confidence": 0.2, "used": False}]}
+    notes = ["word 'lump' read as kind 'mass' (confidence 0.71)", "words not understood: blob",
+             "no 'mass' was seen in training; any finding is searched"]
+    result = _result(map01, extra={"query": query, "organ": "spleen", "organ_voxels": 738, "organ_ml": 180.25},
+                     warnings=notes)
+    assert viewport.query_lines(result) == [
+        "read as: organ **spleen** · finding **mass** · places **upper** · size **12 mm**",
+        "words read by MiniLM (confidence): 'lump' as kind 'mass' (0.71); 'tiny' as location 'lower' (0.20, not "
+        "used: its slot was filled)",
+        "words not understood: blob",
+        "organ searched: **spleen** (predicted 180.2 ml, 738 voxels of the organ head's grid)"]
+    assert viewport.phrase_notes(result) == notes[2:]  # the reading of the words is in the query lines already
+    organ_only = _result(map01, extra={"query": {**query, "kind": None, "organs": [], "locations": [],
+                                                 "size_mm": None, "mapped": [], "unknown": []}})
+    assert viewport.query_lines(organ_only) == [
+        "read as: organ **any organ the model saw findings in** · finding **the organ itself**"]
+    assert viewport.query_lines(_result(map01)) == [] and viewport.phrase_notes(_result(map01, warnings=notes)) == notes
+
+
+def test_maps_and_masks_travel_cropped_to_what_they_cover() -> None:
+    array = np.zeros((10, 12, 14), np.float32)
+    array[3:6, 5:7, 9:11] = 0.7
+    affine = np.diag([2.0, 3.0, 4.0, 1.0])
+    affine[:3, 3] = [10.0, 20.0, 30.0]
+    assert viewport.content_box(array) == (slice(3, 6), slice(5, 7), slice(9, 11))
+    assert viewport.content_box(array, (1, 1, 2)) == (slice(3, 6), slice(5, 7), slice(8, 11))  # on the display grid
+    image = nib.Nifti1Image.from_bytes(viewport.nifti_bytes(array, affine, (1, 1, 2), kind="map", crop=True))
+    assert image.shape == (3, 2, 2) and np.allclose(image.get_fdata()[..., 1], 0.7)  # slices 8 and 10 shown
+    assert np.allclose(image.affine[:3, 3], [10 + 3 * 2, 20 + 5 * 3, 30 + 8 * 4]) and image.affine[2, 2] == 8
+    whole = nib.Nifti1Image.from_bytes(viewport.nifti_bytes(np.zeros((4, 4, 4)), affine, kind="map", crop=True))
+    assert whole.shape == (4, 4, 4)  # nothing to crop to: the whole map
 
 
 def test_mask_centre_lies_inside_the_mask() -> None:
@@ -264,7 +312,8 @@ def test_exported_map_says_how_it_was_shown(tmp_path: Path) -> None:
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     voxel, mm = peak(map01, affine)
     sidecar = MapSidecar(kind="grounding", image="vol/a.nii.gz", checkpoint="run/grounding.pt", phrase="a cyst",
-                         raw_scale={"name": "cosine"}, rescaling={"name": "linear", "from": [-1, 1]}, groundable=True,
+                         raw_scale={"name": "probability", "meaning": "m"}, rescaling={"name": "linear", "from": [0, 1]},
+                         groundable=True,
                          score=0.3, score_threshold=0.1, peak_voxel=voxel, peak_mm=mm, preprocessing={},
                          extra={"statement_kind": "finding"})
     stem = session.export_stem(tmp_path, "P001 / S1 (test)", "A cyst, 9 mm!")

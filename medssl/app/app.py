@@ -171,14 +171,14 @@ def labels_bytes(path: str, mtime: float, image: str, image_mtime: float) -> byt
     view = view_volume(image, image_mtime)
     steps = viewport.display_steps(view.volume.array.shape, view.volume.spacing)
     labels = label_array(path, mtime)
-    return viewport.nifti_bytes(labels, view.volume.affine, steps, kind="labels")
+    return viewport.nifti_bytes(labels, view.volume.affine, steps, kind="labels", crop=True)
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
 def map_bytes(key: tuple, _result: Grounding, image: str, image_mtime: float) -> bytes:
     view = view_volume(image, image_mtime)
     steps = viewport.display_steps(view.volume.array.shape, view.volume.spacing)
-    return viewport.nifti_bytes(viewport.raw_map(_result), view.volume.affine, steps, kind="map")
+    return viewport.nifti_bytes(viewport.raw_map(_result), view.volume.affine, steps, kind="map", crop=True)
 
 
 @st.cache_resource(show_spinner="Loading the time-series model ...", max_entries=4)
@@ -241,6 +241,12 @@ def set_crosshair_voxel(voxel: tuple[int, int, int], view: session.ViewVolume) -
     bump_view()
 
 
+def set_cursor_b(voxel: tuple[int, int, int], view_b: session.ViewVolume) -> None:
+    """Unlink the cursors and put B's on `voxel` of B's volume (a finding of the prior study)."""
+    S.cursor_b = [float(v) for v in voxel_to_mm(view_b.volume.affine, view_b.grid.check_voxel(voxel))]
+    bump_view()
+
+
 def set_phrase(phrase: str, slot: str = "phrase") -> None:
     S[slot] = phrase.strip() or None
     S.phrase_problem = None
@@ -260,15 +266,31 @@ def display_key(case: session.Case, checkpoint: Path | None, phrase: str | None)
 
 
 def take_viewport_state(value: Any, view: session.ViewVolume, key: str) -> None:
-    """A click (crosshair), a display change or a measurement reported by the viewport."""
+    """A click (crosshair), a display change or a measurement reported by the viewport. A click in pane A, or in
+    pane B while the cursors are linked (the same RAS point), moves the crosshair the statistics are read at; a
+    click in pane B with the cursors unlinked places B's own cursor (`S.cursor_b`, mm), so that the two cursors
+    can sit on one finding in the prior and the current study and their distance be read. Measurements are kept
+    per pane."""
     if not value:
         return
     click = value.get("click")
-    if isinstance(click, dict) and click.get("seq") != S.get("last_click") and click.get("pane") == "A":
+    if isinstance(click, dict) and click.get("seq") != S.get("last_click") and click.get("pane") in ("A", "B"):
         S.last_click = click.get("seq")
         with shown_errors("click"):
-            S.crosshair = mm_to_voxel(view.volume.affine, click["mm"], view.volume.array.shape)
-            S.clicked = True
+            mm = [float(v) for v in click["mm"][:3]]
+            follow = S.get("follow")
+            if click["pane"] == "B" and not click.get("linked", True):
+                S.cursor_b = mm
+            else:
+                if click["pane"] == "B" and follow and follow.get("how") == "anatomy":  # B's point in A
+                    mm = list(session.matched_point(Path(follow["b"]), Path(follow["a"]), mm)[0])
+                S.crosshair = mm_to_voxel(view.volume.affine, mm, view.volume.array.shape)
+                S.clicked = True
+                if click.get("linked", True):
+                    S.cursor_b = None
+    measurement = value.get("measurement")
+    if isinstance(measurement, dict) and measurement.get("pane") in ("A", "B"):
+        S.setdefault("measurements", {})[measurement["pane"]] = measurement
     display = value.get("display")
     if isinstance(display, dict) and display.get("view_seq") == S.get("view_seq"):
         S.displays[key] = {"window": display.get("window"), "map": display.get("map"), "hero": display.get("hero")}
@@ -401,20 +423,25 @@ def grounding(case: session.Case, view: session.ViewVolume, checkpoint: Path | N
 
 
 def result_block(result: Grounding, label: str = "") -> None:
-    """The result with its raw score, the threshold, the trust cues and every preprocessing note."""
+    """The result with its score against the threshold, what the model read in the phrase and the organ it
+    searched (with its volume), the trust cues, and every note on the phrase and on the image's preparation."""
     prefix = f"**{label}** " if label else ""
     phrase = result.phrase if len(result.phrase) <= 120 else result.phrase[:117] + "..."
     if not result.groundable:
         st.warning(f"{prefix}“{phrase}”: **not groundable** ({result.reason or 'below the threshold'}); "
-                   f"raw score {result.score:.3f} vs threshold {result.threshold:.3f}. No map is shown.")
+                   f"score {result.score:.3f}, threshold {result.threshold:.3f}. No map is shown.")
     else:
         peak = result.sidecar.peak_mm
         where = f"; peak at ({peak[0]:.1f}, {peak[1]:.1f}, {peak[2]:.1f}) mm" if peak else ""
-        st.success(f"{prefix}“{phrase}”: groundable, raw score {result.score:.3f} (threshold "
+        st.success(f"{prefix}“{phrase}”: groundable, score {result.score:.3f} (threshold "
                    f"{result.threshold:.3f}){where}")
-        for cue in viewport.map_cues(result):
-            st.warning(cue)
-    for note in result.notes:
+    for cue in viewport.result_cues(result):
+        st.warning(cue)
+    for line in viewport.query_lines(result):
+        st.caption(line)
+    for note in viewport.phrase_notes(result):
+        st.caption(f"note: {shown(note)}")
+    for note in result.preprocessing:
         st.caption(f"preprocessing note: {shown(note)}")
 
 
@@ -474,8 +501,15 @@ def pane_layers(case: session.Case, view: session.ViewVolume, result: Grounding 
     return {"layers": layers, "legend": legend, "peak_mm": peak_mm}, notes
 
 
+def map_scale(result: Grounding | None) -> dict[str, str] | None:
+    """What the colour bar states: the map's raw scale and its meaning (None without a map)."""
+    if result is None or result.map01 is None:
+        return None
+    return {"name": result.sidecar.raw_scale.name, "meaning": result.meaning}
+
+
 def show_viewport(panes: list[dict[str, Any]], view: session.ViewVolume, display: dict[str, Any],
-                  notes: list[str], link: str, linked: dict[str, list[float]], map_unit: str) -> None:
+                  notes: list[str], link: str, linked: dict[str, list[float]], scale: dict[str, str] | None) -> None:
     component = attempt("viewer", viewport_component)
     if component is None:
         return
@@ -484,8 +518,9 @@ def show_viewport(panes: list[dict[str, Any]], view: session.ViewVolume, display
                                                                            p["layers"][1]["kind"] == "map"
                                                                            for p in panes),
             "view": {"seq": S.view_seq, "crosshair_mm": crosshair_mm, "window": display["window"],
-                     "map": display["map"], "hero": display["hero"], "convention": S.get("convention", "radiological")},
-            "notes": notes, "link": link, "linked": linked, "map_unit": map_unit}
+                     "map": display["map"], "hero": display["hero"], "convention": S.get("convention", "radiological"),
+                     "linked": S.get("cursor_b") is None},
+            "notes": notes, "link": link, "linked": linked, "map_scale": scale}
     component(key="viewport", data=data, default={"click": None, "display": None, "measurement": None},
               on_click_change=lambda: None, on_display_change=lambda: None, on_measurement_change=lambda: None,
               height="content")
@@ -506,20 +541,42 @@ def crosshair_readout(view: session.ViewVolume, results: list[tuple[str, Groundi
     for family, names in inside.items():
         lines.append(f"{family}: {', '.join(names) if names else '—'}")
     st.caption(" · ".join(lines) or "no map and no region masks")
-    state = S.get("viewport")
-    measurement = state.get("measurement") if hasattr(state, "get") else None
-    if measurement:
-        st.caption(f"distance ({measurement['pane']}): {measurement['distance_mm']} mm from {measurement['start_mm']} "
-                   f"to {measurement['end_mm']}")
+
+
+def distance_readout(view: session.ViewVolume, titles: dict[str, str]) -> None:
+    """The distance tool's read-out: each pane's last measurement (shift-drag or "distance" mode) and, with two
+    panes, their difference (a finding's growth between the prior and the current study); with the cursors
+    unlinked, where B's cursor is and how far it lies from A's (both RAS mm)."""
+    def at(mm: Any) -> str:
+        return "(" + ", ".join(f"{float(v):.1f}" for v in mm[:3]) + ")"
+
+    measured = {pane: m for pane, m in (S.get("measurements") or {}).items() if pane in titles}
+    lines = [f"distance {titles[pane]}: **{float(m['distance_mm']):.1f} mm** from {at(m['start_mm'])} to "
+             f"{at(m['end_mm'])}" for pane, m in sorted(measured.items())]
+    if len(measured) == 2:
+        change = float(measured["A"]["distance_mm"]) - float(measured["B"]["distance_mm"])
+        lines.append(f"{titles['A']} − {titles['B']}: **{change:+.1f} mm**")
+    cursor_b = S.get("cursor_b")
+    if cursor_b is not None and "B" in titles:
+        a = np.asarray(voxel_to_mm(view.volume.affine, S.crosshair), dtype=float)
+        delta = np.asarray(cursor_b, dtype=float) - a
+        lines.append(f"cursors unlinked: {titles['A']} at {at(a)} mm, {titles['B']} at {at(cursor_b)} mm: "
+                     f"**{float(np.linalg.norm(delta)):.1f} mm apart** (R {delta[0]:+.1f}, A {delta[1]:+.1f}, "
+                     f"S {delta[2]:+.1f})")
+    for line in lines:
+        st.markdown(line)
 
 
 # ----------------------------------------------------------------------------------------------- tabs
 
 
-def families_for(case: session.Case, checkpoint: Path | None, modality: str | None) -> dict[str, dict[str, np.ndarray]]:
+def families_for(case: session.Case, checkpoint: Path | None, modality: str | None, anatomy: bool
+                 ) -> dict[str, dict[str, np.ndarray]]:
+    """The region masks statistics and the read-out use: the organ head's organs and parts ("anatomy", when
+    `anatomy`), the case's label map ("organs") and lesion mask ("lesions")."""
     families: dict[str, dict[str, np.ndarray]] = {}
     image = str(case.image)
-    if checkpoint is not None:
+    if checkpoint is not None and anatomy:
         regions = attempt("anatomy regions", anatomy_regions, str(checkpoint), _mtime(checkpoint), image, _mtime(image),
                           modality)
         if regions:
@@ -531,6 +588,23 @@ def families_for(case: session.Case, checkpoint: Path | None, modality: str | No
         families["lesions"] = attempt("lesion mask", label_masks, str(case.lesion_mask), _mtime(case.lesion_mask),
                                       image, _mtime(image), tuple(case.lesion_names.items()), "lesion") or {}
     return families
+
+
+def anatomy_wanted(case: session.Case, view: session.ViewVolume, checkpoint: Path | None) -> bool:
+    """Whether to run the organ head over the case for its organ / part regions: by default only on volumes of
+    at most `session.ANATOMY_AUTO_VOXELS` voxels (a 512 x 512 x 300 CT takes minutes on a CPU, and the case must
+    open in seconds); a sidebar switch per case says so and turns it on."""
+    if checkpoint is None:
+        return False
+    voxels = int(np.prod(view.volume.array.shape))
+    small = voxels <= session.ANATOMY_AUTO_VOXELS
+    wanted = st.sidebar.checkbox("organ head regions (organs and their parts)", value=small,
+                                 key=f"anatomy::{case.key}", help="runs the grounding model's organ head over this "
+                                 "volume for the read-out and the region statistics")
+    if not small and not wanted:
+        st.sidebar.caption(f"organ head regions off for this volume ({voxels / 1e6:.1f} M voxels, more than "
+                           f"{session.ANATOMY_AUTO_VOXELS / 1e6:.1f} M): tick to compute them")
+    return wanted
 
 
 def stats_tab(view: session.ViewVolume, result: Grounding | None, display: dict[str, Any],
@@ -758,6 +832,7 @@ def main() -> None:
         return
     if S.get("case_key") != case.key:
         S.case_key, S.crosshair, S.phrase, S.phrase_b = case.key, view.centre, None, None
+        S.measurements, S.cursor_b, S.follow, S.pane_b_is = {}, None, None, None
         bump_view()
     st.sidebar.radio("Convention", CONVENTIONS, key="convention", horizontal=True, on_change=bump_view,
                      help="radiological: the patient's right on the screen's left; neurological: the patient's left "
@@ -805,7 +880,16 @@ def main() -> None:
             for n, (name, mask) in enumerate(lesions.items()):
                 st.button(f"Centre on {name}", key=f"centre_lesion_{n}", on_click=set_crosshair_voxel,
                           args=(session.mask_centre(mask), view), width="stretch")
-        families = families_for(case, checkpoint, modality)
+        if mode == "prior study (follow-up)" and case_b is not None and case_b.lesion_mask is not None:
+            view_b = view_volume(str(case_b.image), _mtime(case_b.image))  # read (or cached) by second_view
+            lesions_b = attempt("lesion mask", label_masks, str(case_b.lesion_mask), _mtime(case_b.lesion_mask),
+                                str(case_b.image), _mtime(case_b.image), tuple(case_b.lesion_names.items()),
+                                "lesion") or {}
+            for n, (name, mask) in enumerate(lesions_b.items()):
+                st.button(f"Centre {case_b.title} on {name}", key=f"centre_lesion_b_{n}", on_click=set_cursor_b,
+                          args=(session.mask_centre(mask), view_b), width="stretch",
+                          help="unlinks the cursors: each study keeps its own")
+        families = families_for(case, checkpoint, modality, anatomy_wanted(case, view, checkpoint))
     with left:
         empty_map = {"threshold": 0.0, "vmax": 1.0, "range": [0.0, 1.0], "opacity": 0.6, "cmap": "hot", "mode": "fill"}
         shown_display = {**display, "map": display.get("map") or empty_map}
@@ -813,22 +897,33 @@ def main() -> None:
         panes = [{"key": "A", "title": f"{case.title}" + (f" · {S.phrase}" if S.get("phrase") else ""), **pane_a}]
         linked: dict[str, list[float]] = {}
         link = "mm"
+        titles = {"A": case.title}
+        S.follow = None  # how pane B's points map to pane A's (read by the next click)
         if case_b is not None and (result_b is not None or mode == "prior study (follow-up)"):
             view_b = view_volume(str(case_b.image), _mtime(case_b.image))
             pane_b, notes_b = pane_layers(case_b, view_b, result_b, "B", show_organs, show_lesions)
             panes.append({"key": "B", "title": title_b, **pane_b})
             notes += notes_b
+            titles["B"] = title_b.removeprefix("B: ") if case_b is case else case_b.title
             if case_b is not case:
                 point, how = session.matched_point(case.image, case_b.image, voxel_to_mm(view.volume.affine,
                                                                                          S.crosshair))
                 link = "mm" if how == "mm" else "python"
                 if how != "mm":
                     linked["B"] = list(point)
+                S.follow = {"a": str(case.image), "b": str(case_b.image), "how": how}
                 notes.append(f"cursor linked by {'anatomy' if how == 'anatomy' else 'mm (RAS coordinates)'}")
-        scale = result.sidecar.raw_scale.name if result is not None and result.map01 is not None else ""
-        show_viewport(panes, view, shown_display, notes, link, linked, scale)
+        pane_b_is = (titles.get("B"), str(case_b.image) if "B" in titles else None)
+        if S.get("pane_b_is") != pane_b_is:  # another pane B: its own cursor and measurement go, the cursors link
+            S.pane_b_is, S.cursor_b = pane_b_is, None
+            S.measurements = {k: v for k, v in (S.get("measurements") or {}).items() if k == "A"}
+            bump_view()
+        if S.get("cursor_b") is not None:
+            linked["B"] = list(S.cursor_b)
+        show_viewport(panes, view, shown_display, notes, link, linked, map_scale(result))
         crosshair_readout(view, [("A " if result_b is not None else "", result),
                                  ("B " if case_b is case else "", result_b if case_b is case else None)], families)
+        distance_readout(view, titles)
     results = [("A: " if result_b is not None else "", result),
                ("B: ", result_b if case_b is case else None)]
     tabs = st.tabs(["Region statistics", "Signals", "Export", "Review"])

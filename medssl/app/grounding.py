@@ -3,7 +3,7 @@
 It uses only `Grounder.load(path)`, `grounder.prepare(image_path)` (-> a prepared image),
 `grounder.ground(prepared, phrases)` (-> results with phrase, kind, score, groundable, reason, map01 (X, Y, Z)
 in [0, 1] on the input grid or None, peak_voxel, peak_mm, warnings), `grounder.sidecar(result, image_path)`
-(-> `MapSidecar`) and the map files of `medssl.explain.maps`, plus `grounder.region_masks(prepared)` (the organ
+(-> `MapSidecar`, whose `extra` carries the parsed query, the organ searched and its volume) and the map files of `medssl.explain.maps`, plus `grounder.region_masks(prepared)` (the organ
 head's organs and their parts, for region statistics) and `grounder.untrained()` (the control: the same organ
 head with the finding scorer at its untrained start), behind `region_masks` and `load_grounder(control=True)`.
 
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from medssl.errors import UserError
-from medssl.explain.maps import MapSidecar, raw_values, read_map, read_sidecar
+from medssl.explain.maps import MapSidecar, ProbabilityScale, describe_scale, raw_values, read_map, read_sidecar
 
 CONTROL = "untrained scorer"
 
@@ -38,23 +38,49 @@ class Grounding:
     reason: str
     map01: np.ndarray | None
     sidecar: MapSidecar
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # how the phrase was read and searched
+    preprocessing: list[str] = field(default_factory=list)  # how the image was prepared (orientation, spacing)
 
     @property
     def checkpoint(self) -> str:
         return self.sidecar.checkpoint
 
     def raw(self, values: np.ndarray | float) -> np.ndarray:
-        """Map values (in [0, 1]) back on the model's own scale (e.g. cosine similarity)."""
+        """Map values (in [0, 1]) back on the model's own scale (a probability: the same numbers)."""
         return raw_values(self.sidecar.rescaling, values)
 
     @property
-    def notes(self) -> list[str]:
-        """Every note on how the input was prepared (resampling, intensities, ...), groundable or not."""
-        extra = self.sidecar.extra or {}
-        stored = [str(n) for n in extra.get("warnings", []) or [] if str(n) not in self.warnings]
-        return list(self.warnings) + stored
+    def query(self) -> dict[str, Any] | None:
+        """The parsed query (organs, kind, locations, size_mm, mapped words with their confidence, unknown words),
+        as the sidecar stores it; None for results written before queries existed."""
+        query = (self.sidecar.extra or {}).get("query")
+        return query if isinstance(query, dict) else None
 
+    @property
+    def organ(self) -> str | None:
+        """The organ searched (the answer among several), or None."""
+        return (self.sidecar.extra or {}).get("organ") or None
+
+    @property
+    def organ_ml(self) -> float:
+        """The predicted volume of the organ searched, in millilitres (0 when unknown)."""
+        return float((self.sidecar.extra or {}).get("organ_ml") or 0.0)
+
+    @property
+    def organ_voxels(self) -> int:
+        """... in voxels of the organ head's grid."""
+        return int((self.sidecar.extra or {}).get("organ_voxels") or 0)
+
+    @property
+    def is_probability(self) -> bool:
+        """The map's raw values are probabilities with a stated meaning (the same colours mean the same thing in
+        every map)."""
+        return isinstance(self.sidecar.raw_scale, ProbabilityScale)
+
+    @property
+    def meaning(self) -> str:
+        """What the map's values are (the sidecar's stated meaning, or its raw scale and rescaling)."""
+        return describe_scale(self.sidecar.raw_scale, self.sidecar.rescaling)
 
 def load_grounder(path: str | Path, control: bool = False) -> Any:
     """A `Grounder` from a grounding checkpoint; with `control`, the same organ head with the finding scorer at
@@ -75,7 +101,7 @@ def ground_phrase(grounder: Any, prepared: Any, phrase: str) -> Grounding:
     result = grounder.ground(prepared, [phrase])[0]
     sidecar = grounder.sidecar(result, prepared.path)
     return Grounding(result.phrase, result.kind, result.groundable, float(result.score), sidecar.score_threshold,
-                     result.reason, result.map01, sidecar, list(result.warnings))
+                     result.reason, result.map01, sidecar, list(result.warnings), list(prepared.warnings))
 
 
 def region_masks(grounder: Any, prepared: Any) -> dict[str, np.ndarray]:
@@ -84,7 +110,8 @@ def region_masks(grounder: Any, prepared: Any) -> dict[str, np.ndarray]:
 
 
 def stored_grounding(row: dict, like: Any) -> Grounding:
-    """A result of a `ground infer` output: its map on the grid of `like` (a Volume), or its sidecar alone."""
+    """A result of a `ground infer` output: its map on the grid of `like` (a Volume), or its sidecar alone; the
+    output's notes on the image are `row["preprocessing"]`."""
     if row.get("map"):
         loaded = read_map(row["map"], like=like)
         sidecar, map01 = loaded.sidecar, loaded.array
@@ -95,4 +122,5 @@ def stored_grounding(row: dict, like: Any) -> Grounding:
     extra = sidecar.extra or {}
     return Grounding(sidecar.phrase, str(extra.get("statement_kind", row.get("kind", ""))), sidecar.groundable,
                      sidecar.score, sidecar.score_threshold, str(extra.get("reason", row.get("reason", ""))), map01,
-                     sidecar, [str(w) for w in row.get("warnings", []) or []])
+                     sidecar, [str(w) for w in extra.get("warnings", []) or []],
+                     [str(w) for w in row.get("preprocessing", []) or []])

@@ -47,6 +47,7 @@ REVIEW_NAME = "review.csv"
 EXPORT_FOLDER = "exports"
 TIMESERIES_KINDS = ("pretrain-timeseries", "finetune-timeseries")
 _SCAN_DEPTH = 3  # folders below a root searched for runs, manifests and checkpoints
+ANATOMY_AUTO_VOXELS = 2**24  # the organ head's regions are computed unasked only up to a 256^3 volume
 
 
 # ----------------------------------------------------------------------------------------------- start-up
@@ -397,7 +398,7 @@ def case_from_infer_output(library: Library, output: InferOutput) -> Case:
     image = library.resolve(str(output.image))
     rows = []
     for row in output.rows:
-        row = dict(row)
+        row = {**row, "preprocessing": list(output.warnings)}  # the output's notes on its image, for every phrase
         for key in ("map", "sidecar"):
             if row.get(key):
                 row[key] = str(library.resolve(str(output.folder / row[key])))

@@ -1,7 +1,7 @@
 """What the reading viewport (NiiVue in the browser, `viewport/src/viewport.js`) is given, as plain functions:
-volumes and maps as NIfTI bytes (thinned for display when large, saying so), label colour tables, the trust
-cues of a map (its raw score scale, a low peak, two maps that are near-identical) and the map's default
-display. No streamlit here: `app.py` serves the bytes (Streamlit's media files) and mounts the component.
+volumes and maps as NIfTI bytes (thinned for display when large, saying so; maps and masks cropped to what they
+cover), label colour tables, the trust cues of a result (a close found / not-found call, two maps that are
+near-identical, what the model read in the phrase and which organ it searched) and the map's default display. No streamlit here: `app.py` serves the bytes (Streamlit's media files) and mounts the component.
 
 The bundle itself (NiiVue + viewport.js, built by `npm run build` in `viewport/`, which `make install` runs)
 is `BUNDLE`; `check_bundle` is the one clear error when it was not built.
@@ -24,7 +24,8 @@ HERE = Path(__file__).resolve().parent / "viewport"
 BUNDLE = HERE / "dist" / "viewport.js"
 COMPONENT = "medssl.viewport"  # "<project>.<component>" as declared in pyproject.toml [tool.streamlit.component]
 DISPLAY_MAX_VOXELS = 48 * 2**20  # what one pane sends to the browser: a 512 x 512 x 192 CT at full resolution
-LOW_PEAK_COSINE = 0.2  # a cosine map whose peak inside the body stays below this is weak: say so beside it
+NEAR_THRESHOLD = 0.05  # a finding score this close to its threshold is a close call: say so beside it
+PROBABILITY_CUT = 0.5  # a probability map is coloured from here (organ: the organ; finding: one of the stated size)
 CORRELATED = 0.9  # two maps of one image whose Pearson r is above this are near-identical: warn
 MAP_CMAPS = ("hot", "warm", "plasma", "viridis", "inferno", "jet", "turbo")
 LESION_RGB = (255, 0, 255)
@@ -64,13 +65,29 @@ def display_steps(shape: tuple[int, ...], spacing: tuple[float, ...],
     return tuple(steps)
 
 
+def content_box(array: np.ndarray, steps: tuple[int, int, int] = (1, 1, 1)) -> tuple[slice, slice, slice]:
+    """The block of `array` (X, Y, Z) that holds every nonzero voxel, its start on the display grid (a multiple
+    of `steps`), so that a map or mask cropped to it lies on the image's display grid (the whole array when all
+    voxels are 0)."""
+    nonzero = np.nonzero(np.asarray(array))
+    if not nonzero[0].size:
+        return tuple(slice(0, n) for n in array.shape[:3])
+    return tuple(slice(int(idx.min()) // s * s, int(idx.max()) + 1) for idx, s in zip(nonzero, steps))
+
+
 def nifti_bytes(array: np.ndarray, affine: np.ndarray, steps: tuple[int, int, int] = (1, 1, 1), *,
-                kind: str = "image") -> bytes:
+                kind: str = "image", crop: bool = False) -> bytes:
     """An uncompressed NIfTI-1 of `array` (X, Y, Z) every `steps` voxels, with the affine of that grid.
     kind "image": int16 when the values are whole numbers in its range, else float32; "map": float32;
-    "labels": uint8 (values 0-255)."""
+    "labels": uint8 (values 0-255). crop: only the `content_box` (a map that is 0 outside one organ, a lesion
+    mask), with the affine of that block: the viewer places it on the image by its affine, and a 512^3 CT's
+    map travels as its organ's box."""
+    array = np.asarray(array)
+    box = content_box(array, steps) if crop else tuple(slice(0, n) for n in array.shape[:3])
+    affine = np.array(affine, dtype=np.float64)
+    affine[:3, 3] = affine[:3, :3] @ np.array([b.start for b in box], dtype=np.float64) + affine[:3, 3]
     sx, sy, sz = steps
-    data = np.asarray(array)[::sx, ::sy, ::sz]
+    data = array[box][::sx, ::sy, ::sz]
     if kind == "labels":
         if data.size and (data.min() < 0 or data.max() > 255):
             raise UserError(f"labels: values must lie in 0-255 to be shown, got {data.min()}-{data.max()}")
@@ -124,8 +141,8 @@ def label_table(names: Mapping[int, str], *, colour: tuple[int, int, int] | None
 
 @dataclass(frozen=True)
 class MapDisplay:
-    """How a map is drawn, in the map's raw units (e.g. cosine): colours from `threshold` (transparent at or
-    below it) to `vmax`; `range` is what the threshold slider covers (the map's raw minimum and peak)."""
+    """How a map is drawn, in the map's raw units (a probability, or e.g. a cosine for older map files): colours
+    from `threshold` (transparent at or below it) to `vmax`; `range` is what the threshold slider covers."""
 
     threshold: float
     vmax: float
@@ -145,8 +162,12 @@ def raw_map(result: Any) -> np.ndarray:
 
 
 def default_display(result: Any, *, top: float = 0.05, cmap: str = "hot") -> MapDisplay:
-    """A new map's display: transparent below the top `top` share of its voxels inside the body (map > 0),
-    colours up to its peak, all in raw units so the colour bar states the model's own numbers."""
+    """A new map's display. A probability map (what grounding writes) is drawn from its stated cut
+    `PROBABILITY_CUT` to 1, the same for every map, so a colour means the same probability in every pane. A map
+    on another scale (older map files) is drawn from its top `top` share of voxels above 0 up to its peak, in its
+    raw units (and `result_cues` says that those colours are the map's own stretch)."""
+    if result.is_probability:
+        return MapDisplay(PROBABILITY_CUT, 1.0, (0.0, 1.0), cmap=cmap)
     inside = result.map01[result.map01 > 0]
     if inside.size == 0:
         lo = float(result.raw(0.0))
@@ -165,17 +186,54 @@ def to_map01(result: Any, raw: float) -> float:
     return float(np.clip((raw - r0) / (r1 - r0), 0.0, 1.0)) if r1 != r0 else 0.0
 
 
-def map_cues(result: Any) -> list[str]:
-    """Warnings to show beside a map: a weak peak (cosine maps), which says the colours are this map's own
-    stretch and not strength."""
-    if result.map01 is None:
-        return []
-    scale = result.sidecar.raw_scale
-    peak = float(result.raw(float(result.map01.max())))
-    if getattr(scale, "name", "") == "cosine" and peak < LOW_PEAK_COSINE:
-        return [f"weak map: its peak cosine is {peak:.3f} (below {LOW_PEAK_COSINE:g}); the colours stretch this "
-                "map's own range, they do not mean strong agreement"]
-    return []
+def result_cues(result: Any) -> list[str]:
+    """Warnings to show beside a result: a found / not-found call within `NEAR_THRESHOLD` of its threshold (a
+    close call either way), and a map whose colours are its own stretch rather than a stated probability."""
+    cues = []
+    if result.kind == "finding" and abs(result.score - result.threshold) < NEAR_THRESHOLD:
+        call = "found" if result.groundable else "not found"
+        cues.append(f"close call: score {result.score:.3f} is within {NEAR_THRESHOLD:g} of the threshold "
+                    f"{result.threshold:.3f}; '{call}' could as well have gone the other way")
+    if result.map01 is not None and not result.is_probability:
+        cues.append(f"the colours stretch this map's own range ({result.sidecar.raw_scale.name}); they do not state "
+                    "a probability")
+    return cues
+
+
+def query_lines(result: Any) -> list[str]:
+    """What the model searched for, as a clinician checks it: the parsed query (organ, finding kind, places,
+    stated size), the words the sentence encoder (MiniLM) read as concepts with their confidence, the words not
+    understood, and the organ searched with its predicted volume. Empty for results without a stored query."""
+    query, lines = result.query, []
+    if query:
+        organs = ", ".join(query.get("organs") or []) or "any organ the model saw findings in"
+        kind = query.get("kind") or "the organ itself"
+        parts = [f"organ **{organs}**", f"finding **{kind}**"]
+        if query.get("locations"):
+            parts.append(f"places **{', '.join(query['locations'])}**")
+        if query.get("size_mm") is not None:
+            parts.append(f"size **{float(query['size_mm']):g} mm**")
+        if query.get("statement") not in (None, "finding"):
+            parts.append(f"**{query['statement']}** statement")
+        lines.append("read as: " + " · ".join(parts))
+        mapped = [f"'{m['word']}' as {m['slot']} '{m['concept']}' ({float(m['confidence']):.2f}"
+                  + ("" if m.get("used") else ", not used: its slot was filled") + ")"
+                  for m in query.get("mapped") or []]
+        if mapped:
+            lines.append("words read by MiniLM (confidence): " + "; ".join(mapped))
+        if query.get("unknown"):
+            lines.append("words not understood: " + ", ".join(query["unknown"]))
+    if result.organ:
+        volume = (f" (predicted {result.organ_ml:.1f} ml, {result.organ_voxels} voxels of the organ head's grid)"
+                  if result.organ_voxels else "")
+        lines.append(f"organ searched: **{result.organ}**{volume}")
+    return lines
+
+
+def phrase_notes(result: Any) -> list[str]:
+    """The grounder's notes on a phrase less those `query_lines` already shows (mapped and unknown words)."""
+    shown = ("word '", 'word "', "words not understood") if result.query else ()
+    return [note for note in result.warnings if not note.startswith(shown)]
 
 
 def map_correlation(a: np.ndarray, b: np.ndarray) -> float | None:

@@ -1,17 +1,20 @@
 // The reading viewport of the clinician app: NiiVue (WebGL2) inside a Streamlit components-v2 custom component.
 //
-// Python (medssl/app/viewport.py) mounts it with `data` (see VIEWPORT_DATA there): one or two panes (the case,
-// or prior and current side by side), each a list of NIfTI layers served by the app (image, map, label
-// outlines, marks), the window presets, and a `view` block (crosshair in mm, window, map settings, main
-// plane, convention) that is applied when its `seq` changes. Everything a reader does with the mouse runs
-// here without a Python round trip: wheel slicing, ctrl+wheel zoom, middle-drag (or pan mode) pan, right-drag
-// (or W/L mode) width/level, shift-drag (or measure mode) distance, preset buttons, opacity / threshold.
-// Python hears of what it needs as component state (each a rerun of the app's fragment):
-//   click:       {pane, mm, seq}            a crosshair set by a click (the statistics follow it)
-//   display:     {window, map, hero, convention}  settings to keep per case/model/phrase (debounced)
+// Python (medssl/app/app.py, `show_viewport`) mounts it with `data`: one or two panes (the case, or prior and
+// current side by side), each a list of NIfTI layers served by the app (image, map, label masks), the window
+// presets, the map's scale (name and stated meaning, for the colour bar) and a `view` block (crosshair in mm,
+// window, map settings, main plane, convention) that is applied when its `seq` changes. Everything a reader
+// does with the mouse runs here without a Python round trip: wheel slicing, ctrl+wheel zoom, middle-drag (or
+// shift-drag, or pan mode) pan, right-drag (or W/L mode) width/level, ctrl-drag (or distance mode) distance,
+// preset buttons, opacity / threshold. Outlines (the map's threshold border, organ and lesion masks) and the map's peak are
+// drawn on a 2D canvas over NiiVue's, 2 screen pixels wide whatever the zoom (`Outline`).
+// Python hears of what it needs as component state (each a rerun of the app):
+//   click:       {pane, mm, seq, linked}    a crosshair set by a click (the statistics follow it)
+//   display:     {window, map, hero, view_seq}  settings to keep per case/model/phrase (debounced)
 //   measurement: {pane, start_mm, end_mm, distance_mm}
 // Streamlit calls the default export again with the same parentElement whenever `data` changes; the
-// viewer lives on in VIEWERS and only applies what changed.
+// viewer lives on in VIEWERS and only applies what changed. The viewer is also the `.mv` element's `viewer`
+// property (tests and docs/make_screenshots.py measure through it).
 import { Niivue, SLICE_TYPE, DRAG_MODE, SHOW_RENDER } from "@niivue/niivue";
 
 const VIEWERS = new WeakMap();
@@ -28,25 +31,25 @@ const CSS = `
 .mv button { background: #262730; color: #e8e8e8; border: 1px solid #555; border-radius: 4px; padding: 1px 5px;
   font: inherit; cursor: pointer; }
 .mv button.on { background: #ff4b4b; border-color: #ff4b4b; color: #fff; }
-.mv-map { position: absolute; z-index: 3; left: 4px; bottom: 86px; background: rgba(14, 17, 23, 0.8);
-  padding: 3px 6px; border-radius: 3px; font-size: 13px; }
-.mv-map input[type=range] { width: 110px; }
+.mv-map input[type=range] { width: 90px; }
 .mv label { color: #c0c0c0; }
 .mv-panes { display: flex; gap: 6px; }
 .mv-pane { flex: 1 1 0; min-width: 0; position: relative; background: #000; }
 .mv-canvas { position: relative; width: 100%; }
 .mv-canvas canvas { position: absolute; inset: 0; width: 100%; height: 100%; outline: none; }
+.mv-canvas canvas.mv-outlines { pointer-events: none; }
 .mv-title, .mv-read, .mv-legend, .mv-bar2 { position: absolute; z-index: 2; background: rgba(14, 17, 23, 0.72);
   padding: 1px 6px; border-radius: 3px; pointer-events: none; }
-.mv-title { top: 2px; left: 2px; font-weight: 600; max-width: 60%; white-space: nowrap; overflow: hidden;
+.mv-title { top: 2px; left: 2px; font-weight: 600; max-width: calc(100% - 250px); white-space: nowrap; overflow: hidden;
   text-overflow: ellipsis; }
 .mv-read { bottom: 2px; left: 2px; font-family: ui-monospace, monospace; font-size: 12px; color: #e0e0e0;
   max-width: 75%; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
-.mv-legend { top: 24px; left: 2px; display: flex; flex-direction: column; font-size: 12px; }
-.mv-cbar { position: absolute; z-index: 2; bottom: 24px; left: 2px; background: rgba(14, 17, 23, 0.8);
-  padding: 3px 6px; border-radius: 3px; font-size: 13px; pointer-events: none; }
+.mv-legend { bottom: 24px; left: 2px; display: flex; flex-direction: column; font-size: 12px; }
+.mv-cbar { position: absolute; z-index: 2; top: 2px; right: 2px; background: rgba(14, 17, 23, 0.8);
+  padding: 3px 6px; border-radius: 3px; font-size: 12px; pointer-events: none; }
 .mv-cbar .ramp { width: 220px; height: 12px; border: 1px solid #888; margin: 2px 0; }
 .mv-cbar .ticks { display: flex; justify-content: space-between; width: 222px; }
+.mv-scale { color: #d0d0d0; font-size: 12px; line-height: 1.3; }
 .mv-legend i { display: inline-block; width: 10px; height: 10px; margin-right: 4px; border: 1px solid #000; }
 .mv-note { color: #f0c36d; font-size: 12px; }
 `;
@@ -62,62 +65,154 @@ function absolute(url) {
   return new URL(url.replace(/^\//, ""), document.baseURI).href;
 }
 
-// The map's outline (value 1: voxels on either side of the threshold's border, 2 voxels thick) and the peak
-// marker (value 2: a 3D cross of 2 voxels' reach) drawn from the map's own voxels, so that a threshold
-// change needs no Python round trip.
-function annotate(map, threshold, peakMm, outline) {
-  const marks = map.clone();
-  const [nx, ny, nz] = map.hdr.dims.slice(1, 4);
-  const src = map.img;
-  const out = new Float32Array(nx * ny * nz);
-  const slope = map.hdr.scl_slope || 1;
-  const inter = map.hdr.scl_inter || 0;
-  if (outline) {
-    const above = new Uint8Array(nx * ny * nz);
-    for (let i = 0; i < above.length; i++) above[i] = src[i] * slope + inter > threshold ? 1 : 0;
-    const steps = [1, nx, nx * ny];
-    for (let z = 0; z < nz; z++) {
-      for (let y = 0; y < ny; y++) {
-        for (let x = 0; x < nx; x++) {
-          const i = x + nx * (y + ny * z);
-          const at = [x, y, z];
-          const dims = [nx, ny, nz];
-          for (let a = 0; a < 3 && !out[i]; a++) {
-            if (at[a] > 0 && above[i - steps[a]] !== above[i]) out[i] = 1;
-            if (at[a] < dims[a] - 1 && above[i + steps[a]] !== above[i]) out[i] = 1;
-          }
+function round(values, digits = 1) {
+  return Array.from(values).slice(0, 3).map((v) => Number(v.toFixed(digits)));
+}
+
+// ------------------------------------------------------------------------------------------ outlines
+
+const OUTLINE_PX = 2; // CSS pixels, whatever the zoom
+const MAP_OUTLINE = "#00e5ff"; // the map's threshold border: cyan reads on grey, black lung and the hot colours
+const PEAK_COLOUR = "#00e5ff";
+
+// A layer's voxel grid: voxel (i, j, k) of the file -> RAS mm through its header's affine, and back.
+function grid(volume) {
+  const a = volume.hdr.affine;
+  const m = [[a[0][0], a[0][1], a[0][2]], [a[1][0], a[1][1], a[1][2]], [a[2][0], a[2][1], a[2][2]]];
+  const t = [a[0][3], a[1][3], a[2][3]];
+  const det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+    + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
+  const inv = [
+    [(m[1][1] * m[2][2] - m[1][2] * m[2][1]) / det, (m[0][2] * m[2][1] - m[0][1] * m[2][2]) / det,
+      (m[0][1] * m[1][2] - m[0][2] * m[1][1]) / det],
+    [(m[1][2] * m[2][0] - m[1][0] * m[2][2]) / det, (m[0][0] * m[2][2] - m[0][2] * m[2][0]) / det,
+      (m[0][2] * m[1][0] - m[0][0] * m[1][2]) / det],
+    [(m[1][0] * m[2][1] - m[1][1] * m[2][0]) / det, (m[0][1] * m[2][0] - m[0][0] * m[2][1]) / det,
+      (m[0][0] * m[1][1] - m[0][1] * m[1][0]) / det],
+  ];
+  const dims = volume.hdr.dims.slice(1, 4);
+  return {
+    dims,
+    toMM: (v) => [0, 1, 2].map((r) => m[r][0] * v[0] + m[r][1] * v[1] + m[r][2] * v[2] + t[r]),
+    toVox: (mm) => {
+      const d = [mm[0] - t[0], mm[1] - t[1], mm[2] - t[2]];
+      return [0, 1, 2].map((r) => inv[r][0] * d[0] + inv[r][1] * d[1] + inv[r][2] * d[2]);
+    },
+    // the voxel axis that runs along RAS axis `ras` (the slice axis of a plane whose normal is `ras`)
+    along: (ras) => [0, 1, 2].reduce((best, c) => (Math.abs(m[ras][c]) > Math.abs(m[ras][best]) ? c : best), 0),
+  };
+}
+
+// RAS mm -> canvas pixel of one 2D tile of NiiVue (its screenSlices entry), as NiiVue's own frac2canvasPos.
+function tileXY(tile, mm) {
+  let x = mm[0];
+  let y = mm[1];
+  if (tile.axCorSag === SLICE_TYPE.CORONAL) y = mm[2];
+  if (tile.axCorSag === SLICE_TYPE.SAGITTAL) { x = mm[1]; y = mm[2]; }
+  let fx = (x - tile.leftTopMM[0]) / tile.fovMM[0];
+  const fy = (y - tile.leftTopMM[1]) / tile.fovMM[1];
+  const ltwh = tile.leftTopWidthHeight.slice();
+  if (ltwh[2] < 0) { ltwh[0] += ltwh[2]; ltwh[2] = -ltwh[2]; fx = 1 - fx; }
+  return [ltwh[0] + fx * ltwh[2], ltwh[1] + (1 - fy) * ltwh[3]];
+}
+
+// The outlines of one layer: `value(i)` of voxel index i (a map: 1 above the threshold, else 0; labels: the
+// label) and `colour(v)`; segments along the faces between voxels of different values, cached per plane and
+// slice, so that a redraw (wheel, zoom, pan) only projects them.
+class Outline {
+  constructor(volume, value, colour) {
+    this.grid = grid(volume);
+    this.value = value;
+    this.colour = colour;
+    this.cache = new Map();
+    const [nx, ny, nz] = this.grid.dims;
+    const lo = [nx, ny, nz];
+    const hi = [-1, -1, -1];
+    for (let k = 0, i = 0; k < nz; k++) {
+      for (let j = 0; j < ny; j++) {
+        for (let x = 0; x < nx; x++, i++) {
+          if (!value(i)) continue;
+          if (x < lo[0]) lo[0] = x;
+          if (x > hi[0]) hi[0] = x;
+          if (j < lo[1]) lo[1] = j;
+          if (j > hi[1]) hi[1] = j;
+          if (k < lo[2]) lo[2] = k;
+          if (k > hi[2]) hi[2] = k;
         }
       }
     }
+    this.box = hi[0] < 0 ? null : [lo, hi];
   }
-  if (peakMm) {
-    const [px, py, pz] = map.mm2vox(peakMm).map(Math.round);
-    for (let d = -2; d <= 2; d++) {
-      for (const [x, y, z] of [[px + d, py, pz], [px, py + d, pz], [px, py, pz + d]]) {
-        if (x >= 0 && y >= 0 && z >= 0 && x < nx && y < ny && z < nz) out[x + nx * (y + ny * z)] = 2;
+
+  // {colour: [[u0, v0, u1, v1] in voxel units of the slice's in-plane axes]} for slice `s` along voxel axis `axis`
+  segments(axis, s) {
+    const key = `${axis}:${s}`;
+    if (this.cache.has(key)) return this.cache.get(key);
+    const out = new Map();
+    if (this.box && s >= this.box[0][axis] && s <= this.box[1][axis]) {
+      const [ua, va] = [0, 1, 2].filter((a) => a !== axis);
+      const dims = this.grid.dims;
+      const stride = [1, dims[0], dims[0] * dims[1]];
+      const at = (u, v) => {
+        if (u < 0 || v < 0 || u >= dims[ua] || v >= dims[va]) return 0;
+        return this.value(u * stride[ua] + v * stride[va] + s * stride[axis]);
+      };
+      const add = (a, b, seg) => {
+        const colour = this.colour(a || b);
+        if (!out.has(colour)) out.set(colour, []);
+        out.get(colour).push(seg);
+      };
+      for (let u = this.box[0][ua] - 1; u <= this.box[1][ua]; u++) {
+        for (let v = this.box[0][va] - 1; v <= this.box[1][va]; v++) {
+          const here = at(u, v);
+          const right = at(u + 1, v);
+          const up = at(u, v + 1);
+          if (here !== right) add(here, right, [u + 0.5, v - 0.5, u + 0.5, v + 0.5]);
+          if (here !== up) add(here, up, [u - 0.5, v + 0.5, u + 0.5, v + 0.5]);
+        }
+      }
+    }
+    this.cache.set(key, out);
+    if (this.cache.size > 64) this.cache.delete(this.cache.keys().next().value);
+    return out;
+  }
+
+  // stroke this layer's outline on every 2D tile at the crosshair `mm`
+  draw(ctx, tiles, mm) {
+    const planeAxis = { [SLICE_TYPE.AXIAL]: 2, [SLICE_TYPE.CORONAL]: 1, [SLICE_TYPE.SAGITTAL]: 0 };
+    const vox = this.grid.toVox(mm);
+    for (const tile of tiles) {
+      const axis = this.grid.along(planeAxis[tile.axCorSag]);
+      const s = Math.round(vox[axis]);
+      if (s < 0 || s >= this.grid.dims[axis]) continue;
+      const [ua, va] = [0, 1, 2].filter((a) => a !== axis);
+      const point = (u, v) => {
+        const p = [0, 0, 0];
+        p[axis] = s;
+        p[ua] = u;
+        p[va] = v;
+        return tileXY(tile, this.grid.toMM(p));
+      };
+      for (const [colour, segments] of this.segments(axis, s)) {
+        ctx.strokeStyle = colour;
+        ctx.beginPath();
+        for (const [u0, v0, u1, v1] of segments) {
+          const a = point(u0, v0);
+          const b = point(u1, v1);
+          ctx.moveTo(a[0], a[1]);
+          ctx.lineTo(b[0], b[1]);
+        }
+        ctx.stroke();
       }
     }
   }
-  marks.img = out;
-  marks.hdr.datatypeCode = 16;
-  marks.hdr.scl_slope = 1;
-  marks.hdr.scl_inter = 0;
-  marks.name = "marks";
-  marks.layerKind = "marks";
-  marks.colormapLabel = null;
-  marks.colormap = "mvmarks";
-  marks.cal_min = 0.5;
-  marks.cal_max = 2;
-  marks.opacity = 1;
-  marks.colorbarVisible = false;
-  return marks;
 }
 
-const MARKS_COLORMAP = { R: [0, 0, 0, 255, 255], G: [0, 255, 255, 255, 255], B: [0, 255, 255, 0, 0],
-  A: [0, 255, 255, 255, 255], I: [0, 1, 120, 136, 255] };
-
-function round(values, digits = 1) {
-  return Array.from(values).slice(0, 3).map((v) => Number(v.toFixed(digits)));
+function layerValue(volume) {
+  const img = volume.img;
+  const slope = volume.hdr.scl_slope || 1;
+  const inter = volume.hdr.scl_inter || 0;
+  return (i) => img[i] * slope + inter;
 }
 
 class Viewer {
@@ -128,6 +223,7 @@ class Viewer {
     this.data = null;
     this.clickSeq = 0;
     this.mode = "crosshair";
+    this.linked = true; // the panes' cursors follow each other (in mm, or by Python's matcher)
     this.syncing = false;
     this.state = { display: null };
     this.timers = {};
@@ -136,8 +232,10 @@ class Viewer {
     this.frame = el("div", "mv");
     this.bar = el("div", "mv-bar");
     this.paneRow = el("div", "mv-panes");
+    this.scale = el("div", "mv-scale"); // what the map's values mean (the sidecar's words), once for all panes
     this.notes = el("div", "mv-note");
-    this.frame.append(this.bar, this.paneRow, this.notes);
+    this.frame.append(this.bar, this.paneRow, this.scale, this.notes);
+    this.frame.viewer = this;
     root.append(style, this.frame);
     this.onResize = () => this.resize();
     window.addEventListener("resize", this.onResize);
@@ -179,7 +277,8 @@ class Viewer {
     this.windowText = el("span", "mv-wl");
     presets.append(this.windowText);
     const modes = el("div", "grp");
-    modes.title = "what a left drag does (shift-drag: distance, middle-drag: pan, ctrl+wheel: zoom, wheel: slices)";
+    modes.title = "what a left drag does (ctrl-drag: distance, middle- or shift-drag: pan, right-drag: W/L, "
+      + "ctrl+wheel: zoom, wheel: slices)";
     for (const [mode, title] of [["crosshair", "crosshair"], ["windowing", "W/L"], ["pan", "pan/zoom"],
       ["measurement", "distance"]]) {
       const button = el("button", mode === this.mode ? "on" : "", title);
@@ -200,6 +299,14 @@ class Viewer {
     reset.onclick = () => this.eachNv((nv) => { nv.scene.pan2Dxyzmm = [0, 0, 0, 1]; nv.drawScene(); });
     hero.append(reset);
     this.bar.append(presets, modes, hero);
+    if (data.panes.length > 1) {
+      const link = el("button", this.linked ? "on" : "", "link cursors");
+      link.dataset.link = "1";
+      link.title = "on: a click in either pane moves both cursors to the same point; off: each pane keeps its own "
+        + "cursor (put both on one finding to read their distance)";
+      link.onclick = () => this.setLinked(!this.linked);
+      this.bar.append(link);
+    }
     this.mapCtl?.remove();
     this.mapCtl = null;
     this.threshold = null;
@@ -208,7 +315,8 @@ class Viewer {
       this.mapCtl = map;
       this.opacity = this.slider(map, "opacity", 0, 1, 0.05);
       this.threshold = this.slider(map, "threshold", 0, 1, 0.001);
-      const mode = el("button", "", "outline");
+      const mode = el("button", "", "outline only");
+      mode.title = "the map's threshold border alone (2 px), without the colour fill";
       mode.dataset.mapmode = "1";
       mode.onclick = () => {
         this.mapSettings.mode = this.mapSettings.mode === "outline" ? "fill" : "outline";
@@ -216,7 +324,7 @@ class Viewer {
         this.reportDisplay();
       };
       map.append(mode);
-      this.frame.append(map);
+      this.bar.append(map);
     }
   }
 
@@ -250,6 +358,8 @@ class Viewer {
     }
     const outline = this.bar.querySelector("button[data-mapmode]");
     if (outline) outline.classList.toggle("on", this.mapSettings?.mode === "outline");
+    const link = this.bar.querySelector("button[data-link]");
+    if (link) link.classList.toggle("on", this.linked);
     if (this.mapSettings && this.threshold) {
       const { lo, hi } = this.mapRange();
       Object.assign(this.threshold, { min: lo, max: hi, step: (hi - lo) / 500 || 0.001 });
@@ -269,7 +379,8 @@ class Viewer {
     const holder = el("div", "mv-canvas");
     const canvas = el("canvas");
     canvas.tabIndex = 0;
-    holder.append(canvas);
+    const overlay = el("canvas", "mv-outlines");
+    holder.append(canvas, overlay);
     const read = el("div", "mv-read");
     const legend = el("div", "mv-legend");
     const cbar = el("div", "mv-cbar");
@@ -286,16 +397,23 @@ class Viewer {
       isNearestInterpolation: false, measureTextColor: [1, 1, 0, 1], measureLineColor: [1, 1, 0, 1],
     });
     nv.attachToCanvas(canvas);
-    nv.addColormap("mvmarks", MARKS_COLORMAP);
     nv.opts.mouseEventConfig = {
-      leftButton: { primary: MODES[this.mode], withShift: DRAG_MODE.measurement, withCtrl: DRAG_MODE.pan },
+      // NiiVue takes shift + left as the middle button (it pans whatever the mode): shift-drag pans, ctrl-drag measures
+      leftButton: { primary: MODES[this.mode], withShift: DRAG_MODE.pan, withCtrl: DRAG_MODE.measurement },
       rightButton: DRAG_MODE.windowing, centerButton: DRAG_MODE.pan,
     };
-    pane = { key: spec.key, nv, box, title, read, legend, cbar, layersKey: null, loading: null };
+    pane = { key: spec.key, nv, box, title, read, legend, cbar, overlay, layersKey: null, outlines: [],
+      mapOutline: null };
+    const draw = nv.drawScene.bind(nv);
+    nv.drawScene = () => { // NiiVue draws synchronously (it ends with gl.finish): the outlines follow each frame
+      const drawn = draw();
+      this.drawOutlines(pane);
+      return drawn;
+    };
     nv.onLocationChange = (location) => this.located(pane, location);
     nv.onMouseUp = () => this.clicked(pane);
     nv.onDragRelease = () => this.dragged(pane);
-    nv.onMeasurementCompleted = (m) => this.report("measurement", {
+    nv.onMeasurementCompleted = (m) => this.report("measurement", { seq: `${this.viewSeq}:${++this.clickSeq}`,
       pane: pane.key, start_mm: round(m.startMM), end_mm: round(m.endMM), distance_mm: Number(m.distance.toFixed(1)),
     });
     canvas.addEventListener("wheel", (event) => this.zoomWheel(pane, event), { capture: true, passive: false });
@@ -321,19 +439,24 @@ class Viewer {
     pane.title.textContent = spec.title || "";
     if (pane.layersKey === key) return;
     pane.layersKey = key;
-    pane.marksKey = null;
+    pane.mapOutline = null;
     const started = performance.now();
     const volumes = spec.layers.map((layer) => ({
       url: absolute(layer.url), name: layer.name, colormap: layer.kind === "image" ? "gray" : (layer.colormap || "hot"),
       opacity: layer.kind === "image" ? 1 : (layer.opacity ?? 1),
     }));
     await pane.nv.loadVolumes(volumes);
+    pane.outlines = [];
     spec.layers.forEach((layer, index) => {
       const volume = pane.nv.volumes[index];
       if (!volume) return;
       volume.layerKind = layer.kind;
       volume.colorbarVisible = false;
-      if (layer.lut) volume.setColormapLabel(layer.lut);
+      if (layer.kind === "labels" && layer.lut) { // drawn as 2-px outlines in their own colours, not by NiiVue
+        volume.opacity = 0;
+        const { R, G, B } = layer.lut;
+        pane.outlines.push(new Outline(volume, layerValue(volume), (v) => `rgb(${R[v]},${G[v]},${B[v]})`));
+      }
     });
     pane.legend.replaceChildren(...(spec.legend || []).map(([name, rgb]) => {
       const item = el("span");
@@ -362,12 +485,15 @@ class Viewer {
     this.resize();
     for (const delay of [300, 1500]) setTimeout(() => this.resize(), delay); // after the page around settles
     this.notes.textContent = (data.notes || []).join(" · ");
+    this.scale.textContent = data.map_scale ? `map values (${data.map_scale.name}): ${data.map_scale.meaning}` : "";
+    this.resize();
     const view = data.view;
     if (view.seq !== this.viewSeq) {
       this.viewSeq = view.seq;
       this.window = { ...view.window };
       this.mapSettings = { ...view.map };
       this.hero = view.hero;
+      this.linked = view.linked !== false;
       this.eachNv((nv) => nv.setRadiologicalConvention(view.convention !== "neurological"));
       this.setHero(view.hero);
       if (view.crosshair_mm) this.moveTo(data.panes[0].key, view.crosshair_mm, true);
@@ -377,6 +503,23 @@ class Viewer {
     this.applyMap();
     this.frame.dataset.ready = String(view.seq);
     this.frame.dataset.crosshair = JSON.stringify(this.panes.get(data.panes[0].key)?.mm || null);
+  }
+
+  // Page (CSS pixel) coordinates of RAS `mm` on pane `key`'s largest tile of `plane` (default: the main plane), or
+  // null; with `hero` (that tile's box on the page, its mm per CSS pixel). For tests and measurements.
+  pagePoint(key, mm, plane = this.hero) {
+    const pane = this.panes.get(key);
+    const tiles = (pane?.nv.screenSlices || []).filter((t) => t.axCorSag === PLANES[plane] && t.fovMM?.length);
+    if (!tiles.length) return null;
+    const tile = tiles.reduce((a, b) => (Math.abs(b.leftTopWidthHeight[2]) > Math.abs(a.leftTopWidthHeight[2]) ? b : a));
+    const rect = pane.nv.canvas.getBoundingClientRect();
+    const ratio = pane.nv.canvas.width / rect.width;
+    const [x, y] = tileXY(tile, mm);
+    const [l, t, w, h] = tile.leftTopWidthHeight;
+    const left = Math.min(l, l + w);
+    return { x: rect.x + x / ratio, y: rect.y + y / ratio,
+      tile: { x: rect.x + left / ratio, y: rect.y + t / ratio, width: Math.abs(w) / ratio, height: h / ratio },
+      mm_per_px: Math.abs(tile.fovMM[0]) / (Math.abs(w) / ratio) };
   }
 
   setMode(mode) {
@@ -412,19 +555,74 @@ class Viewer {
     if (!this.mapSettings) return;
     const { threshold, vmax, opacity, mode, cmap } = this.mapSettings;
     this.eachNv((nv, pane) => {
-      for (const volume of nv.volumes) {
-        if (volume.layerKind === "map") {
-          volume.cal_min = threshold;
-          volume.cal_max = Math.max(vmax, threshold + 1e-6);
-          volume.opacity = mode === "outline" ? 0 : opacity;
-          if (cmap && volume.colormap !== cmap) volume.colormap = cmap;
+      const map = nv.volumes.find((v) => v.layerKind === "map");
+      if (map) {
+        map.cal_min = threshold;
+        map.cal_max = Math.max(vmax, threshold + 1e-6);
+        map.opacity = mode === "outline" ? 0 : opacity;
+        if (cmap && map.colormap !== cmap) map.colormap = cmap;
+        if (pane.mapOutline?.threshold !== threshold || pane.mapOutline?.volume !== map) {
+          const value = layerValue(map);
+          pane.mapOutline = new Outline(map, (i) => (value(i) > threshold ? 1 : 0), () => MAP_OUTLINE);
+          Object.assign(pane.mapOutline, { threshold, volume: map });
         }
+      } else {
+        pane.mapOutline = null;
       }
-      this.mark(nv, pane, threshold, mode === "outline");
       this.colourBar(pane, nv);
       nv.updateGLVolume();
     });
     this.refreshBar();
+  }
+
+  // The outlines of the pane's label layers and of the map's threshold, and the map's peak, on the 2D canvas over
+  // NiiVue's (same pixel grid), at the crosshair's slices; called after every NiiVue frame.
+  drawOutlines(pane) {
+    const gl = pane.nv.canvas;
+    const canvas = pane.overlay;
+    if (!gl || !canvas) return;
+    if (canvas.width !== gl.width || canvas.height !== gl.height) {
+      canvas.width = gl.width;
+      canvas.height = gl.height;
+    } else {
+      canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    }
+    const ctx = canvas.getContext("2d");
+    const tiles = (pane.nv.screenSlices || []).filter((t) => t.axCorSag <= SLICE_TYPE.SAGITTAL && t.fovMM?.length);
+    const crosshair = pane.nv.volumes.length ? pane.nv.frac2mm(pane.nv.scene.crosshairPos) : null;
+    if (!tiles.length || !crosshair) return;
+    const ratio = window.devicePixelRatio || 1;
+    ctx.lineWidth = OUTLINE_PX * ratio;
+    ctx.lineCap = "square";
+    for (const outline of pane.outlines) outline.draw(ctx, tiles, crosshair);
+    if (pane.mapOutline) pane.mapOutline.draw(ctx, tiles, crosshair);
+    const peak = this.data?.panes.find((p) => p.key === pane.key)?.peak_mm;
+    if (peak && pane.mapOutline) this.drawPeak(ctx, tiles, pane.mapOutline.grid, peak, crosshair, ratio);
+  }
+
+  // A ring with four ticks around the map's peak, on each tile whose slice holds it (within half a voxel).
+  drawPeak(ctx, tiles, mapGrid, peak, crosshair, ratio) {
+    const planeAxis = { [SLICE_TYPE.AXIAL]: 2, [SLICE_TYPE.CORONAL]: 1, [SLICE_TYPE.SAGITTAL]: 0 };
+    const at = mapGrid.toVox(peak);
+    const here = mapGrid.toVox(crosshair);
+    const r = 7 * ratio;
+    for (const tile of tiles) {
+      const axis = mapGrid.along(planeAxis[tile.axCorSag]);
+      if (Math.abs(Math.round(here[axis]) - at[axis]) > 0.5) continue;
+      const [x, y] = tileXY(tile, peak);
+      for (const [colour, width] of [["#000", ctx.lineWidth + 2 * ratio], [PEAK_COLOUR, ctx.lineWidth]]) {
+        ctx.strokeStyle = colour;
+        ctx.lineWidth = width;
+        ctx.beginPath();
+        ctx.arc(x, y, r, 0, 2 * Math.PI);
+        for (const [dx, dy] of [[1, 0], [-1, 0], [0, 1], [0, -1]]) {
+          ctx.moveTo(x + dx * r, y + dy * r);
+          ctx.lineTo(x + dx * 2 * r, y + dy * 2 * r);
+        }
+        ctx.stroke();
+      }
+      ctx.lineWidth = OUTLINE_PX * ratio;
+    }
   }
 
   colourBar(pane, nv) {
@@ -440,26 +638,16 @@ class Viewer {
       parts.push(`rgb(${stops[1020]},${stops[1021]},${stops[1022]})`);
       gradient = `linear-gradient(90deg, ${parts.join(",")})`;
     }
-    const unit = this.data?.map_unit ? `raw ${this.data.map_unit}` : "raw";
+    const scale = this.data?.map_scale || { name: "map", meaning: "" };
     pane.cbar.replaceChildren();
-    const label = el("div", "", `map (${unit}); transparent at or below ${threshold.toFixed(3)}`);
+    const head = el("div", "", `${scale.name} (meaning below the image)`);
+    const cut = el("div", "", `≤ ${threshold.toFixed(3)}: transparent, cyan border`);
     const ramp = el("div", "ramp");
     ramp.style.background = gradient;
     const ticks = el("div", "ticks");
     ticks.append(el("span", "", threshold.toFixed(3)), el("span", "", ((threshold + vmax) / 2).toFixed(3)),
       el("span", "", vmax.toFixed(3)));
-    pane.cbar.append(label, ramp, ticks);
-  }
-
-  mark(nv, pane, threshold, outline) {
-    const map = nv.volumes.find((v) => v.layerKind === "map");
-    const old = nv.volumes.find((v) => v.layerKind === "marks");
-    const key = `${threshold}:${outline}:${pane.layersKey}`;
-    if (!map || pane.marksKey === key) return;
-    pane.marksKey = key;
-    if (old) nv.removeVolume(old);
-    const spec = this.data.panes.find((p) => p.key === pane.key);
-    nv.addVolume(annotate(map, threshold, spec?.peak_mm, outline));
+    pane.cbar.append(head, ramp, ticks, cut);
   }
 
   moveTo(key, mm, link) {
@@ -471,8 +659,19 @@ class Viewer {
     if (link) this.follow(pane, mm);
   }
 
+  setLinked(linked) {
+    this.linked = linked;
+    this.refreshBar();
+    const a = this.panes.get(this.data?.panes[0].key);
+    if (linked && a?.mm) { // B comes back to A's point, and Python hears that the cursors are one again
+      this.follow(a, a.mm);
+      this.clickSeq += 1;
+      this.report("click", { pane: a.key, mm: a.mm, seq: `${this.viewSeq}:${this.clickSeq}`, linked: true });
+    }
+  }
+
   follow(source, mm) {
-    if (this.syncing || this.data?.link !== "mm") return;
+    if (this.syncing || !this.linked || this.data?.link !== "mm") return;
     this.syncing = true;
     for (const pane of this.panes.values()) {
       if (pane === source || !pane.nv.volumes.length) continue;
@@ -488,7 +687,7 @@ class Viewer {
     const values = (location.values || []).map((v, i) => {
       const kind = pane.nv.volumes[i]?.layerKind;
       if (kind === "image") return `image ${Number(v.value).toFixed(0)}`;
-      if (kind === "map") return `map ${Number(v.value).toFixed(3)} ${this.data?.map_unit || ""}`;
+      if (kind === "map") return `map ${Number(v.value).toFixed(3)} ${this.data?.map_scale?.name || ""}`;
       return "";
     }).filter(Boolean);
     pane.read.textContent = `(${pane.mm.join(", ")}) mm RAS · voxel (${round(location.vox, 0).join(", ")}) · `
@@ -499,7 +698,8 @@ class Viewer {
   clicked(pane) {
     if (this.mode !== "crosshair" || !pane.mm) return;
     this.clickSeq += 1;
-    this.report("click", { pane: pane.key, mm: pane.mm, seq: `${this.viewSeq}:${this.clickSeq}` });
+    this.report("click", { pane: pane.key, mm: pane.mm, seq: `${this.viewSeq}:${this.clickSeq}`,
+      linked: this.linked });
   }
 
   dragged(pane) {
@@ -520,9 +720,12 @@ class Viewer {
   }
 
   resize() {
-    const top = this.paneRow.getBoundingClientRect().top;
+    // the panes' top on the page, scrolled or not (a button clicked lower down scrolls Streamlit's main block)
+    const main = document.querySelector("[data-testid='stMain']");
+    const top = this.paneRow.getBoundingClientRect().top + (main ? main.scrollTop : 0) + window.scrollY;
     const fixed = this.data?.height;
-    const height = fixed || Math.max(360, Math.floor(window.innerHeight - Math.max(0, top) - 12));
+    const below = this.scale.getBoundingClientRect().height + this.notes.getBoundingClientRect().height;
+    const height = fixed || Math.max(360, Math.floor(window.innerHeight - Math.max(0, top) - below - 12));
     for (const pane of this.panes.values()) {
       pane.box.querySelector(".mv-canvas").style.height = `${height}px`;
       pane.nv.resizeListener?.();
