@@ -2,6 +2,12 @@
 
 No training or data logic lives here. A `UserError` anywhere below becomes a one-line message on
 stderr and exit code 2, without a traceback.
+
+Start-up stays light (`medssl --help`, `config list`, a refused option: well under a second): this module
+and `medssl/bench/cli.py` import only the standard library, typer and `medssl.cli_options`, `errors`,
+`threads` at module level. Each command imports what it runs inside its body, and reads its config first with
+`load_config(path, "module:Schema", overrides)`, which imports the schema's module (and torch) only once the
+file and the overrides have been read. `tests/test_cli.py` checks that no command's --help imports torch.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ try:  # typer >= 0.22 vendors click
 except ImportError:  # pragma: no cover - older typer on click
     import click.exceptions as click_errors
 
+from medssl.atomic import unwritable
 from medssl.bench.cli import bench_app
 from medssl.cli_options import ConfigOpt, OverridesArg, PretrainedOpt, ResumeOpt, RunDirOpt
-from medssl.config import load_config
 from medssl.errors import UserError, one_line
+from medssl.threads import request_threads
 
 app = typer.Typer(help="medssl: self-supervised pretraining on hospital data (3D volumes, physiological signals) "
                        "and the heads that use it. Every command has --help.", no_args_is_help=True,
@@ -40,14 +47,10 @@ for sub, name in ((manifest_app, "manifest"), (pretrain_app, "pretrain"), (finet
 @app.callback()
 def _threads(threads: Annotated[Optional[int], typer.Option(
         min=1, help="torch CPU threads (default: OMP_NUM_THREADS when set, else the cores the load average leaves "
-                    "free, so that two jobs on one machine do not slow each other 3-20x).")] = None) -> None:
-    from medssl.threads import choose_threads
-
-    chosen = choose_threads(threads)
-    if chosen is not None:
-        import torch
-
-        torch.set_num_threads(chosen)
+                    "free, so that two jobs on one machine do not slow each other 3-20x). The demo and the benches "
+                    "that print figures compute with 1 thread whatever this says, so that their figures "
+                    "reproduce.")] = None) -> None:
+    request_threads(threads)  # given to torch when a command imports it
 
 # ---------------------------------------------------------------------------------------- data
 
@@ -143,56 +146,64 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
 def pretrain_volume_command(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeOpt = False,
                             overrides: OverridesArg = None) -> None:
     """Pretrain a 3D encoder on unlabeled volumes (anatomical consistency, multi-level contrast)."""
-    from medssl.pretrain.volume import PretrainVolumeConfig, pretrain_volume
+    from medssl.config import load_config
+
+    cfg = load_config(config, "medssl.pretrain.volume:PretrainVolumeConfig", overrides)
+    from medssl.pretrain.volume import pretrain_volume
 
     run_dir = output or Path("runs/pretrain_volume")
-    _print_summary(run_dir, pretrain_volume(load_config(config, PretrainVolumeConfig, overrides), run_dir,
-                                            resume=resume))
+    _print_summary(run_dir, pretrain_volume(cfg, run_dir, resume=resume))
 
 
 @pretrain_app.command("timeseries")
 def pretrain_timeseries_command(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeOpt = False,
                                 overrides: OverridesArg = None) -> None:
     """Pretrain a signal encoder with four-level hierarchical contrast (observation, sample, trial, patient)."""
-    from medssl.pretrain.timeseries import PretrainTimeseriesConfig, pretrain_timeseries
+    from medssl.config import load_config
+
+    cfg = load_config(config, "medssl.pretrain.timeseries:PretrainTimeseriesConfig", overrides)
+    from medssl.pretrain.timeseries import pretrain_timeseries
 
     run_dir = output or Path("runs/pretrain_timeseries")
-    _print_summary(run_dir, pretrain_timeseries(load_config(config, PretrainTimeseriesConfig, overrides), run_dir,
-                                                resume=resume))
+    _print_summary(run_dir, pretrain_timeseries(cfg, run_dir, resume=resume))
 
 
 @finetune_app.command("seg")
 def finetune_seg_command(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
                          resume: ResumeOpt = False, overrides: OverridesArg = None) -> None:
     """Fine-tune a 3D segmentation network, from scratch or from a pretrained encoder."""
-    from medssl.downstream.segmentation.config import FinetuneSegConfig
+    from medssl.config import load_config
+
+    cfg = load_config(config, "medssl.downstream.segmentation.config:FinetuneSegConfig", overrides)
     from medssl.downstream.segmentation.task import finetune_seg
 
     run_dir = output or Path("runs/finetune_seg")
-    _print_summary(run_dir, finetune_seg(load_config(config, FinetuneSegConfig, overrides), run_dir,
-                                         pretrained=pretrained, resume=resume))
+    _print_summary(run_dir, finetune_seg(cfg, run_dir, pretrained=pretrained, resume=resume))
 
 
 @eval_app.command("timeseries")
 def eval_timeseries_command(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
                             overrides: OverridesArg = None) -> None:
     """Classify signals with a linear probe and fine-tuning at label fractions drawn per patient."""
-    from medssl.downstream.ts_classification import EvalTimeseriesConfig, eval_timeseries
+    from medssl.config import load_config
 
-    eval_timeseries(load_config(config, EvalTimeseriesConfig, overrides), output or Path("runs/eval_timeseries"),
-                    pretrained=pretrained)
+    cfg = load_config(config, "medssl.downstream.ts_classification:EvalTimeseriesConfig", overrides)
+    from medssl.downstream.ts_classification import eval_timeseries
+
+    eval_timeseries(cfg, output or Path("runs/eval_timeseries"), pretrained=pretrained)
 
 
 @ground_app.command("train")
 def ground_train_command(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
                          resume: ResumeOpt = False, overrides: OverridesArg = None) -> None:
     """Train report grounding from (volume, report) pairs; writes grounding.pt, the evaluation and maps' model."""
-    from medssl.downstream.grounding.config import GroundingConfig
+    from medssl.config import load_config
+
+    cfg = load_config(config, "medssl.downstream.grounding.config:GroundingConfig", overrides)
     from medssl.downstream.grounding.task import ground_train
 
     run_dir = output or Path("runs/grounding")
-    _print_summary(run_dir, ground_train(load_config(config, GroundingConfig, overrides), run_dir,
-                                         pretrained=pretrained, resume=resume))
+    _print_summary(run_dir, ground_train(cfg, run_dir, pretrained=pretrained, resume=resume))
 
 
 @ground_app.command("infer")
@@ -320,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         message = one_line(err)
         typer.echo(f"error: {message}", err=True)
+        sys.exit(2)
+    except OSError as err:  # a write outside medssl.atomic (a run folder, TensorBoard) that the file system refused
+        refused = unwritable(err, err.filename) if err.filename else None
+        if refused is None:
+            raise
+        typer.echo(f"error: {one_line(refused)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

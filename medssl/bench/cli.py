@@ -1,4 +1,10 @@
-"""`medssl bench NAME`: benchmarks that print their numbers (speed, memory, label efficiency)."""
+"""`medssl bench NAME`: benchmarks that print their numbers (speed, memory, label efficiency).
+
+Imports as `medssl/cli.py` does (its docstring): module level only the standard library, typer and medssl's
+light modules; each command imports what it runs in its body. The benches whose figures the README prints
+(learning effects: probes, Dice, AUROC, pointing game) call `pin_figure_threads()` first, so that their
+numbers do not depend on the thread count; the speed benches run with the threads they are given.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,8 @@ from typing import Annotated, Optional
 import typer
 
 from medssl.cli_options import OverridesArg
-from medssl.config import load_config
-from medssl.data.manifest import require_manifest_file
 from medssl.errors import UserError
+from medssl.threads import pin_figure_threads
 
 bench_app = typer.Typer(help="Benchmarks that print their numbers (speed, memory, label efficiency).",
                         no_args_is_help=True)
@@ -18,9 +23,10 @@ bench_app = typer.Typer(help="Benchmarks that print their numbers (speed, memory
 
 @bench_app.command("data")
 def data_command(
-    patients: Annotated[int, typer.Option(help="Patients in the synthetic hospital.")] = 8,
-    size: Annotated[int, typer.Option(help="Volume edge length in voxels.")] = 64,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    patients: Annotated[int, typer.Option(min=4, help="Patients in the synthetic hospital (at least 4: the signal "
+                                                      "batches draw 2 training patients).")] = 8,
+    size: Annotated[int, typer.Option(min=16, max=256, help="Volume edge length in voxels.")] = 64,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed.")] = 0,
 ) -> None:
     """Data layer speed: synth, manifest check, volume pipeline (cached / not), signal batches."""
     from medssl.bench.data import bench_data
@@ -31,9 +37,9 @@ def data_command(
 @bench_app.command("pretrain-volume")
 def pretrain_volume_command(
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a fresh synthetic hospital).")] = None,
-    steps: Annotated[int, typer.Option(help="Timed steps (after one warm-up step).")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Anchors per step (4 crops each).")] = 2,
-    crop: Annotated[int, typer.Option(help="Crop edge in voxels.")] = 32,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps (after one warm-up step).")] = 10,
+    batch_size: Annotated[int, typer.Option(min=1, help="Anchors per step (4 crops each).")] = 2,
+    crop: Annotated[int, typer.Option(min=16, help="Crop edge in voxels.")] = 32,
     model: Annotated[str, typer.Option(help="basicunet | segresnet | swinunetr.")] = "basicunet",
 ) -> None:
     """3D pretraining throughput (crops/s, voxels/s), peak memory, data vs compute time."""
@@ -44,16 +50,19 @@ def pretrain_volume_command(
 
 @bench_app.command("volume-probe")
 def volume_probe_command(
-    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat the option).")] = [0, 1, 2],
-    steps: Annotated[int, typer.Option(help="Pretraining steps per seed.")] = 150,
-    batch_size: Annotated[int, typer.Option(help="Anchors per step.")] = 4,
+    seeds: Annotated[list[int], typer.Option("--seed", min=0, help="Seeds (repeat the option).")] = [0, 1, 2],
+    steps: Annotated[int, typer.Option(min=1, help="Pretraining steps per seed.")] = 150,
+    batch_size: Annotated[int, typer.Option(min=1, help="Anchors per step.")] = 4,
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a synthetic hospital).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/bench_volume_probe"),
 ) -> None:
     """Organ probe of the pretrained encoder vs the same encoder at random init, over seeds."""
-    from medssl.bench.pretrain_volume import probe_vs_random_init
+    from medssl.data.manifest import require_manifest_file
 
     require_manifest_file(manifest)
+    pin_figure_threads()
+    from medssl.bench.pretrain_volume import probe_vs_random_init
+
     probe_vs_random_init(seeds=tuple(seeds), steps=steps, batch_size=batch_size, manifest=manifest, out=output)
 
 
@@ -61,20 +70,21 @@ def volume_probe_command(
 def ts_throughput_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="Pretraining config.")] = Path(
         "configs/pretrain_timeseries.yaml"),
-    steps: Annotated[int, typer.Option(help="Timed steps.")] = 20,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps.")] = 3,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps.")] = 20,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed warm-up steps.")] = 3,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads.")] = None,
     overrides: OverridesArg = None,
 ) -> None:
     """Signal pretraining step: one pair of views for all levels vs re-encoding per level (ratio)."""
-    from medssl.bench.timeseries import throughput
-    from medssl.pretrain.timeseries import PretrainTimeseriesConfig
+    from medssl.config import load_config
 
     if device is not None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise UserError(f"--device: {device!r} is not cpu, cuda or cuda:N")
-    throughput(load_config(config, PretrainTimeseriesConfig, overrides), steps=steps, warmup=warmup, device=device,
-               threads=threads)
+    cfg = load_config(config, "medssl.pretrain.timeseries:PretrainTimeseriesConfig", overrides)
+    from medssl.bench.timeseries import throughput
+
+    throughput(cfg, steps=steps, warmup=warmup, device=device, threads=threads)
 
 
 @bench_app.command("ts-label-efficiency")
@@ -84,17 +94,19 @@ def ts_label_efficiency_command(
     eval_config: Annotated[Path, typer.Option("--eval-config", help="Evaluation config.")] = Path(
         "configs/eval_timeseries.yaml"),
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/ts_label_efficiency"),
-    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat the option).")] = [0, 1, 2],
+    seeds: Annotated[list[int], typer.Option("--seed", min=0, help="Seeds (repeat the option).")] = [0, 1, 2],
     pretrain_set: Annotated[Optional[list[str]], typer.Option(help="Override for the pretraining config.")] = None,
     eval_set: Annotated[Optional[list[str]], typer.Option(help="Override for the evaluation config.")] = None,
 ) -> None:
     """Four-level vs two-level (TS2Vec-like) vs scratch at 100/10/1 % labels, over seeds."""
-    from medssl.bench.timeseries import label_efficiency
-    from medssl.downstream.ts_classification import EvalTimeseriesConfig
-    from medssl.pretrain.timeseries import PretrainTimeseriesConfig
+    from medssl.config import load_config
 
-    label_efficiency(load_config(pretrain_config, PretrainTimeseriesConfig, pretrain_set),
-                     load_config(eval_config, EvalTimeseriesConfig, eval_set), output, seeds=tuple(seeds))
+    pretrain = load_config(pretrain_config, "medssl.pretrain.timeseries:PretrainTimeseriesConfig", pretrain_set)
+    evaluation = load_config(eval_config, "medssl.downstream.ts_classification:EvalTimeseriesConfig", eval_set)
+    pin_figure_threads()
+    from medssl.bench.timeseries import label_efficiency
+
+    label_efficiency(pretrain, evaluation, output, seeds=tuple(seeds))
 
 
 @bench_app.command("label-efficiency")
@@ -103,13 +115,14 @@ def label_efficiency_command(
         "runs/label_efficiency"),
     cohorts: Annotated[list[str], typer.Option("--cohort", help="hospital and/or mni152 (repeat).")] = [
         "hospital", "mni152"],
-    counts: Annotated[list[int], typer.Option("--count", help="Labelled training volumes (repeat).")] = [1, 2, 4, 8],
-    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat).")] = [0, 1, 2],
+    counts: Annotated[list[int], typer.Option("--count", min=1, help="Labelled training volumes (repeat).")] = [
+        1, 2, 4, 8],
+    seeds: Annotated[list[int], typer.Option("--seed", min=0, help="Seeds (repeat).")] = [0, 1, 2],
     inits: Annotated[list[str], typer.Option("--init", help="scratch, encoder and/or network (repeat).")] = [
         "scratch", "encoder", "network"],
-    steps: Annotated[Optional[int], typer.Option(help="Fine-tuning steps (default: the config's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Fine-tuning steps (default: the config's).")] = None,
     pretrain_steps: Annotated[Optional[int], typer.Option(
-        help="Steps of both pretrainings (default: each config's).")] = None,
+        min=1, help="Steps of both pretrainings (default: each config's).")] = None,
     finetune_config: Annotated[Path, typer.Option(help="Fine-tuning config.")] = Path("configs/finetune_seg.yaml"),
     encoder_config: Annotated[Path, typer.Option(help="Pretraining config of the 'encoder' init.")] = Path(
         "configs/pretrain_volume.yaml"),
@@ -124,6 +137,7 @@ def label_efficiency_command(
 ) -> None:
     """Segmentation Dice vs number of labelled volumes: scratch, pretrained encoder, pretrained whole network;
     same budget, crops and seeds; paired differences; CSV, markdown, PNG. Resumes where it stopped."""
+    pin_figure_threads()
     from medssl.bench.label_efficiency import label_efficiency
 
     label_efficiency(output, cohorts=tuple(cohorts), counts=tuple(counts), seeds=tuple(seeds), inits=tuple(inits),
@@ -135,8 +149,8 @@ def label_efficiency_command(
 
 @bench_app.command("seg-inference")
 def seg_inference_command(
-    size: Annotated[int, typer.Option(help="Volume edge in voxels.")] = 64,
-    volumes: Annotated[int, typer.Option(help="Timed volumes.")] = 5,
+    size: Annotated[int, typer.Option(min=16, max=512, help="Volume edge in voxels.")] = 64,
+    volumes: Annotated[int, typer.Option(min=1, help="Timed volumes.")] = 5,
 ) -> None:
     """Sliding-window inference speed (volumes/s) and peak memory of the fine-tuning network."""
     from medssl.bench.label_efficiency import inference_speed
@@ -148,16 +162,17 @@ def seg_inference_command(
 def grounding_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (resumable).")] = Path(
         "runs/bench_grounding"),
-    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat).")] = [0, 1, 2],
+    seeds: Annotated[list[int], typer.Option("--seed", min=0, help="Seeds (repeat).")] = [0, 1, 2],
     variants: Annotated[list[str], typer.Option("--variant", help="ours, random_init, global_only (repeat).")] = [
         "ours", "random_init", "global_only"],
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a 60-patient hospital).")] = None,
     pretrained: Annotated[Optional[Path], typer.Option(help="Pretrained encoder (default: pretrain one).")] = None,
-    pretrain_steps: Annotated[int, typer.Option(help="Pretraining steps when no encoder is given.")] = 400,
+    pretrain_steps: Annotated[int, typer.Option(min=1, help="Pretraining steps when no encoder is given.")] = 400,
     config: Annotated[Path, typer.Option("--config", "-c", help="Grounding config.")] = Path("configs/grounding.yaml"),
     overrides: OverridesArg = None,
 ) -> None:
     """Report grounding: ours vs a random-init encoder vs global-only, same budget and seeds; README table."""
+    pin_figure_threads()
     from medssl.bench.grounding import grounding_benchmark
 
     grounding_benchmark(output, seeds=tuple(seeds), manifest=manifest, pretrained=pretrained,
@@ -184,9 +199,12 @@ def grounding_ceiling_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="Grounding config.")] = Path("configs/grounding.yaml"),
 ) -> None:
     """With labels, how well can the frozen grounding features point at lesions? (AUROC, pointing game)"""
-    from medssl.bench.grounding import feature_ceiling
+    from medssl.data.manifest import require_manifest_file
 
     require_manifest_file(manifest)
+    pin_figure_threads()
+    from medssl.bench.grounding import feature_ceiling
+
     feature_ceiling(manifest, pretrained, config=config)
 
 
@@ -195,7 +213,7 @@ def grounding_speed_command(
     checkpoint: Annotated[Path, typer.Option(help="Grounding model (RUN/grounding.pt).")],
     image: Annotated[Path, typer.Option(help="Volume.")],
     report: Annotated[Path, typer.Option(help="Report whose statements are grounded together.")],
-    repeats: Annotated[int, typer.Option(help="Timed repeats (the best is reported).")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (the best is reported).")] = 3,
 ) -> None:
     """Seconds to ground one phrase in one volume, and phrases/s for a whole report (one image pass)."""
     from medssl.bench.grounding import grounding_speed
