@@ -358,7 +358,8 @@ def test_a_read_only_or_full_file_system_is_one_line_and_leaves_nothing(
     mnt.mkdir()
     argv = [a.format(mnt=mnt, hospital=hospital) for a in command]
     script = (f"mount -t tmpfs -o {filesystem} none {mnt} && dd if=/dev/zero of={mnt}/filler bs=1k count=40 "
-              f"2>/dev/null; {sys.executable} -m medssl {' '.join(argv)}; code=$?; echo listing: $(ls -A {mnt}); exit $code")
+              f"2>/dev/null; {sys.executable} -m medssl {' '.join(argv)}; code=$?; echo listing: $(ls -A {mnt}); "
+              "exit $code")
     done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, encoding="utf-8",
                           timeout=300)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
