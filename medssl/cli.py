@@ -181,10 +181,17 @@ def finetune_seg_command(config: ConfigOpt, pretrained: PretrainedOpt = None, ou
     _print_summary(run_dir, finetune_seg(cfg, run_dir, pretrained=pretrained, resume=resume))
 
 
-@eval_app.command("timeseries")
+_NO_EVAL_RESUME = ("no --resume: an evaluation is short (the probes take seconds; each fine-tuning is train.steps "
+                   "steps, 100 in the shipped config); rerun it into a new or empty -o folder")
+
+
+@eval_app.command("timeseries", help="Classify signals with a linear probe and fine-tuning at label fractions drawn "
+                                     f"per patient.\n\nIt has {_NO_EVAL_RESUME}.")
 def eval_timeseries_command(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
-                            overrides: OverridesArg = None) -> None:
-    """Classify signals with a linear probe and fine-tuning at label fractions drawn per patient."""
+                            overrides: OverridesArg = None,
+                            resume: Annotated[bool, typer.Option("--resume", hidden=True)] = False) -> None:
+    if resume:
+        raise UserError(f"eval timeseries has {_NO_EVAL_RESUME}")
     from medssl.config import load_config
 
     cfg = load_config(config, "medssl.downstream.ts_classification:EvalTimeseriesConfig", overrides)

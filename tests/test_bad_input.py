@@ -136,6 +136,12 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (run / "checkpoints" / "last.pt").write_bytes(b"corrupt")
     (ws / "out_busy").mkdir()
     (ws / "out_busy" / "keep.txt").write_text("precious", encoding="utf-8")
+    # a real one-step pretraining: its checkpoint against a config of another architecture
+    from medssl.config import load_config
+    from medssl.pretrain.volume import PretrainVolumeConfig, pretrain_volume
+
+    pretrain_volume(load_config(TINY["pretrain volume"], PretrainVolumeConfig, [
+        f"data.manifest={ws / M}", "train.steps=1", "probe.enabled=false"]), ws / "run_tiny")
     return ws
 
 
@@ -212,6 +218,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("volume-resume-missing", [*cfg("pretrain volume"), "-o", "no_run", "--resume"], "no_run"),
     ("volume-resume-corrupt", [*cfg("pretrain volume"), "-o", "run", "--resume"], "last.pt"),
     ("volume-cache-dir-is-file", cfg("pretrain volume", "data.cache_dir=a_file"), "a_file"),
+    ("volume-resume-other-arch", [*cfg("pretrain volume", "train.steps=2", "heads.proj_dim=16"), "-o", "run_tiny",
+                                  "--resume"], "the checkpoint's architecture differs from the config's: "
+                                               "heads.proj_dim: 64 in the checkpoint, 16 in the config"),
     ("volume-huge-voxels", cfg("pretrain volume", manifest="hospital/huge_voxels.json"), "huge_voxels.nii.gz"),
     ("volume-zero-voxel-size", cfg("pretrain volume", manifest="hospital/zero_voxels.json"), "zero_voxels.nii.gz"),
     ("volume-absurd-mha-spacing", cfg("pretrain volume", manifest="hospital/absurd_mha.json"),
@@ -220,6 +229,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("ts-unknown-channel", cfg("pretrain timeseries", "data.channels=[FOO]"), "FOO"),
     ("ts-zero-fs", cfg("pretrain timeseries", "data.fs=0"), "data.fs"),
     ("ts-zero-batch", cfg("pretrain timeseries", "train.batch_size=0"), "train.batch_size"),
+    ("ts-short-signal", cfg("pretrain timeseries", "data.window_seconds=30"),
+     "shorter than one window of 1500 samples; set data.short=skip to leave it out, or a shorter data.window_seconds"),
+    ("ts-every-signal-skipped", cfg("pretrain timeseries", "data.window_seconds=30", "data.short=skip"),
+     "no window of 1500 samples left in any recording"),
     ("ts-missing-manifest", cfg("pretrain timeseries", manifest="hospital/none.json"), "none.json"),
     # finetune seg
     ("seg-missing-pretrained", [*cfg("finetune seg"), "--pretrained", "gone.pt"], "gone.pt"),
@@ -229,10 +242,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("seg-zero-labelled", cfg("finetune seg", "seg.labelled_volumes=0"), "seg.labelled_volumes"),
     ("seg-two-splits", cfg("finetune seg", manifest="hospital/two_splits.json"), "P00"),
     ("seg-label-shape", cfg("finetune seg", manifest="hospital/label_shape.json"), "small_label.nii.gz"),
+    ("seg-pretrained-other-arch", [*cfg("finetune seg", "model.width=16"), "--pretrained", "run_tiny/encoder.pt"],
+     "run_tiny/encoder.pt: the checkpoint's encoder differs from the config's: model.width: 8 in the checkpoint, 16 "
+     "in the config"),
     ("seg-huge-voxels", cfg("finetune seg", manifest="hospital/huge_voxels.json"), "huge_voxels.nii.gz"),
     # eval timeseries
     ("eval-wrong-kind", [*cfg("eval timeseries"), "--pretrained", "corrupt.pt"], "corrupt.pt"),
     ("eval-one-condition", cfg("eval timeseries", manifest="hospital/one_condition.json"), "at least two conditions"),
+    ("eval-resume", [*cfg("eval timeseries"), "--resume"], "eval timeseries has no --resume: an evaluation is short"),
     ("eval-bad-fraction", cfg("eval timeseries", "eval.fractions=[0]"), "eval.fractions"),
     ("eval-unknown-mode", cfg("eval timeseries", "eval.modes=[magic]"), "eval.modes"),
     # ground train / infer

@@ -428,3 +428,22 @@ def test_a_nifti_voxel_size_without_an_sform_is_refused_by_both_readers(tmp_path
     for read in (read_volume, read_shape):
         with pytest.raises(UserError, match="zero.nii.gz: (voxel size|its affine)"):
             read(tmp_path / "zero.nii.gz")
+
+
+@pytest.mark.parametrize("channel", [[1.1e-5, 1.229, 0.6], [-4.3, -2.6, -3.0], [1000.0, 1000.001, 1000.0005],
+                                     [-7.0, -7.0, -7.0], [0.0, 0.0, 0.0], [float("nan"), 0.2, 3e-7]],
+                         ids=["min-just-above-0", "all-negative", "tiny-range-far-from-0", "constant", "zeros",
+                              "with-nan"])
+def test_wfdb_format_16_stores_any_finite_range(tmp_path: Path, channel: list[float]) -> None:
+    """wfdb's own gain rounds a channel whose minimum lies just above 0 one step past 32767 and refuses to write
+    it; medssl chooses the gain and baseline itself."""
+    rng = np.random.default_rng(0)
+    values = np.array(channel)
+    data = np.stack([np.resize(values, 300), rng.normal(size=300)]).astype(np.float64)
+    write_wfdb(tmp_path / "rec", Signal(data, 100.0, ["A", "B"], ["mV", "mV"], tmp_path / "rec"))
+    back = read_signal(tmp_path / "rec", "wfdb").data
+    finite = np.isfinite(data)
+    assert (np.isnan(back) == ~finite).all()
+    spread = np.nanmax(data, axis=1) - np.nanmin(data, axis=1)
+    tolerance = np.maximum(spread / 65000, np.abs(np.nan_to_num(data)).max(axis=1) * 1e-6)[:, None]
+    assert (np.abs(np.nan_to_num(back - data)) <= tolerance + 1e-9).all()

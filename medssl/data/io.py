@@ -414,15 +414,36 @@ def write_wfdb(path: str | os.PathLike, signal: Signal) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     comments = [str(c) for c in signal.meta.get("comments", [])]
     units = [unit or "NU" for unit in signal.units]
+    data = np.asarray(signal.data, dtype=np.float64)
+    gains, baselines = _fmt16_scaling(data)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
         try:
-            wfdb.wrsamp(path.name, fs=float(signal.fs), units=units, sig_name=list(signal.channels),
-                        p_signal=np.asarray(signal.data, dtype=np.float64).T, fmt=["16"] * len(signal.channels),
-                        comments=comments, write_dir=tmp)
+            wfdb.wrsamp(path.name, fs=float(signal.fs), units=units, sig_name=list(signal.channels), p_signal=data.T,
+                        fmt=["16"] * len(signal.channels), adc_gain=gains, baseline=baselines, comments=comments,
+                        write_dir=tmp)
         except Exception as err:  # wfdb raises ValueError/TypeError for names, units and shapes
             raise UserError(f"{path}: cannot write WFDB record ({one_line(err, with_type=True)})") from err
         for suffix in (".dat", ".hea"):
             os.replace(Path(tmp, path.name + suffix), path.parent / (path.name + suffix))
+
+
+def _fmt16_scaling(data: np.ndarray) -> tuple[list[float], list[int]]:
+    """Per channel of `data` (C, T): the ADC gain and integer baseline that put its finite values within WFDB format
+    16's [-32767, 32767] (-32768 stands for NaN) with one step to spare at each end. wfdb's own choice can round a
+    channel's maximum one step past 32767 (a channel whose minimum lies just above 0) and then refuses to write."""
+    low, high = -32767 + 1, 32767 - 1
+    gains, baselines = [], []
+    for channel in data:
+        finite = channel[np.isfinite(channel)]
+        pmin, pmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        gain = (high - low) / (pmax - pmin) if pmax > pmin else (1.0 / abs(pmin) if pmin else 1.0)
+        baseline = round(low - gain * pmin) if pmax > pmin else 0
+        if abs(baseline) >= 2**31:  # a tiny range far from 0: the int32 baseline bounds the gain
+            baseline = int(np.sign(baseline)) * (2**31 - 1)
+            gain = (high - baseline) / pmax if pmax > 0 else (low - baseline) / pmin
+        gains.append(gain)
+        baselines.append(int(baseline))
+    return gains, baselines
 
 
 def _resample(data: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:

@@ -45,7 +45,8 @@ from torch import nn
 
 from medssl.config import StrictModel
 from medssl.errors import UserError
-from medssl.training.checkpoint import Kind, LoadReport, load_checkpoint, load_weights, save_checkpoint
+from medssl.training.checkpoint import (Kind, LoadReport, arch_differences, load_checkpoint, load_weights,
+                                       save_checkpoint)
 
 PRETRAIN_PREFIX = "encoder."  # attribute name of the encoder in the pretraining model
 NETWORK_PREFIX = "network."  # attribute name of the whole network there (whole-network objectives)
@@ -388,8 +389,8 @@ def load_pretrained(network: nn.Module, checkpoint_path: str | Path, *, arch: Vo
                         f"'{Kind.VOLUME_ENCODER}', '{Kind.VOLUME_NETWORK}' or '{Kind.PRETRAIN_VOLUME}')")
     stored = _stored_arch(payload["arch"], kind, source)
     if stored != arch:
-        raise UserError(f"{source}: checkpoint encoder {stored.model_dump(mode='json')} differs from the "
-                        f"configured model {arch.model_dump(mode='json')}")
+        raise UserError(f"{source}: the checkpoint's encoder differs from the config's: " + arch_differences(
+            stored.model_dump(mode="json"), arch.model_dump(mode="json"), prefix="model"))
     weights = _strip_prefix(payload["model"], DDP_PREFIX)
     whole: dict[str, torch.Tensor] | None = weights if kind == Kind.VOLUME_NETWORK else None
     if kind == Kind.PRETRAIN_VOLUME:
