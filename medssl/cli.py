@@ -27,7 +27,7 @@ from medssl.atomic import unwritable
 from medssl.bench.cli import bench_app
 from medssl.cli_options import ConfigOpt, OverridesArg, PretrainedOpt, ResumeOpt, RunDirOpt
 from medssl.errors import UserError, one_line
-from medssl.threads import request_threads
+from medssl.threads import pin_figure_threads, request_threads
 
 app = typer.Typer(help="medssl: self-supervised pretraining on hospital data (3D volumes, physiological signals) "
                        "and the heads that use it. Every command has --help.", no_args_is_help=True,
@@ -254,7 +254,9 @@ def ground_infer_command(
 @app.command("demo")
 def demo_command(output: Annotated[Path, typer.Option("--output", "-o", help="Demo output folder.")] = Path("demo_out"),
          ) -> None:
-    """Run the main job end to end on the embedded default data and print a summary."""
+    """Run the main job end to end on the embedded default data and print a summary. It computes with one thread,
+    so that its figures are the same on every machine (--threads does not change them)."""
+    pin_figure_threads()  # its figures reproduce whatever --threads or the machine say
     from medssl.demo import run_demo
 
     run_demo(output)

@@ -97,7 +97,19 @@ def request_threads(requested: int | None) -> None:
         set_torch_threads(chosen)
 
 
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 def pin_figure_threads() -> None:
     """Compute with `FIGURE_THREADS` from here on (the demo and the benches that print figures): their numbers
-    then do not depend on the machine's cores, its load, `--threads` or OMP_NUM_THREADS."""
+    then do not depend on the machine's cores, its load, `--threads` or OMP_NUM_THREADS. torch, and the BLAS and
+    OpenMP libraries of numpy, scipy and scikit-learn (the probes' fits): those loaded already through
+    threadpoolctl, those loaded later (and the command's own worker processes) through the environment. Only
+    these commands set the environment, and they start no server."""
+    for name in _THREAD_VARIABLES:
+        os.environ[name] = str(FIGURE_THREADS)
+    if any(name in sys.modules for name in ("numpy", "torch")):
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(FIGURE_THREADS)
     set_torch_threads(FIGURE_THREADS)

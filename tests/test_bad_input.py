@@ -204,6 +204,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("override-unknown-model", cfg("pretrain volume", "model.name=resnet"), "model.name"),
     ("override-2d-crop", cfg("pretrain volume", "data.crop_size=[32, 32]"), "data.crop_size"),
     ("override-bad-window", cfg("pretrain volume", "data.window=[40]"), "data.window"),
+    ("volume-one-anchor-batch-norm", cfg("pretrain volume", "train.batch_size=1"),
+     "train.batch_size is 1 but heads.norm is batch"),
     ("override-value-is-section", cfg("pretrain volume", "train.steps.x=1"), "train.steps"),
     # pretrain volume: data and run folder
     ("volume-missing-manifest", cfg("pretrain volume", manifest="hospital/none.json"), "none.json"),
@@ -293,6 +295,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-pretrain-steps-0", ["bench", "pretrain-volume", "--steps", "0"], "'--steps'"),
     ("bench-pretrain-batch-negative", ["bench", "pretrain-volume", "--batch-size", "-2"], "'--batch-size'"),
     ("bench-pretrain-crop-0", ["bench", "pretrain-volume", "--crop", "0"], "'--crop'"),
+    ("bench-probe-one-anchor", ["bench", "volume-probe", "--batch-size", "1", "--output", "probe"], "'--batch-size'"),
     ("bench-probe-steps-0", ["bench", "volume-probe", "--steps", "0", "--output", "probe"], "'--steps'"),
     ("bench-ts-steps-0", ["bench", "ts-throughput", "--steps", "0"], "'--steps'"),
     ("bench-ts-warmup-negative", ["bench", "ts-throughput", "--warmup", "-1"], "'--warmup'"),

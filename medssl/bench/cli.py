@@ -38,7 +38,7 @@ def data_command(
 def pretrain_volume_command(
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a fresh synthetic hospital).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Timed steps (after one warm-up step).")] = 10,
-    batch_size: Annotated[int, typer.Option(min=1, help="Anchors per step (4 crops each).")] = 2,
+    batch_size: Annotated[int, typer.Option(min=2, help="Anchors per step (4 crops each; batch norm needs 2).")] = 2,
     crop: Annotated[int, typer.Option(min=16, help="Crop edge in voxels.")] = 32,
     model: Annotated[str, typer.Option(help="basicunet | segresnet | swinunetr.")] = "basicunet",
 ) -> None:
@@ -52,7 +52,7 @@ def pretrain_volume_command(
 def volume_probe_command(
     seeds: Annotated[list[int], typer.Option("--seed", min=0, help="Seeds (repeat the option).")] = [0, 1, 2],
     steps: Annotated[int, typer.Option(min=1, help="Pretraining steps per seed.")] = 150,
-    batch_size: Annotated[int, typer.Option(min=1, help="Anchors per step.")] = 4,
+    batch_size: Annotated[int, typer.Option(min=2, help="Anchors per step (batch norm needs 2).")] = 4,
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a synthetic hospital).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/bench_volume_probe"),
 ) -> None:

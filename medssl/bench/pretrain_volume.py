@@ -19,6 +19,7 @@ import torch
 
 from medssl.bench.report import peak_rss_mib, print_table
 from medssl.config import validate_config
+from medssl.errors import UserError
 
 
 def _config(manifest: Path, *, steps: int, batch_size: int, seed: int, crop: int, model: str, probe: bool,
@@ -107,6 +108,8 @@ def probe_vs_random_init(*, seeds: tuple[int, ...] = (0, 1, 2), steps: int = 150
                          probe_every=steps)
         tick = time.perf_counter()
         summary = pretrain_volume(config, run_dir)
+        if "init_probe_dice" not in summary:
+            raise UserError(f"{manifest}: no organ probe to compare ({summary.get('probe_off', 'probe off')})")
         rows.append({"seed": seed, "random_init_probe_dice": summary["init_probe_dice"],
                      "pretrained_probe_dice": summary["final_probe_dice"],
                      "random_init_probe_accuracy": summary["init_probe_accuracy"],

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt, confloat
+from pydantic import Field, PositiveFloat, PositiveInt, confloat, model_validator
 from torch import nn
 
 from medssl.config import StrictModel, TrainConfig, dump_config
@@ -96,6 +96,13 @@ class PretrainVolumeConfig(StrictModel):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     split: Literal["training", "validation", "test"] = "training"
+
+    @model_validator(mode="after")
+    def _batch_norm_needs_two_anchors(self) -> PretrainVolumeConfig:
+        if self.heads.norm == "batch" and self.train.batch_size < 2:
+            raise ValueError("train.batch_size is 1 but heads.norm is batch (batch norm needs at least 2 anchors per "
+                             "step and process): raise train.batch_size or set heads.norm=layer")
+        return self
 
 
 class VolumePretrainModel(nn.Module):
