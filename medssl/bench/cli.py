@@ -41,11 +41,20 @@ def pretrain_volume_command(
     batch_size: Annotated[int, typer.Option(min=2, help="Anchors per step (4 crops each; batch norm needs 2).")] = 2,
     crop: Annotated[int, typer.Option(min=16, help="Crop edge in voxels.")] = 32,
     model: Annotated[str, typer.Option(help="basicunet | segresnet | swinunetr.")] = "basicunet",
+    against: Annotated[Optional[list[str]], typer.Option(help="Also time these objective sets, interleaved, and "
+                                                              "print the step-time ratios (repeat): crop-only, "
+                                                              "no-part-whole, part-whole-isolated.")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds (medians, each round's ratio).")] = 1,
 ) -> None:
-    """3D pretraining throughput (crops/s, voxels/s), peak memory, data vs compute time."""
+    """3D pretraining throughput (crops/s, voxels/s), peak memory, data vs compute time; with --against, the
+    shipped objectives' step time against other objective sets (e.g. crop contrast alone)."""
+    unknown = [name for name in against or [] if name not in ("crop-only", "no-part-whole", "part-whole-isolated")]
+    if unknown:
+        raise UserError(f"--against: {', '.join(unknown)}; give crop-only, no-part-whole or part-whole-isolated")
     from medssl.bench.pretrain_volume import bench_pretrain_volume
 
-    bench_pretrain_volume(manifest=manifest, steps=steps, batch_size=batch_size, crop=crop, model=model)
+    bench_pretrain_volume(manifest=manifest, steps=steps, batch_size=batch_size, crop=crop, model=model,
+                          against=tuple(dict.fromkeys(against or [])), rounds=rounds)
 
 
 @bench_app.command("volume-probe")
@@ -55,15 +64,21 @@ def volume_probe_command(
     batch_size: Annotated[int, typer.Option(min=2, help="Anchors per step (batch norm needs 2).")] = 4,
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a synthetic hospital).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/bench_volume_probe"),
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Pretraining config override, dotted "
+                                                           "key=value (repeat), e.g. objectives.part_whole.parts="
+                                                           "isolated.")] = None,
 ) -> None:
     """Organ probe of the pretrained encoder vs the same encoder at random init, over seeds."""
+    from medssl.config import parse_overrides
     from medssl.data.manifest import require_manifest_file
 
+    parse_overrides(overrides or [])  # a malformed one is refused before any work
     require_manifest_file(manifest)
     pin_figure_threads()
     from medssl.bench.pretrain_volume import probe_vs_random_init
 
-    probe_vs_random_init(seeds=tuple(seeds), steps=steps, batch_size=batch_size, manifest=manifest, out=output)
+    probe_vs_random_init(seeds=tuple(seeds), steps=steps, batch_size=batch_size, manifest=manifest, out=output,
+                         overrides=tuple(overrides or ()))
 
 
 @bench_app.command("ts-throughput")

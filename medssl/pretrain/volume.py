@@ -164,7 +164,7 @@ class VolumePretrainModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepOutput:
         feats, z = self.embed(torch.cat([batch[k] for k in VIEWS])) if self.encoder_pass else (None, None)
         step = VolumeStep(batch, z, self.embed, lambda: self.dense(feats[self.dense_level]), network=self.network,
-                          generator=generator, ctx=self.ctx)
+                          generator=generator, ctx=self.ctx, coarse=feats[-1] if feats is not None else None)
         terms: dict[str, torch.Tensor] = {}
         for objective in self.objectives.values():
             terms.update(objective(step))
