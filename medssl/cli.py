@@ -4,8 +4,8 @@ No training or data logic lives here. A `UserError` anywhere below becomes a one
 stderr and exit code 2, without a traceback.
 
 Start-up stays light (`medssl --help`, `config list`, a refused option: well under a second): this module
-and `medssl/bench/cli.py` import only the standard library, typer and `medssl.cli_options`, `errors`,
-`threads` at module level. Each command imports what it runs inside its body, and reads its config first with
+and `medssl/bench/cli.py` import only the standard library, typer and medssl's light modules (`cli_options`,
+`config`, `errors`, `atomic`, `threads`: no torch, numpy or data library) at module level. Each command imports what it runs inside its body, and reads its config first with
 `load_config(path, "module:Schema", overrides)`, which imports the schema's module (and torch) only once the
 file and the overrides have been read. `tests/test_cli.py` checks that no command's --help imports torch.
 """
@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - older typer on click
 from medssl.atomic import unwritable
 from medssl.bench.cli import bench_app
 from medssl.cli_options import ConfigOpt, OverridesArg, PretrainedOpt, ResumeOpt, RunDirOpt
+from medssl.config import load_config
 from medssl.errors import UserError, one_line
 from medssl.threads import pin_figure_threads, request_threads
 
@@ -146,8 +147,6 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
 def pretrain_volume_command(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeOpt = False,
                             overrides: OverridesArg = None) -> None:
     """Pretrain a 3D encoder on unlabeled volumes (anatomical consistency, multi-level contrast)."""
-    from medssl.config import load_config
-
     cfg = load_config(config, "medssl.pretrain.volume:PretrainVolumeConfig", overrides)
     from medssl.pretrain.volume import pretrain_volume
 
@@ -159,8 +158,6 @@ def pretrain_volume_command(config: ConfigOpt, output: RunDirOpt = None, resume:
 def pretrain_timeseries_command(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeOpt = False,
                                 overrides: OverridesArg = None) -> None:
     """Pretrain a signal encoder with four-level hierarchical contrast (observation, sample, trial, patient)."""
-    from medssl.config import load_config
-
     cfg = load_config(config, "medssl.pretrain.timeseries:PretrainTimeseriesConfig", overrides)
     from medssl.pretrain.timeseries import pretrain_timeseries
 
@@ -172,8 +169,6 @@ def pretrain_timeseries_command(config: ConfigOpt, output: RunDirOpt = None, res
 def finetune_seg_command(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
                          resume: ResumeOpt = False, overrides: OverridesArg = None) -> None:
     """Fine-tune a 3D segmentation network, from scratch or from a pretrained encoder."""
-    from medssl.config import load_config
-
     cfg = load_config(config, "medssl.downstream.segmentation.config:FinetuneSegConfig", overrides)
     from medssl.downstream.segmentation.task import finetune_seg
 
@@ -192,8 +187,6 @@ def eval_timeseries_command(config: ConfigOpt, pretrained: PretrainedOpt = None,
                             resume: Annotated[bool, typer.Option("--resume", hidden=True)] = False) -> None:
     if resume:
         raise UserError(f"eval timeseries has {_NO_EVAL_RESUME}")
-    from medssl.config import load_config
-
     cfg = load_config(config, "medssl.downstream.ts_classification:EvalTimeseriesConfig", overrides)
     from medssl.downstream.ts_classification import eval_timeseries
 
@@ -204,8 +197,6 @@ def eval_timeseries_command(config: ConfigOpt, pretrained: PretrainedOpt = None,
 def ground_train_command(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
                          resume: ResumeOpt = False, overrides: OverridesArg = None) -> None:
     """Train report grounding from (volume, report) pairs; writes grounding.pt, the evaluation and maps' model."""
-    from medssl.config import load_config
-
     cfg = load_config(config, "medssl.downstream.grounding.config:GroundingConfig", overrides)
     from medssl.downstream.grounding.task import ground_train
 

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from medssl.cli_options import OverridesArg
+from medssl.config import load_config
 from medssl.errors import UserError
 from medssl.threads import pin_figure_threads
 
@@ -99,8 +100,6 @@ def ts_throughput_command(
 ) -> None:
     """Signal pretraining step: ours (one pair of views for all levels) vs re-encoding per level and/or COMET's
     reference code (ratios), and our step part by part (encoder, each level, backward)."""
-    from medssl.config import load_config
-
     if device is not None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise UserError(f"--device: {device!r} is not cpu, cuda or cuda:N")
     unknown = [name for name in against if name not in ("per-level", "comet")]
@@ -125,8 +124,6 @@ def ts_label_efficiency_command(
     eval_set: Annotated[Optional[list[str]], typer.Option(help="Override for the evaluation config.")] = None,
 ) -> None:
     """Four-level vs two-level (TS2Vec-like) vs scratch at 100/10/1 % labels, over seeds."""
-    from medssl.config import load_config
-
     pretrain = load_config(pretrain_config, "medssl.pretrain.timeseries:PretrainTimeseriesConfig", pretrain_set)
     evaluation = load_config(eval_config, "medssl.downstream.ts_classification:EvalTimeseriesConfig", eval_set)
     pin_figure_threads()
