@@ -223,6 +223,10 @@ CASES: list[tuple[str, list[str], str]] = [
     ("volume-resume-other-arch", [*cfg("pretrain volume", "train.steps=2", "heads.proj_dim=16"), "-o", "run_tiny",
                                   "--resume"], "the checkpoint's architecture differs from the config's: "
                                                "heads.proj_dim: 64 in the checkpoint, 16 in the config"),
+    ("volume-smaller-than-crop", cfg("pretrain volume", "data.small_volume=error", "data.crop_size=[64,64,64]"),
+     "set data.small_volume=pad to zero-pad it"),
+    ("seg-smaller-than-crop", cfg("finetune seg", "data.small_volume=error", "data.crop_size=[64,64,64]"),
+     "set data.small_volume=pad to zero-pad it"),
     ("volume-huge-voxels", cfg("pretrain volume", manifest="hospital/huge_voxels.json"), "huge_voxels.nii.gz"),
     ("volume-zero-voxel-size", cfg("pretrain volume", manifest="hospital/zero_voxels.json"), "zero_voxels.nii.gz"),
     ("volume-absurd-mha-spacing", cfg("pretrain volume", manifest="hospital/absurd_mha.json"),

@@ -131,7 +131,7 @@ def test_bad_config_and_data_are_user_errors(hospital: Path, tmp_path: Path) -> 
         tiny(hospital, "objectives.voxel.weight=-1")
     with pytest.raises(UserError, match="unknown key 'objectives.contour'"):
         tiny(hospital, "objectives.contour.weight=1")
-    with pytest.raises(UserError, match="smaller than crop_size"):
+    with pytest.raises(UserError, match="smaller than data.crop_size"):
         pretrain_volume(tiny(hospital, "data.crop_size=[48,48,48]", "data.small_volume=error"), tmp_path / "small")
     assert not (tmp_path / "small").exists()  # nothing written before the data is known to be usable
     with pytest.raises(UserError, match="modality"):
