@@ -2,6 +2,13 @@
 
 No training or data logic lives here. A `UserError` anywhere below becomes a one-line message on
 stderr and exit code 2, without a traceback.
+
+Start-up stays light (`medssl --help`, `config list`, a refused option: well under a second): this module
+and `medssl/bench/cli.py` import only the standard library, typer and medssl's light modules (`cli_options`,
+`config`, `errors`, `atomic`, `threads`: no torch, numpy or data library) at module level. Each command imports what
+it runs inside its body, and reads its config first with
+`load_config(path, "module:Schema", overrides)`, which imports the schema's module (and torch) only once the
+file and the overrides have been read. `tests/test_cli.py` checks that no command's --help imports torch.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ try:  # typer >= 0.22 vendors click
 except ImportError:  # pragma: no cover - older typer on click
     import click.exceptions as click_errors
 
+from medssl.atomic import unwritable
 from medssl.bench.cli import bench_app
 from medssl.cli_options import ConfigOpt, OverridesArg, PretrainedOpt, ResumeOpt, RunDirOpt
 from medssl.config import load_config
 from medssl.errors import UserError, one_line
+from medssl.threads import pin_figure_threads, request_threads
 
 app = typer.Typer(help="medssl: self-supervised pretraining on hospital data (3D volumes, physiological signals) "
                        "and the heads that use it. Every command has --help.", no_args_is_help=True,
@@ -40,14 +49,10 @@ for sub, name in ((manifest_app, "manifest"), (pretrain_app, "pretrain"), (finet
 @app.callback()
 def _threads(threads: Annotated[Optional[int], typer.Option(
         min=1, help="torch CPU threads (default: OMP_NUM_THREADS when set, else the cores the load average leaves "
-                    "free, so that two jobs on one machine do not slow each other 3-20x).")] = None) -> None:
-    from medssl.threads import choose_threads
-
-    chosen = choose_threads(threads)
-    if chosen is not None:
-        import torch
-
-        torch.set_num_threads(chosen)
+                    "free, so that two jobs on one machine do not slow each other 3-20x). The demo and the benches "
+                    "that print figures compute with 1 thread whatever this says, so that their figures "
+                    "reproduce.")] = None) -> None:
+    request_threads(threads)  # given to torch when a command imports it
 
 # ---------------------------------------------------------------------------------------- data
 
@@ -160,44 +165,50 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
 def pretrain_volume_command(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeOpt = False,
                             overrides: OverridesArg = None) -> None:
     """Pretrain a 3D encoder on unlabeled volumes (anatomical consistency, multi-level contrast)."""
-    from medssl.pretrain.volume import PretrainVolumeConfig, pretrain_volume
+    cfg = load_config(config, "medssl.pretrain.volume:PretrainVolumeConfig", overrides)
+    from medssl.pretrain.volume import pretrain_volume
 
     run_dir = output or Path("runs/pretrain_volume")
-    _print_summary(run_dir, pretrain_volume(load_config(config, PretrainVolumeConfig, overrides), run_dir,
-                                            resume=resume))
+    _print_summary(run_dir, pretrain_volume(cfg, run_dir, resume=resume))
 
 
 @pretrain_app.command("timeseries")
 def pretrain_timeseries_command(config: ConfigOpt, output: RunDirOpt = None, resume: ResumeOpt = False,
                                 overrides: OverridesArg = None) -> None:
     """Pretrain a signal encoder with four-level hierarchical contrast (observation, sample, trial, patient)."""
-    from medssl.pretrain.timeseries import PretrainTimeseriesConfig, pretrain_timeseries
+    cfg = load_config(config, "medssl.pretrain.timeseries:PretrainTimeseriesConfig", overrides)
+    from medssl.pretrain.timeseries import pretrain_timeseries
 
     run_dir = output or Path("runs/pretrain_timeseries")
-    _print_summary(run_dir, pretrain_timeseries(load_config(config, PretrainTimeseriesConfig, overrides), run_dir,
-                                                resume=resume))
+    _print_summary(run_dir, pretrain_timeseries(cfg, run_dir, resume=resume))
 
 
 @finetune_app.command("seg")
 def finetune_seg_command(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
                          resume: ResumeOpt = False, overrides: OverridesArg = None) -> None:
     """Fine-tune a 3D segmentation network, from scratch or from a pretrained encoder."""
-    from medssl.downstream.segmentation.config import FinetuneSegConfig
+    cfg = load_config(config, "medssl.downstream.segmentation.config:FinetuneSegConfig", overrides)
     from medssl.downstream.segmentation.task import finetune_seg
 
     run_dir = output or Path("runs/finetune_seg")
-    _print_summary(run_dir, finetune_seg(load_config(config, FinetuneSegConfig, overrides), run_dir,
-                                         pretrained=pretrained, resume=resume))
+    _print_summary(run_dir, finetune_seg(cfg, run_dir, pretrained=pretrained, resume=resume))
 
 
-@eval_app.command("timeseries")
+_NO_EVAL_RESUME = ("no --resume: an evaluation is short (the probes take seconds; each fine-tuning is train.steps "
+                   "steps, 100 in the shipped config); rerun it into a new or empty -o folder")
+
+
+@eval_app.command("timeseries", help="Classify signals with a linear probe and fine-tuning at label fractions drawn "
+                                     f"per patient.\n\nIt has {_NO_EVAL_RESUME}.")
 def eval_timeseries_command(config: ConfigOpt, pretrained: PretrainedOpt = None, output: RunDirOpt = None,
-                            overrides: OverridesArg = None) -> None:
-    """Classify signals with a linear probe and fine-tuning at label fractions drawn per patient."""
-    from medssl.downstream.ts_classification import EvalTimeseriesConfig, eval_timeseries
+                            overrides: OverridesArg = None,
+                            resume: Annotated[bool, typer.Option("--resume", hidden=True)] = False) -> None:
+    if resume:
+        raise UserError(f"eval timeseries has {_NO_EVAL_RESUME}")
+    cfg = load_config(config, "medssl.downstream.ts_classification:EvalTimeseriesConfig", overrides)
+    from medssl.downstream.ts_classification import eval_timeseries
 
-    eval_timeseries(load_config(config, EvalTimeseriesConfig, overrides), output or Path("runs/eval_timeseries"),
-                    pretrained=pretrained)
+    eval_timeseries(cfg, output or Path("runs/eval_timeseries"), pretrained=pretrained)
 
 
 @ground_app.command("train")
@@ -210,12 +221,11 @@ def ground_train_command(
 ) -> None:
     """Train report grounding: the organ head (where) and a finding scorer from reports (what); writes
     grounding.pt, its calibration and evaluation."""
-    from medssl.downstream.grounding.config import GroundingConfig
+    cfg = load_config(config, "medssl.downstream.grounding.config:GroundingConfig", overrides)
     from medssl.downstream.grounding.task import ground_train
 
     run_dir = output or Path("runs/grounding")
-    _print_summary(run_dir, ground_train(load_config(config, GroundingConfig, overrides), run_dir,
-                                         pretrained=pretrained, organs=organs, resume=resume))
+    _print_summary(run_dir, ground_train(cfg, run_dir, pretrained=pretrained, organs=organs, resume=resume))
 
 
 @ground_app.command("infer")
@@ -260,7 +270,9 @@ def ground_infer_command(
 @app.command("demo")
 def demo_command(output: Annotated[Path, typer.Option("--output", "-o", help="Demo output folder.")] = Path("demo_out"),
          ) -> None:
-    """Run the main job end to end on the embedded default data and print a summary."""
+    """Run the main job end to end on the embedded default data and print a summary. It computes with one thread,
+    so that its figures are the same on every machine (--threads does not change them)."""
+    pin_figure_threads()  # its figures reproduce whatever --threads or the machine say
     from medssl.demo import run_demo
 
     run_demo(output)
@@ -344,6 +356,12 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         message = one_line(err)
         typer.echo(f"error: {message}", err=True)
+        sys.exit(2)
+    except OSError as err:  # a write outside medssl.atomic (a run folder, TensorBoard) that the file system refused
+        refused = unwritable(err, err.filename) if err.filename else None
+        if refused is None:
+            raise
+        typer.echo(f"error: {one_line(refused)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -7,6 +7,7 @@ Unknown keys and wrong types are user errors that name the dotted key.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -135,11 +136,16 @@ def resolve_config(path: str | os.PathLike) -> Path:
                     f"({', '.join(shipped_configs())}; `medssl config show NAME` prints one)")
 
 
-def load_config(path: str | os.PathLike, schema: type[ConfigT], overrides: list[str] | None = None) -> ConfigT:
+def load_config(path: str | os.PathLike, schema: type[ConfigT] | str, overrides: list[str] | None = None) -> ConfigT:
     """Read the YAML at `path` (or the shipped config it names, `resolve_config`), apply `key=value`
-    overrides, validate into `schema`."""
+    overrides, validate into `schema`: a class, or "module:Class", imported only once the file and the
+    overrides have been read (the CLI's commands: a missing file or a malformed override is refused before
+    the task's modules, and torch, are imported)."""
     path = resolve_config(path)
     tree = apply_overrides(read_yaml(path), parse_overrides(overrides or []))
+    if isinstance(schema, str):
+        module, _, name = schema.partition(":")
+        schema = getattr(importlib.import_module(module), name)
     return validate_config(tree, schema, source=str(path))
 
 

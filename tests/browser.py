@@ -224,7 +224,8 @@ class Browser:
 
     def drag(self, start: Sequence[float], end: Sequence[float], *, button: str = "left", modifiers: int = 0,
              steps: int = 8) -> None:
-        """A real mouse drag from `start` to `end` (page coordinates) with `button` held (modifiers: 2 = ctrl, 8 = shift)."""
+        """A real mouse drag from `start` to `end` (page coordinates) with `button` held (modifiers: 2 = ctrl,
+        8 = shift)."""
         buttons = {"left": 1, "right": 2, "middle": 4}[button]
         self.send("Input.dispatchMouseEvent", type="mouseMoved", x=start[0], y=start[1], modifiers=modifiers)
         self.send("Input.dispatchMouseEvent", type="mousePressed", x=start[0], y=start[1], button=button,

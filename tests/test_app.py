@@ -20,7 +20,6 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from medssl.config import load_config
-from medssl.data import io
 from medssl.data.synthetic.hospital import make_hospital
 from medssl.downstream.grounding.config import GroundingConfig
 from medssl.downstream.grounding.task import ground_train
@@ -218,7 +217,8 @@ def test_compare_a_checkpoint_with_its_control_and_a_prior_study(app_data: AppDa
     data = viewer_data(at)
     assert data["panes"][1]["title"] == "P007 / S1 (test)" and "cursor linked by mm (RAS coordinates)" in data["notes"]
     assert data["panes"][1]["layers"][0]["url"] != data["panes"][0]["layers"][0]["url"]  # the other study's image
-    assert any("P007 / S1" in s.value for s in list(at.success) + list(at.warning))  # the same phrase grounded there too
+    # the same phrase grounded there too
+    assert any("P007 / S1" in s.value for s in list(at.success) + list(at.warning))
 
 
 def test_follow_up_cursors_and_distances_between_the_studies(app_data: AppData, monkeypatch) -> None:

@@ -312,7 +312,8 @@ def test_exported_map_says_how_it_was_shown(tmp_path: Path) -> None:
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     voxel, mm = peak(map01, affine)
     sidecar = MapSidecar(kind="grounding", image="vol/a.nii.gz", checkpoint="run/grounding.pt", phrase="a cyst",
-                         raw_scale={"name": "probability", "meaning": "m"}, rescaling={"name": "linear", "from": [0, 1]},
+                         raw_scale={"name": "probability", "meaning": "m"},
+                         rescaling={"name": "linear", "from": [0, 1]},
                          groundable=True,
                          score=0.3, score_threshold=0.1, peak_voxel=voxel, peak_mm=mm, preprocessing={},
                          extra={"statement_kind": "finding"})

@@ -91,7 +91,8 @@ def test_refusals(tmp_path: Path) -> None:
     pretrain, finetune = _checkpoints(tmp_path)
     seg = tmp_path / "seg.pt"
     save_checkpoint(seg, kind="finetune-seg", step=1, model={}, arch={}, preprocessing={}, config={})
-    with pytest.raises(UserError, match="'finetune-seg' checkpoint, expected 'pretrain-timeseries' or 'finetune-timeseries'"):
+    expected = "'finetune-seg' checkpoint, expected 'pretrain-timeseries' or 'finetune-timeseries'"
+    with pytest.raises(UserError, match=expected):
         signals.load_timeseries_model(seg)
     model = signals.load_timeseries_model(pretrain)
     short = _record(tmp_path, seconds=0.5)

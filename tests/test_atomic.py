@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medssl.atomic import atomic_dir, write_text
+from medssl import atomic
+from medssl.atomic import atomic_dir, atomic_path, write_text
 from medssl.errors import UserError
 from medssl.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -64,3 +66,54 @@ def test_an_unreadable_checkpoint_is_one_line_without_unsafe_advice(tmp_path: Pa
     message = str(err.value)
     assert message.startswith(f"{path}: not a readable checkpoint (") and "\n" not in message
     assert "weights_only" not in message and "()" not in message
+
+
+@pytest.mark.parametrize(("code", "reason"), [(errno.EROFS, "read-only file system"),
+                                              (errno.EACCES, "permission denied"),
+                                              (errno.ENOSPC, "no space left on device")])
+@pytest.mark.parametrize("step", ["mkstemp", "write", "replace"])
+def test_a_refused_write_is_one_line_naming_the_file_and_keeps_the_old_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, reason: str, step: str) -> None:
+    target = tmp_path / "out" / "summary.json"
+    write_text(target, "old")
+
+    def refuse(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(args[0]) if args else None)
+
+    if step == "mkstemp":
+        monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
+        with pytest.raises(UserError) as info:
+            write_text(target, "new")
+    elif step == "replace":
+        monkeypatch.setattr(atomic.os, "replace", refuse)
+        with pytest.raises(UserError) as info:
+            write_text(target, "new")
+    else:
+        with pytest.raises(UserError) as info, atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise OSError(code, os.strerror(code))  # what a full disk does in the middle of a write
+    assert str(info.value) == f"{target}: cannot write: {reason}"
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["summary.json"]
+
+
+def test_a_refused_write_inside_an_atomic_folder_names_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as info, atomic_dir(tmp_path / "cohort") as tmp:
+        (tmp / "vol").mkdir()
+        with atomic_path(tmp / "vol" / "a.nii.gz"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(info.value) == f"{tmp_path / 'cohort'}: cannot write: no space left on device"
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_a_user_error_about_a_file_of_an_atomic_folder_names_its_final_place(tmp_path: Path) -> None:
+    with pytest.raises(UserError) as info, atomic_dir(tmp_path / "cohort") as tmp:
+        raise UserError(f"{tmp / 'sig' / 'P1'}: cannot write WFDB record (OSError: 20 requested and 12 written)")
+    assert str(info.value).startswith(f"{tmp_path / 'cohort' / 'sig' / 'P1'}: cannot write WFDB record")
+
+
+def test_an_error_about_another_file_is_not_called_a_refused_write(tmp_path: Path) -> None:
+    elsewhere = OSError(errno.EACCES, "Permission denied", "/etc/shadow")
+    assert atomic.unwritable(elsewhere, tmp_path / "out.json") is None
+    with pytest.raises(PermissionError), atomic_path(tmp_path / "out.json"):
+        raise elsewhere
+    assert not list(tmp_path.iterdir())

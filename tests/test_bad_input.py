@@ -113,6 +113,14 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (ws / "empty_dir").mkdir()
     (ws / "flat").mkdir()
     (ws / "flat" / "scan.nii.gz").write_bytes(b"not a volume at all")
+    (ws / "odd_voxels").mkdir()
+    _nifti(ws / "odd_voxels" / "scan.nii.gz", data, np.diag([1e6, 1e6, 1e6, 1.0]))
+    import SimpleITK as sitk
+
+    itk = sitk.GetImageFromArray(data)
+    itk.SetSpacing((2000.0, 1.0, 1.0))
+    sitk.WriteImage(itk, str(vol / "absurd_spacing.mha"))
+    _manifest(ws, "absurd_mha.json", with_image("absurd_spacing.mha"))
     (ws / "empty.pt").write_bytes(b"")
     (ws / "corrupt.pt").write_bytes(b"PK\x03\x04 broken zip")
     save_checkpoint(ws / "ts_kind.pt", kind="timeseries-pretrain", step=1, model={"w": torch.zeros(1)}, arch={},
@@ -133,6 +141,12 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # a preprocessed store of the hospital, made with the tiny configs' settings
     preprocess(ws / "hospital" / "manifest.json", ws / "store", VolumePreprocessing(crop_size=(32, 32, 32)),
                quiet=True)
+    # a real one-step pretraining: its checkpoint against a config of another architecture
+    from medssl.config import load_config
+    from medssl.pretrain.volume import PretrainVolumeConfig, pretrain_volume
+
+    pretrain_volume(load_config(TINY["pretrain volume"], PretrainVolumeConfig, [
+        f"data.manifest={ws / M}", "train.steps=1", "probe.enabled=false"]), ws / "run_tiny")
     return ws
 
 
@@ -180,6 +194,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("check-cifti", ["manifest", "check", "hospital/cifti.json"], "a Cifti2 file, not a 3D NIfTI volume"),
     ("check-huge-voxels", ["manifest", "check", "hospital/huge_voxels.json"], "huge_voxels.nii.gz"),
     ("check-zero-voxel-size", ["manifest", "check", "hospital/zero_voxels.json"], "zero_voxels.nii.gz"),
+    ("check-absurd-mha-spacing", ["manifest", "check", "hospital/absurd_mha.json"], "absurd_spacing.mha"),
+    ("build-huge-voxels", ["manifest", "build", "odd_voxels", "-o", "m.json"], "scan.nii.gz: voxel size"),
     ("build-empty-wfdb-header", ["manifest", "build", "signals", "-o", "m.json"], "rec1.hea"),
     ("check-bad-modality", ["manifest", "check", "hospital/bad_modality.json"], "XYZ"),
     # configs and overrides (through pretrain volume)
@@ -193,6 +209,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("override-unknown-model", cfg("pretrain volume", "model.name=resnet"), "model.name"),
     ("override-2d-crop", cfg("pretrain volume", "data.crop_size=[32, 32]"), "data.crop_size"),
     ("override-bad-window", cfg("pretrain volume", "data.window=[40]"), "data.window"),
+    ("volume-one-anchor-batch-norm", cfg("pretrain volume", "train.batch_size=1"),
+     "train.batch_size is 1 but heads.norm is batch"),
     ("override-value-is-section", cfg("pretrain volume", "train.steps.x=1"), "train.steps"),
     # pretrain volume: data and run folder
     ("volume-missing-manifest", cfg("pretrain volume", manifest="hospital/none.json"), "none.json"),
@@ -226,10 +244,25 @@ CASES: list[tuple[str, list[str], str]] = [
                                "data.store=new_store"], "P00"),
     ("preprocess-zero-workers", ["preprocess", "-c", "pretrain_volume_tiny", f"data.manifest={M}", "--workers", "0"],
      "--workers"),
+    ("volume-resume-other-arch", [*cfg("pretrain volume", "train.steps=2", "heads.proj_dim=16"), "-o", "run_tiny",
+                                  "--resume"], "the checkpoint's architecture differs from the config's: "
+                                               "heads.proj_dim: 64 in the checkpoint, 16 in the config"),
+    ("volume-smaller-than-crop", cfg("pretrain volume", "data.small_volume=error", "data.crop_size=[64,64,64]"),
+     "set data.small_volume=pad to zero-pad it"),
+    ("seg-smaller-than-crop", cfg("finetune seg", "data.small_volume=error", "data.crop_size=[64,64,64]"),
+     "set data.small_volume=pad to zero-pad it"),
+    ("volume-huge-voxels", cfg("pretrain volume", manifest="hospital/huge_voxels.json"), "huge_voxels.nii.gz"),
+    ("volume-zero-voxel-size", cfg("pretrain volume", manifest="hospital/zero_voxels.json"), "zero_voxels.nii.gz"),
+    ("volume-absurd-mha-spacing", cfg("pretrain volume", manifest="hospital/absurd_mha.json"),
+     "absurd_spacing.mha: voxel size (2000.0, 1.0, 1.0) mm is outside 0.01-50 mm"),
     # pretrain timeseries
     ("ts-unknown-channel", cfg("pretrain timeseries", "data.channels=[FOO]"), "FOO"),
     ("ts-zero-fs", cfg("pretrain timeseries", "data.fs=0"), "data.fs"),
     ("ts-zero-batch", cfg("pretrain timeseries", "train.batch_size=0"), "train.batch_size"),
+    ("ts-short-signal", cfg("pretrain timeseries", "data.window_seconds=30"),
+     "shorter than one window of 1500 samples; set data.short=skip to leave it out, or a shorter data.window_seconds"),
+    ("ts-every-signal-skipped", cfg("pretrain timeseries", "data.window_seconds=30", "data.short=skip"),
+     "no window of 1500 samples left in any recording"),
     ("ts-missing-manifest", cfg("pretrain timeseries", manifest="hospital/none.json"), "none.json"),
     # finetune seg
     ("seg-missing-pretrained", [*cfg("finetune seg"), "--pretrained", "gone.pt"], "gone.pt"),
@@ -239,9 +272,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("seg-zero-labelled", cfg("finetune seg", "seg.labelled_volumes=0"), "seg.labelled_volumes"),
     ("seg-two-splits", cfg("finetune seg", manifest="hospital/two_splits.json"), "P00"),
     ("seg-label-shape", cfg("finetune seg", manifest="hospital/label_shape.json"), "small_label.nii.gz"),
+    ("seg-pretrained-other-arch", [*cfg("finetune seg", "model.width=16"), "--pretrained", "run_tiny/encoder.pt"],
+     "run_tiny/encoder.pt: the checkpoint's encoder differs from the config's: model.width: 8 in the checkpoint, 16 "
+     "in the config"),
+    ("seg-huge-voxels", cfg("finetune seg", manifest="hospital/huge_voxels.json"), "huge_voxels.nii.gz"),
     # eval timeseries
     ("eval-wrong-kind", [*cfg("eval timeseries"), "--pretrained", "corrupt.pt"], "corrupt.pt"),
     ("eval-one-condition", cfg("eval timeseries", manifest="hospital/one_condition.json"), "at least two conditions"),
+    ("eval-resume", [*cfg("eval timeseries"), "--resume"], "eval timeseries has no --resume: an evaluation is short"),
     ("eval-bad-fraction", cfg("eval timeseries", "eval.fractions=[0]"), "eval.fractions"),
     ("eval-unknown-mode", cfg("eval timeseries", "eval.modes=[magic]"), "eval.modes"),
     # ground train / infer
@@ -249,6 +287,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("ground-bad-window", cfg("ground train", "scorer.windows=[[40, 0]]"), "scorer.windows"),
     ("ground-unknown-text", cfg("ground train", "text.name=bert"), "unknown key 'text'"),
     ("ground-wrong-kind", [*cfg("ground train"), "--pretrained", "ts_kind.pt"], "ts_kind.pt"),
+    ("ground-zero-voxel-size", cfg("ground train", manifest="hospital/zero_voxels.json"), "zero_voxels.nii.gz"),
     ("infer-missing-checkpoint", ["ground", "infer", "--checkpoint", "gone.pt", "--image", "fake.nii.gz",
                                   "--text", "cyst", "-o", "maps"], "gone.pt"),
     ("infer-wrong-kind", ["ground", "infer", "--checkpoint", "ts_kind.pt", "--image", "fake.nii.gz", "--text",
@@ -275,6 +314,28 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-grounding-manifest", ["bench", "grounding", "-o", "bg", "--manifest", "hospital/none.json"], "none.json"),
     ("bench-threads-manifest", ["bench", "threads", "--manifest", "hospital/none.json"], "none.json"),
     ("bench-threads-steps", ["bench", "threads", "--steps", "1"], "'--steps'"),
+    ("bench-inference-size-0", ["bench", "seg-inference", "--size", "0"], "'--size'"),
+    ("bench-inference-volumes-0", ["bench", "seg-inference", "--volumes", "0"], "'--volumes'"),
+    ("bench-data-size-negative", ["bench", "data", "--size", "-8"], "'--size'"),
+    ("bench-data-patients-0", ["bench", "data", "--patients", "0"], "'--patients'"),
+    ("bench-pretrain-steps-0", ["bench", "pretrain-volume", "--steps", "0"], "'--steps'"),
+    ("bench-pretrain-batch-negative", ["bench", "pretrain-volume", "--batch-size", "-2"], "'--batch-size'"),
+    ("bench-pretrain-against", ["bench", "pretrain-volume", "--against", "fast"], "--against: fast"),
+    ("bench-probe-bad-set", ["bench", "volume-probe", "--set", "objectives", "--output", "probe"], "objectives"),
+    ("bench-ts-against", ["bench", "ts-throughput", "--against", "magic"], "--against: magic"),
+    ("bench-ts-comet-missing", ["bench", "ts-throughput", "--against", "comet"], "--comet"),
+    ("bench-pretrain-crop-0", ["bench", "pretrain-volume", "--crop", "0"], "'--crop'"),
+    ("bench-probe-one-anchor", ["bench", "volume-probe", "--batch-size", "1", "--output", "probe"], "'--batch-size'"),
+    ("bench-probe-steps-0", ["bench", "volume-probe", "--steps", "0", "--output", "probe"], "'--steps'"),
+    ("bench-ts-steps-0", ["bench", "ts-throughput", "--steps", "0"], "'--steps'"),
+    ("bench-ts-warmup-negative", ["bench", "ts-throughput", "--warmup", "-1"], "'--warmup'"),
+    ("bench-ts-le-seed-negative", ["bench", "ts-label-efficiency", "-o", "tle", "--seed", "-1"], "'--seed'"),
+    ("bench-le-count-0", ["bench", "label-efficiency", "-o", "le", "--count", "0"], "'--count'"),
+    ("bench-le-steps-0", ["bench", "label-efficiency", "-o", "le", "--steps", "0"], "'--steps'"),
+    ("bench-grounding-pretrain-steps-0", ["bench", "grounding", "-o", "bg", "--pretrain-steps", "0"],
+     "'--pretrain-steps'"),
+    ("bench-speed-repeats-0", ["bench", "grounding-speed", "--checkpoint", "gone.pt", "--image", "fake.nii.gz",
+                               "--report", "report.txt", "--repeats", "0"], "'--repeats'"),
     ("config-show-unknown", ["config", "show", "nope"], "nope"),
 ]
 
@@ -291,8 +352,7 @@ def test_the_table_covers_every_command() -> None:
     covered = {" ".join(argv[:2]) if argv[0] in ("manifest", "pretrain", "finetune", "eval", "ground", "bench",
                                                  "config") else argv[0] for _, argv, _ in CASES}
     runnable = {" ".join(c) for c in COMMANDS if c not in (["bench"], ["demo"])}
-    missing = runnable - covered - {"bench data", "bench pretrain-volume", "bench ts-label-efficiency",
-                                    "bench seg-inference", "config list"}
+    missing = runnable - covered - {"config list"}
     assert not missing and len(CASES) >= 60
 
 
@@ -316,3 +376,46 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(argv: list[str], ne
     assert all(line.startswith("error: ") for line in lines), err
     assert "Traceback" not in err and needle in err, err
     assert _snapshot(ws) == before, "the workspace changed"
+
+
+def _can_mount_in_a_user_namespace() -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "none", "/mnt"], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_in_a_user_namespace(), reason="needs `unshare -rm` (user namespaces) to mount "
+                    "a read-only and a full file system without root")
+@pytest.mark.parametrize("filesystem", ["ro", "size=40k"], ids=["read-only", "full"])
+@pytest.mark.parametrize("command", [["synth", "{mnt}/hospital", "--patients", "2", "--size", "32"],
+                                     ["manifest", "build", "{hospital}", "-o", "{mnt}/manifest.json"]],
+                         ids=["synth", "manifest-build"])
+def test_a_read_only_or_full_file_system_is_one_line_and_leaves_nothing(
+        filesystem: str, command: list[str], tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """A real read-only / full tmpfs, mounted in a user namespace (no root needed): exit 2, one line naming the
+    output, nothing left on the file system."""
+    import subprocess
+    import sys
+
+    hospital = tmp_path_factory.getbasetemp() / "fs_hospital"
+    if not hospital.exists():
+        make_hospital(hospital, patients=2, studies=1, size=16, seed=0, trials=1, signal_seconds=4.0)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    argv = [a.format(mnt=mnt, hospital=hospital) for a in command]
+    script = (f"mount -t tmpfs -o {filesystem} none {mnt} && dd if=/dev/zero of={mnt}/filler bs=1k count=40 "
+              f"2>/dev/null; {sys.executable} -m medssl {' '.join(argv)}; code=$?; echo listing: $(ls -A {mnt}); "
+              "exit $code")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, encoding="utf-8",
+                          timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert done.returncode == 2, done.stderr
+    reason = "read-only file system" if filesystem == "ro" else "no space left on device"
+    assert len(errors) == 1 and argv[-1 if command[0] == "manifest" else 1] in errors[0], done.stderr
+    assert reason in errors[0] or "requested and" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout.split("listing:")[-1].split() in ([], ["filler"]), done.stdout  # no output left

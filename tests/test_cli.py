@@ -172,3 +172,68 @@ def test_tables_print_on_an_ascii_terminal(tolerant: bool) -> None:
         assert result.returncode == 0 and b"80.1 ? 2.0" in result.stdout, result.stderr
     else:  # what the CLI's call prevents
         assert result.returncode != 0 and b"UnicodeEncodeError" in result.stderr
+
+
+_LIGHT_COMMANDS = """
+import json, os, sys
+import typer
+from medssl.cli import app, main
+
+def paths(command, prefix):
+    yield prefix
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from paths(sub, [*prefix, name])
+
+argvs = [[*p, "--help"] for p in paths(typer.main.get_command(app), [])] + json.loads(sys.argv[1])
+codes = []
+for argv in argvs:
+    try:
+        main(argv)
+        codes.append(0)
+    except SystemExit as exc:
+        codes.append(exc.code)
+print(json.dumps({"commands": len(argvs), "codes": codes, "env": "OMP_NUM_THREADS" in os.environ,
+                  "heavy": [m for m in ("torch", "monai", "scipy", "SimpleITK", "wfdb") if m in sys.modules]}))
+"""
+
+
+def test_commands_that_do_not_train_do_not_import_torch(tmp_path: Path) -> None:
+    """Start-up stays light: every command's --help, `config list/show` and refused input (a bad option, a
+    missing config, a malformed override) import neither torch nor the data libraries, and put no thread count in
+    the environment (it would reach child processes such as the app's Streamlit server)."""
+    refused = [["synth", str(tmp_path / "x"), "--patients", "0"], ["pretrain", "volume", "-c", "missing.yaml"],
+               ["finetune", "seg", "-c", "finetune_seg", "train.steps"], ["bench", "seg-inference", "--size", "0"],
+               ["--threads", "2", "config", "list"], ["config", "show", "pretrain_volume"]]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the default thread choice runs too
+    done = subprocess.run([sys.executable, "-c", _LIGHT_COMMANDS, json.dumps(refused)], capture_output=True,
+                          encoding="utf-8", env=env, cwd=tmp_path, timeout=300)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["commands"] >= len(COMMANDS) + len(refused), result
+    assert result["codes"][-len(refused):] == [2, 2, 2, 2, 0, 0], done.stderr[-2000:]
+    assert result["heavy"] == [] and not result["env"], result
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_thread_option_reaches_torch_when_a_command_imports_it(threads: int) -> None:
+    code = ("import sys\nfrom medssl.cli import main\nmain(['--threads', sys.argv[1], 'config', 'list'])\n"
+            "assert 'torch' not in sys.modules\nimport torch.nn\nprint(torch.get_num_threads())")
+    env = {**os.environ, "OMP_NUM_THREADS": "3"}  # --threads wins over the environment
+    done = subprocess.run([sys.executable, "-c", code, str(threads)], capture_output=True, encoding="utf-8",
+                          env=env, timeout=300)
+    assert done.stdout.split()[-1] == str(threads), done.stderr[-2000:]
+
+
+def test_threads_are_set_at_once_when_torch_is_already_imported() -> None:
+    import torch
+
+    from medssl import threads
+
+    before = torch.get_num_threads()
+    try:
+        threads.set_torch_threads(2)
+        assert torch.get_num_threads() == 2 and not any(
+            isinstance(f, threads._SetThreadsOnImport) for f in sys.meta_path)
+        threads.pin_figure_threads()
+        assert torch.get_num_threads() == threads.FIGURE_THREADS == 1
+    finally:
+        torch.set_num_threads(before)

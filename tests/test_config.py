@@ -33,6 +33,7 @@ SCHEMA_OF = {"pretrain_volume": PretrainVolumeConfig, "pretrain_volume_mae": Pre
              "finetune_seg": FinetuneSegConfig, "grounding": GroundingConfig,
              "pretrain_timeseries": PretrainTimeseriesConfig, "pretrain_timeseries_physionet": PretrainTimeseriesConfig,
              "pretrain_timeseries_comet_matched": PretrainTimeseriesConfig,
+             "pretrain_timeseries_comet_b256": PretrainTimeseriesConfig,
              "eval_timeseries": EvalTimeseriesConfig}
 
 

@@ -392,3 +392,58 @@ def test_bad_signals_raise_user_errors_naming_the_file(physionet_dir: Path, tmp_
         read_signal(tmp_path / "rec.xyz", "mat")
     with expect_user_error(physionet_dir / "100", "360 Hz", "fs=250"):
         read_signal(physionet_dir / "100", fs=250)
+
+
+@pytest.mark.parametrize("sizes", [(1e6, 1.0, 1.0), (0.001, 1.0, 1.0), (1.0, 60.0, 1.0)],
+                         ids=["huge", "tiny", "just-over"])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".mha", ".nrrd"])
+def test_one_voxel_size_rule_for_every_reader(tmp_path: Path, sizes: tuple[float, ...], suffix: str) -> None:
+    """read_volume and read_shape (manifest build) refuse a voxel size outside 0.01-50 mm in every format."""
+    from medssl.data.io import read_shape
+
+    data = np.random.default_rng(0).normal(size=(6, 7, 8)).astype(np.float32)
+    path = tmp_path / f"scan{suffix}"
+    if suffix == ".nii.gz":
+        write_volume(path, data, np.diag([*sizes, 1.0]))
+    else:
+        image = sitk.GetImageFromArray(data.transpose(2, 1, 0))
+        image.SetSpacing(sizes)
+        sitk.WriteImage(image, str(path))
+    for read in (read_volume, read_shape):
+        with pytest.raises(UserError, match=r"voxel size \(.*\) mm is outside 0.01-50 mm"):
+            read(path)
+    write_volume(tmp_path / "good.nii.gz", data, np.diag([0.01, 50.0, 1.0, 1.0]))  # the bounds themselves pass
+    assert read_shape(tmp_path / "good.nii.gz") == (6, 7, 8) and read_volume(tmp_path / "good.nii.gz").spacing[1] == 50
+
+
+@pytest.mark.parametrize("pixdim", [0.0, -1.0, float("nan")])
+def test_a_nifti_voxel_size_without_an_sform_is_refused_by_both_readers(tmp_path: Path, pixdim: float) -> None:
+    from medssl.data.io import read_shape
+
+    image = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), None)
+    image.header["pixdim"][1] = pixdim
+    image.header.set_sform(None, code=0)
+    image.header.set_qform(None, code=0)
+    nib.save(image, str(tmp_path / "zero.nii.gz"))
+    for read in (read_volume, read_shape):
+        with pytest.raises(UserError, match="zero.nii.gz: (voxel size|its affine)"):
+            read(tmp_path / "zero.nii.gz")
+
+
+@pytest.mark.parametrize("channel", [[1.1e-5, 1.229, 0.6], [-4.3, -2.6, -3.0], [1000.0, 1000.001, 1000.0005],
+                                     [-7.0, -7.0, -7.0], [0.0, 0.0, 0.0], [float("nan"), 0.2, 3e-7]],
+                         ids=["min-just-above-0", "all-negative", "tiny-range-far-from-0", "constant", "zeros",
+                              "with-nan"])
+def test_wfdb_format_16_stores_any_finite_range(tmp_path: Path, channel: list[float]) -> None:
+    """wfdb's own gain rounds a channel whose minimum lies just above 0 one step past 32767 and refuses to write
+    it; medssl chooses the gain and baseline itself."""
+    rng = np.random.default_rng(0)
+    values = np.array(channel)
+    data = np.stack([np.resize(values, 300), rng.normal(size=300)]).astype(np.float64)
+    write_wfdb(tmp_path / "rec", Signal(data, 100.0, ["A", "B"], ["mV", "mV"], tmp_path / "rec"))
+    back = read_signal(tmp_path / "rec", "wfdb").data
+    finite = np.isfinite(data)
+    assert (np.isnan(back) == ~finite).all()
+    spread = np.nanmax(data, axis=1) - np.nanmin(data, axis=1)
+    tolerance = np.maximum(spread / 65000, np.abs(np.nan_to_num(data)).max(axis=1) * 1e-6)[:, None]
+    assert (np.abs(np.nan_to_num(back - data)) <= tolerance + 1e-9).all()

@@ -74,6 +74,29 @@ def test_every_objective_with_every_backbone(hospital: Path, backbone: str) -> N
     assert all(p.grad is None for p in model.objectives["part_whole"].teacher.parameters())
 
 
+@pytest.mark.parametrize(("parts", "student_passes"), [("shared", 1), ("isolated", 2)])
+def test_part_whole_shared_needs_no_second_student_pass(hospital: Path, parts: str, student_passes: int) -> None:
+    """parts=shared: the student's octants are cells of the one shared pass (the teacher embeds the whole and one
+    random octant alone); parts=isolated (Adam-v2 as written) encodes the 8 octants again."""
+    config = tiny(hospital, f"objectives.part_whole.parts={parts}", "train.batch_size=2")
+    torch.manual_seed(0)
+    model = VolumePretrainModel(config)
+    calls, teacher_rows = [], []
+    model.encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    model.objectives["part_whole"].teacher.module["encoder"].register_forward_hook(
+        lambda module, args, out: teacher_rows.append(args[0].shape[0]))
+    batches = VolumePretrainBatches.from_manifest(hospital, "training", VolumePreprocessing(crop_size=(32, 32, 32)),
+                                                  batch_size=2, points=8, stride=4)
+    out = model(batches[0], torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert len(calls) == student_passes and calls[0] == 8  # 4 views x 2 anchors, then 16 octants when isolated
+    assert sum(teacher_rows) == (4 if parts == "shared" else 18)  # whole + one octant each, or whole + 8 octants
+    assert torch.isfinite(out.terms["part_whole.compose"]) and torch.isfinite(out.terms["part_whole.decompose"])
+    assert all(p.grad is None for p in model.objectives["part_whole"].teacher.parameters())
+    if parts == "shared":
+        assert all(p.grad is not None for p in model.objectives["part_whole"].cell_head.parameters())
+
+
 def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
@@ -109,7 +132,7 @@ def test_bad_config_and_data_are_user_errors(hospital: Path, tmp_path: Path) -> 
         tiny(hospital, "objectives.voxel.weight=-1")
     with pytest.raises(UserError, match="unknown key 'objectives.contour'"):
         tiny(hospital, "objectives.contour.weight=1")
-    with pytest.raises(UserError, match="smaller than crop_size"):
+    with pytest.raises(UserError, match="smaller than data.crop_size"):
         pretrain_volume(tiny(hospital, "data.crop_size=[48,48,48]", "data.small_volume=error"), tmp_path / "small")
     assert not (tmp_path / "small").exists()  # nothing written before the data is known to be usable
     with pytest.raises(UserError, match="modality"):
@@ -125,3 +148,12 @@ def test_resume_with_other_architecture_is_refused_and_keeps_the_checkpoint(hosp
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
     with pytest.raises(UserError, match="not empty"):
         pretrain_volume(tiny(hospital, "train.steps=2"), run)
+
+
+def test_bench_times_the_objectives_against_crop_contrast_alone(hospital: Path, capsys) -> None:
+    from medssl.bench.pretrain_volume import bench_pretrain_volume
+
+    figures = bench_pretrain_volume(manifest=hospital, steps=1, against=("crop-only",), rounds=2)
+    assert figures["ratio_cpu_vs_crop-only"] > 0 and figures["ratio_wall_vs_crop-only"] > 0
+    assert figures["ratio_cpu_vs_all objectives"] == 1.0
+    assert "crop-only" in capsys.readouterr().out

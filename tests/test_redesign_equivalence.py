@@ -16,8 +16,10 @@ from medssl.pretrain.volume import PretrainVolumeConfig, pretrain_volume
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "pre_redesign"
+# objectives.part_whole.parts=isolated: part-whole as the code before the redesign computed it (Adam-v2 as written;
+# the default since then takes the student's octants from the shared pass)
 PRETRAIN = ["train.steps=20", "train.log_every=1", "train.checkpoint_every=20", "probe.enabled=false",
-            "model.width=4"]
+            "model.width=4", "objectives.part_whole.parts=isolated"]
 # seg.crops.sampler=uniform and seg.augment.enabled=false: the crops of the code before the redesign (the
 # fine-tuning recipe's defaults since then draw class-balanced crops and augment them)
 FINETUNE = ["train.steps=20", "train.log_every=1", "train.checkpoint_every=20", "model.width=4", "seg.eval_every=10",

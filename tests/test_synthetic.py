@@ -288,3 +288,28 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(UserError, match="disk full"):
         make_hospital(tmp_path / "h", patients=1, studies=1, size=16)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("seconds", [1.0, 2.0, 3.5, 10.0, 20.0])
+def test_every_generated_signal_is_physiological_and_fits_wfdb_format_16(seconds: float, tmp_path: Path) -> None:
+    """Many seeds, patients and lengths: ECG within a few mV of 0 and PPG near its pulse range (a short recording
+    once drew a 20 mV offset), and every recording survives the WFDB round trip (format 16) within a step."""
+    from medssl.data.synthetic.signals import SIGNAL_CHANNELS, SIGNAL_UNITS, condition, make_heart, trial_signals
+    from medssl.data.synthetic.streams import TRIAL, stream_rng
+
+    for seed in range(8):
+        for patient in range(0, 20, 3 if seconds > 5 else 1):
+            heart = make_heart(seed, patient, condition(seed, patient))
+            data = trial_signals(heart, stream_rng(seed, TRIAL, patient, 1, 0), seconds, 250.0)
+            assert np.abs(data[0]).max() < 5.0 and -1.0 < data[1].min() and data[1].max() < 4.0, (seed, patient)
+            path = tmp_path / f"s{seed}_p{patient}"
+            io.write_wfdb(path, io.Signal(data, 250.0, SIGNAL_CHANNELS, SIGNAL_UNITS, path))
+            back = io.read_signal(path, "wfdb").data
+            step = (data.max(axis=1) - data.min(axis=1)) / 65000
+            assert (np.abs(back - data) <= step[:, None] + 1e-6).all(), (seed, patient)
+
+
+def test_the_hospital_that_could_not_be_written_is_written(tmp_path: Path) -> None:
+    """`synth --patients 20 --seed 5 --trials 1 --signal-seconds 2` stopped on a WFDB range error."""
+    manifest = make_hospital(tmp_path / "h", patients=20, studies=2, size=16, seed=5, trials=1, signal_seconds=2.0)
+    assert len(list((tmp_path / "h" / "sig").glob("*.hea"))) == 40 and not check_manifest(manifest)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from medssl.errors import UserError
-from medssl.training.checkpoint import load_checkpoint, load_weights
+from medssl.training.checkpoint import arch_differences, load_checkpoint, load_weights
 from medssl.training.loop import Freeze, ParamGroup, warmup_cosine
 from medssl.training.monitor import collapse_metrics
 from medssl.training.rundir import prepare_run_dir
@@ -70,13 +70,32 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path: Path) -> None:
 def test_resume_refuses_other_architecture_and_missing_checkpoint(tmp_path: Path) -> None:
     make_trainer(tmp_path, steps=2).fit()
     before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
-    with pytest.raises(UserError, match="architecture"):
+    with pytest.raises(UserError) as info:
         make_trainer(tmp_path, steps=4, width=8).resume()
+    assert str(info.value).endswith("the checkpoint's architecture differs from the config's: width: 4 in the "
+                                    "checkpoint, 8 in the config")
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
     with pytest.raises(UserError, match="no checkpoint to resume"):
         prepare_run_dir(tmp_path / "new", resume=True)
     with pytest.raises(UserError, match="not empty"):
         prepare_run_dir(tmp_path, resume=False)
+
+
+def test_architecture_differences_name_only_the_differing_config_keys_with_both_values() -> None:
+    config = {"model": {"width": 16, "name": "basicunet"}, "views": {"feature_stride": 2}}
+    stored = {"encoder": {"name": "basicunet", "width": 8, "depth": 4}, "feature_stride": 2, "objectives": ["crop"],
+              "tokenizer": "x" * 5000}
+    ours = {"encoder": {"name": "basicunet", "width": 16, "depth": 4}, "feature_stride": 4,
+            "objectives": ["crop", "voxel"], "tokenizer": "y" * 5000}
+    assert arch_differences(stored, ours, config=config) == (
+        "model.width: 8 in the checkpoint, 16 in the config; views.feature_stride: 2 in the checkpoint, 4 in the "
+        "config; objectives: ['crop'] in the checkpoint, ['crop', 'voxel'] in the config; tokenizer: <a str of 5000 "
+        "characters> in the checkpoint, <a str of 5000 characters> in the config")
+    assert arch_differences({"width": 4, "depth": 2}, {"width": 8, "depth": 2}, config=config) == (
+        "model.width: 4 in the checkpoint, 8 in the config")  # a flat architecture: the config's model section
+    assert arch_differences({"a": 1, "b": 2, "c": 3}, {}, limit=2) == (
+        "a: 1 in the checkpoint, (absent) in the config; b: 2 in the checkpoint, (absent) in the config; and 1 more "
+        "field(s)")
 
 
 def test_load_weights_reports_and_refuses_partial_loads() -> None:

@@ -67,3 +67,43 @@ def test_label_efficiency_writes_one_row_per_method(tmp_path: Path, capsys) -> N
     assert len(table) == 3 and {"patient_auroc_mean", "patient_auroc_std"} <= set(table[0])
     assert (tmp_path / "bench" / "two-level" / "seed0" / "pretrain" / "checkpoints" / "last.pt").exists()
     assert "label efficiency" in capsys.readouterr().out
+
+
+_FAKE_COMET = '''
+import json, os, time
+class COMET:
+    def __init__(self, **kwargs):
+        self.kwargs, self.after_iter_callback = kwargs, None
+    def fit(self, X, y, shuffle_function, factors, n_iters, verbose):
+        with open(os.environ["FAKE_COMET_LOG"], "w") as handle:
+            json.dump({"kwargs": self.kwargs, "x": list(X.shape), "y": y[:12].tolist(), "factors": factors,
+                       "n_iters": n_iters, "shuffle": shuffle_function}, handle)
+        for _ in range(n_iters - 1):
+            time.sleep(0.01)
+            self.after_iter_callback(self, 0.0)
+'''
+
+
+def test_the_comet_harness_calls_its_fit_with_our_encoder_window_batch_and_weights(tmp_path, monkeypatch) -> None:
+    """`--against comet` runs COMET's reference fit (a stand-in module here: its code is not part of medssl) with
+    COMET's depth = ours - 1, our batch, window, channels and level weights as its factors (patient, trial,
+    sample, observation), patient x trial x sample IDs, and times the iterations after the warm-up."""
+    import json
+
+    from medssl.bench.timeseries import _measure_comet
+
+    (tmp_path / "comet").mkdir()
+    (tmp_path / "comet" / "comet.py").write_text(_FAKE_COMET)
+    monkeypatch.setenv("FAKE_COMET_LOG", str(tmp_path / "log.json"))
+    config = tiny("train.batch_size=16", "objectives.trial.weight=0.7")
+    result = _measure_comet(str(tmp_path / "comet"), config.model_dump_json(), 3, 1, "cpu", 0, 1)
+    seen = json.loads((tmp_path / "log.json").read_text())
+    assert seen["kwargs"] == {"input_dims": 2, "output_dims": config.model.out_dim, "hidden_dims": config.model.hidden,
+                              "depth": config.model.depth - 1, "device": "cpu", "lr": config.train.lr,
+                              "batch_size": 16, "flag_use_multi_gpu": False}
+    assert seen["x"][1:] == [config.data.window_samples()[0], 2] and seen["shuffle"] == "trial"
+    assert seen["factors"] == [0.25, 0.7, 0.25, 0.25] and seen["n_iters"] == 5
+    per_trial = config.samples_per_trial
+    assert [row[2] for row in seen["y"]] == [i // per_trial for i in range(12)]  # trial ids
+    assert [row[1] for row in seen["y"]] == [i // (per_trial * config.sampler.trials) for i in range(12)]
+    assert result["encoder_calls_per_step"] == 8 and 16 / 0.5 < result["windows_per_s"] < 16 / 0.005

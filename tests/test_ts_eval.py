@@ -125,7 +125,7 @@ def test_eval_from_scratch_and_preprocessing_mismatch(hospital: Path, checkpoint
     assert summary["load_report"] is None and 0.0 <= summary["probe_frac100_window_auroc"] <= 1.0
     with pytest.raises(UserError, match=r"data.fs: 100.0 differs from the pretraining preprocessing 50.0"):
         eval_timeseries(eval_config(hospital, "data.fs=100"), tmp_path / "fs", pretrained=checkpoint)
-    with pytest.raises(UserError, match="differs from the checkpoint's architecture"):
+    with pytest.raises(UserError, match=r"encoder differs from the config's: model.depth: \d+ in the checkpoint, 3 in"):
         eval_timeseries(eval_config(hospital, "model.depth=3"), tmp_path / "arch", pretrained=checkpoint)
     with pytest.raises(UserError, match="checkpoint not found"):
         eval_timeseries(eval_config(hospital), tmp_path / "missing", pretrained=tmp_path / "nope.pt")

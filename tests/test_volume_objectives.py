@@ -227,6 +227,26 @@ def test_part_whole_losses_fall_when_the_mlps_are_trained_and_targets_get_no_gra
     assert _distance(whole, -whole).item() == pytest.approx(4.0, rel=1e-6)
 
 
+def test_part_whole_with_one_octant_alone_targets_that_octant_of_the_decomposer() -> None:
+    g = _gen(10)
+    head = PartWhole(dim=8)
+    parts, whole, target_whole = torch.randn(3, 8, 8, generator=g), torch.randn(3, 8, generator=g), torch.randn(
+        3, 8, generator=g)
+    all_targets = torch.randn(3, 8, 8, generator=g)
+    index = torch.tensor([5, 0, 7])
+    one = head(parts, whole, all_targets[torch.arange(3), index], target_whole, part_index=index)
+    decomposed = head.decompose(whole).reshape(3, 8, 8)[torch.arange(3), index]
+    assert one["decompose"].item() == pytest.approx(_distance(decomposed, all_targets[torch.arange(3), index]).item())
+    assert one["compose"].item() == pytest.approx(head(parts, whole, all_targets, target_whole)["compose"].item())
+    # the mean over the draws of one octant is the 8-octant loss
+    every = [head(parts, whole, all_targets[:, k], target_whole, part_index=torch.full((3,), k))["decompose"]
+             for k in range(8)]
+    assert torch.stack(every).mean().item() == pytest.approx(
+        head(parts, whole, all_targets, target_whole)["decompose"].item(), rel=1e-5)
+    with pytest.raises(ValueError, match="target_parts must be"):
+        head(parts, whole, all_targets, target_whole, part_index=index)
+
+
 # ---- precision ----
 
 def test_bf16_inputs_give_float32_finite_losses() -> None:

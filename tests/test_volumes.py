@@ -147,7 +147,8 @@ def test_small_volume_pad_or_error(cube: dict) -> None:
     assert torch.equal(image[2:22, :, 4:20], oriented[0])
     origin = world(oriented.affine, np.zeros((1, 3)))
     np.testing.assert_allclose(world(out["image"].affine, np.array([[2.0, 0, 4]])), origin)  # padding keeps geometry
-    with pytest.raises(UserError, match=r"volume shape \(20, 24, 16\) .* smaller than crop_size \(24, 24, 24\)") as err:
+    with pytest.raises(UserError, match=r"volume shape \(20, 24, 16\) .* smaller than data.crop_size \(24, 24, 24\); "
+                                        "set data.small_volume=pad") as err:
         volume_transforms(VolumePreprocessing(crop_size=(24, 24, 24), small_volume="error"))(cube)
     assert cube["image"] in str(err.value)
 

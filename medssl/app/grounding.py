@@ -3,7 +3,8 @@
 It uses only `Grounder.load(path)`, `grounder.prepare(image_path)` (-> a prepared image),
 `grounder.ground(prepared, phrases)` (-> results with phrase, kind, score, groundable, reason, map01 (X, Y, Z)
 in [0, 1] on the input grid or None, peak_voxel, peak_mm, warnings), `grounder.sidecar(result, image_path)`
-(-> `MapSidecar`, whose `extra` carries the parsed query, the organ searched and its volume) and the map files of `medssl.explain.maps`, plus `grounder.region_masks(prepared)` (the organ
+(-> `MapSidecar`, whose `extra` carries the parsed query, the organ searched and its volume) and the map files of
+`medssl.explain.maps`, plus `grounder.region_masks(prepared)` (the organ
 head's organs and their parts, for region statistics) and `grounder.untrained()` (the control: the same organ
 head with the finding scorer at its untrained start), behind `region_masks` and `load_grounder(control=True)`.
 

@@ -3,7 +3,8 @@
 Columns (`COLUMNS`): time (ISO 8601), run, checkpoint, image, phrase, verdict (one of `VERDICTS`),
 comment, reviewer (who judged; required), true_location_mm (the RAS point where the reviewer says the
 finding is, "x y z", or empty). A table written before the last two columns existed (`LEGACY_COLUMNS`) is
-read with them empty and rewritten with them at the next append. Appending is atomic and safe across processes: an exclusive `fcntl.flock` on `<csv>.lock`
+read with them empty and rewritten with them at the next append. Appending is atomic and safe across processes: an
+exclusive `fcntl.flock` on `<csv>.lock`
 serialises writers, each of which reads the table, writes it plus the new row to a temporary sibling and
 renames it over the table (`medssl.atomic`). Readers need no lock: they always see a complete file.
 """

@@ -1,7 +1,8 @@
 """What the reading viewport (NiiVue in the browser, `viewport/src/viewport.js`) is given, as plain functions:
 volumes and maps as NIfTI bytes (thinned for display when large, saying so; maps and masks cropped to what they
 cover), label colour tables, the trust cues of a result (a close found / not-found call, two maps that are
-near-identical, what the model read in the phrase and which organ it searched) and the map's default display. No streamlit here: `app.py` serves the bytes (Streamlit's media files) and mounts the component.
+near-identical, what the model read in the phrase and which organ it searched) and the map's default display. No
+streamlit here: `app.py` serves the bytes (Streamlit's media files) and mounts the component.
 
 The bundle itself (NiiVue + viewport.js, built by `npm run build` in `viewport/`, which `make install` runs)
 is `BUNDLE`; `check_bundle` is the one clear error when it was not built.

@@ -1,4 +1,10 @@
-"""`medssl bench NAME`: benchmarks that print their numbers (speed, memory, label efficiency)."""
+"""`medssl bench NAME`: benchmarks that print their numbers (speed, memory, label efficiency).
+
+Imports as `medssl/cli.py` does (its docstring): module level only the standard library, typer and medssl's
+light modules; each command imports what it runs in its body. The benches whose figures the README prints
+(learning effects: probes, Dice, AUROC, pointing game) call `pin_figure_threads()` first, so that their
+numbers do not depend on the thread count; the speed benches run with the threads they are given.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,8 @@ import typer
 
 from medssl.cli_options import OverridesArg
 from medssl.config import load_config
-from medssl.data.manifest import require_manifest_file
 from medssl.errors import UserError
+from medssl.threads import pin_figure_threads
 
 bench_app = typer.Typer(help="Benchmarks that print their numbers (speed, memory, label efficiency).",
                         no_args_is_help=True)
@@ -25,7 +31,7 @@ def data_command(
     workers: Annotated[int, typer.Option(min=0, help="DataLoader workers of each run.")] = 2,
     stages: Annotated[str, typer.Option(help="Stages to run: scale, cohort, crops, preprocess.")]
         = "scale,cohort,crops,preprocess",
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed.")] = 0,
 ) -> None:
     """The data path at hospital scale: memory and time to the first step against manifest and cohort size,
     crops/s of the data path for 96^3 crops from real-size CTs, preprocessing seconds per real-size CT."""
@@ -46,50 +52,78 @@ def data_command(
 @bench_app.command("pretrain-volume")
 def pretrain_volume_command(
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a fresh synthetic hospital).")] = None,
-    steps: Annotated[int, typer.Option(help="Timed steps (after one warm-up step).")] = 10,
-    batch_size: Annotated[int, typer.Option(help="Anchors per step (4 crops each).")] = 2,
-    crop: Annotated[int, typer.Option(help="Crop edge in voxels.")] = 32,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps (after one warm-up step).")] = 10,
+    batch_size: Annotated[int, typer.Option(min=2, help="Anchors per step (4 crops each; batch norm needs 2).")] = 2,
+    crop: Annotated[int, typer.Option(min=16, help="Crop edge in voxels.")] = 32,
     model: Annotated[str, typer.Option(help="basicunet | segresnet | swinunetr.")] = "basicunet",
+    against: Annotated[Optional[list[str]], typer.Option(help="Also time these objective sets, interleaved, and "
+                                                              "print the step-time ratios (repeat): crop-only, "
+                                                              "no-part-whole, part-whole-isolated.")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds (medians, each round's ratio).")] = 1,
 ) -> None:
-    """3D pretraining throughput (crops/s, voxels/s), peak memory, data vs compute time."""
+    """3D pretraining throughput (crops/s, voxels/s), peak memory, data vs compute time; with --against, the
+    shipped objectives' step time against other objective sets (e.g. crop contrast alone)."""
+    unknown = [name for name in against or [] if name not in ("crop-only", "no-part-whole", "part-whole-isolated")]
+    if unknown:
+        raise UserError(f"--against: {', '.join(unknown)}; give crop-only, no-part-whole or part-whole-isolated")
     from medssl.bench.pretrain_volume import bench_pretrain_volume
 
-    bench_pretrain_volume(manifest=manifest, steps=steps, batch_size=batch_size, crop=crop, model=model)
+    bench_pretrain_volume(manifest=manifest, steps=steps, batch_size=batch_size, crop=crop, model=model,
+                          against=tuple(dict.fromkeys(against or [])), rounds=rounds)
 
 
 @bench_app.command("volume-probe")
 def volume_probe_command(
-    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat the option).")] = [0, 1, 2],
-    steps: Annotated[int, typer.Option(help="Pretraining steps per seed.")] = 150,
-    batch_size: Annotated[int, typer.Option(help="Anchors per step.")] = 4,
+    seeds: Annotated[list[int], typer.Option("--seed", min=0, help="Seeds (repeat the option).")] = [0, 1, 2],
+    steps: Annotated[int, typer.Option(min=1, help="Pretraining steps per seed.")] = 150,
+    batch_size: Annotated[int, typer.Option(min=2, help="Anchors per step (batch norm needs 2).")] = 4,
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a synthetic hospital).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/bench_volume_probe"),
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Pretraining config override, dotted "
+                                                           "key=value (repeat), e.g. objectives.part_whole.parts="
+                                                           "isolated.")] = None,
 ) -> None:
     """Organ probe of the pretrained encoder vs the same encoder at random init, over seeds."""
+    from medssl.config import parse_overrides
+    from medssl.data.manifest import require_manifest_file
+
+    parse_overrides(overrides or [])  # a malformed one is refused before any work
+    require_manifest_file(manifest)
+    pin_figure_threads()
     from medssl.bench.pretrain_volume import probe_vs_random_init
 
-    require_manifest_file(manifest)
-    probe_vs_random_init(seeds=tuple(seeds), steps=steps, batch_size=batch_size, manifest=manifest, out=output)
+    probe_vs_random_init(seeds=tuple(seeds), steps=steps, batch_size=batch_size, manifest=manifest, out=output,
+                         overrides=tuple(overrides or ()))
 
 
 @bench_app.command("ts-throughput")
 def ts_throughput_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="Pretraining config.")] = Path(
         "configs/pretrain_timeseries.yaml"),
-    steps: Annotated[int, typer.Option(help="Timed steps.")] = 20,
-    warmup: Annotated[int, typer.Option(help="Untimed warm-up steps.")] = 3,
+    steps: Annotated[int, typer.Option(min=1, help="Timed steps.")] = 20,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed warm-up steps.")] = 3,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads.")] = None,
+    against: Annotated[list[str], typer.Option(help="What ours is compared with (repeat): per-level (re-encoding "
+                                                    "per level) and/or comet (COMET's reference fit, --comet).")] = [
+        "per-level"],
+    comet: Annotated[Optional[Path], typer.Option(help="A checkout of github.com/DL4mHealth/COMET (its reference "
+                                                       "code; not part of medssl).")] = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds (medians and each round's ratio).")] = 1,
     overrides: OverridesArg = None,
 ) -> None:
-    """Signal pretraining step: one pair of views for all levels vs re-encoding per level (ratio)."""
-    from medssl.bench.timeseries import throughput
-    from medssl.pretrain.timeseries import PretrainTimeseriesConfig
-
+    """Signal pretraining step: ours (one pair of views for all levels) vs re-encoding per level and/or COMET's
+    reference code (ratios), and our step part by part (encoder, each level, backward)."""
     if device is not None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise UserError(f"--device: {device!r} is not cpu, cuda or cuda:N")
-    throughput(load_config(config, PretrainTimeseriesConfig, overrides), steps=steps, warmup=warmup, device=device,
-               threads=threads)
+    unknown = [name for name in against if name not in ("per-level", "comet")]
+    if unknown or not against:
+        raise UserError(f"--against: {', '.join(unknown) or 'nothing'}; give per-level and/or comet")
+    cfg = load_config(config, "medssl.pretrain.timeseries:PretrainTimeseriesConfig", overrides)
+    from medssl.bench.timeseries import throughput
+
+    throughput(cfg, steps=steps, warmup=warmup, device=device, threads=threads, rounds=rounds, comet=comet,
+               against=tuple(dict.fromkeys(name.replace("-", "_") for name in against)))
 
 
 @bench_app.command("ts-label-efficiency")
@@ -99,17 +133,17 @@ def ts_label_efficiency_command(
     eval_config: Annotated[Path, typer.Option("--eval-config", help="Evaluation config.")] = Path(
         "configs/eval_timeseries.yaml"),
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder.")] = Path("runs/ts_label_efficiency"),
-    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat the option).")] = [0, 1, 2],
+    seeds: Annotated[list[int], typer.Option("--seed", min=0, help="Seeds (repeat the option).")] = [0, 1, 2],
     pretrain_set: Annotated[Optional[list[str]], typer.Option(help="Override for the pretraining config.")] = None,
     eval_set: Annotated[Optional[list[str]], typer.Option(help="Override for the evaluation config.")] = None,
 ) -> None:
     """Four-level vs two-level (TS2Vec-like) vs scratch at 100/10/1 % labels, over seeds."""
+    pretrain = load_config(pretrain_config, "medssl.pretrain.timeseries:PretrainTimeseriesConfig", pretrain_set)
+    evaluation = load_config(eval_config, "medssl.downstream.ts_classification:EvalTimeseriesConfig", eval_set)
+    pin_figure_threads()
     from medssl.bench.timeseries import label_efficiency
-    from medssl.downstream.ts_classification import EvalTimeseriesConfig
-    from medssl.pretrain.timeseries import PretrainTimeseriesConfig
 
-    label_efficiency(load_config(pretrain_config, PretrainTimeseriesConfig, pretrain_set),
-                     load_config(eval_config, EvalTimeseriesConfig, eval_set), output, seeds=tuple(seeds))
+    label_efficiency(pretrain, evaluation, output, seeds=tuple(seeds))
 
 
 @bench_app.command("label-efficiency")
@@ -118,13 +152,14 @@ def label_efficiency_command(
         "runs/label_efficiency"),
     cohorts: Annotated[list[str], typer.Option("--cohort", help="hospital and/or mni152 (repeat).")] = [
         "hospital", "mni152"],
-    counts: Annotated[list[int], typer.Option("--count", help="Labelled training volumes (repeat).")] = [1, 2, 4, 8],
-    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat).")] = [0, 1, 2],
+    counts: Annotated[list[int], typer.Option("--count", min=1, help="Labelled training volumes (repeat).")] = [
+        1, 2, 4, 8],
+    seeds: Annotated[list[int], typer.Option("--seed", min=0, help="Seeds (repeat).")] = [0, 1, 2],
     inits: Annotated[list[str], typer.Option("--init", help="scratch, encoder and/or network (repeat).")] = [
         "scratch", "encoder", "network"],
-    steps: Annotated[Optional[int], typer.Option(help="Fine-tuning steps (default: the config's).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Fine-tuning steps (default: the config's).")] = None,
     pretrain_steps: Annotated[Optional[int], typer.Option(
-        help="Steps of both pretrainings (default: each config's).")] = None,
+        min=1, help="Steps of both pretrainings (default: each config's).")] = None,
     finetune_config: Annotated[Path, typer.Option(help="Fine-tuning config.")] = Path("configs/finetune_seg.yaml"),
     encoder_config: Annotated[Path, typer.Option(help="Pretraining config of the 'encoder' init.")] = Path(
         "configs/pretrain_volume.yaml"),
@@ -139,6 +174,7 @@ def label_efficiency_command(
 ) -> None:
     """Segmentation Dice vs number of labelled volumes: scratch, pretrained encoder, pretrained whole network;
     same budget, crops and seeds; paired differences; CSV, markdown, PNG. Resumes where it stopped."""
+    pin_figure_threads()
     from medssl.bench.label_efficiency import label_efficiency
 
     label_efficiency(output, cohorts=tuple(cohorts), counts=tuple(counts), seeds=tuple(seeds), inits=tuple(inits),
@@ -150,8 +186,8 @@ def label_efficiency_command(
 
 @bench_app.command("seg-inference")
 def seg_inference_command(
-    size: Annotated[int, typer.Option(help="Volume edge in voxels.")] = 64,
-    volumes: Annotated[int, typer.Option(help="Timed volumes.")] = 5,
+    size: Annotated[int, typer.Option(min=16, max=512, help="Volume edge in voxels.")] = 64,
+    volumes: Annotated[int, typer.Option(min=1, help="Timed volumes.")] = 5,
 ) -> None:
     """Sliding-window inference speed (volumes/s) and peak memory of the fine-tuning network."""
     from medssl.bench.label_efficiency import inference_speed
@@ -163,17 +199,18 @@ def seg_inference_command(
 def grounding_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (resumable).")] = Path(
         "runs/bench_grounding"),
-    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat).")] = [0, 1, 2],
+    seeds: Annotated[list[int], typer.Option("--seed", min=0, help="Seeds (repeat).")] = [0, 1, 2],
     variants: Annotated[list[str], typer.Option("--variant", help="ours, random_init, untrained, oracle_organs, "
                                                 "oracle_untrained, atlas (repeat).")] = [
         "ours", "random_init", "untrained", "oracle_organs", "oracle_untrained", "atlas"],
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a 60-patient hospital).")] = None,
     pretrained: Annotated[Optional[Path], typer.Option(help="Pretrained encoder (default: pretrain one).")] = None,
-    pretrain_steps: Annotated[int, typer.Option(help="Pretraining steps when no encoder is given.")] = 400,
+    pretrain_steps: Annotated[int, typer.Option(min=1, help="Pretraining steps when no encoder is given.")] = 400,
     config: Annotated[Path, typer.Option("--config", "-c", help="Grounding config.")] = Path("configs/grounding.yaml"),
     overrides: OverridesArg = None,
 ) -> None:
     """Report grounding: ours vs a random-init encoder and the where / what baselines, same seeds; README table."""
+    pin_figure_threads()
     from medssl.bench.grounding import grounding_benchmark
 
     grounding_benchmark(output, seeds=tuple(seeds), manifest=manifest, pretrained=pretrained,
@@ -198,7 +235,7 @@ def grounding_speed_command(
     checkpoint: Annotated[Path, typer.Option(help="Grounding model (RUN/grounding.pt).")],
     image: Annotated[Path, typer.Option(help="Volume.")],
     report: Annotated[Path, typer.Option(help="Report whose statements are grounded together.")],
-    repeats: Annotated[int, typer.Option(help="Timed repeats (the best is reported).")] = 3,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats (the best is reported).")] = 3,
 ) -> None:
     """Seconds to ground one phrase in one volume, and phrases/s for a whole report (one image pass)."""
     from medssl.bench.grounding import grounding_speed

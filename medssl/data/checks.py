@@ -41,12 +41,9 @@ def raise_first(problems: list[Problem]) -> None:
 
 
 def image_problems(image: io.Volume, where: str) -> list[Problem]:
-    """NaN/inf voxels; a constant image; a voxel size outside 0.01-50 mm (a header error: 1e6 mm voxels)."""
+    """NaN/inf voxels; a constant image. (The voxel size is checked when any volume is read:
+    `io.check_geometry`.)"""
     problems = []
-    spacing = image.spacing
-    if not all(0.01 <= s <= 50.0 for s in spacing):
-        problems.append(Problem(str(image.path), f"{where}: voxel size {tuple(round(s, 4) for s in spacing)} mm is "
-                                "outside 0.01-50 mm; check the header"))
     finite = np.isfinite(image.array)
     bad = finite.size - int(np.count_nonzero(finite))
     if bad:

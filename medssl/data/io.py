@@ -41,6 +41,7 @@ SIGNAL_FORMATS = ("wfdb", "edf", "csv", "npy")
 _SIGNAL_SUFFIXES = {".hea": "wfdb", ".edf": "edf", ".bdf": "edf", ".csv": "csv", ".npy": "npy"}
 _TIME_COLUMNS = ("time", "t")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+VOXEL_MM = (0.01, 50.0)  # voxel sizes a CT or MR volume can have; outside, the header is wrong (`check_geometry`)
 
 
 
@@ -104,27 +105,47 @@ def read_volume(path: str | os.PathLike, *, label: bool = False) -> Volume:
         raise UserError(f"{path}: unknown volume format; expected one of "
                         f"{', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} or a DICOM series folder")
     array = _squeeze_to_3d(path, array)
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise UserError(f"{path}: its affine (voxel -> mm) is singular or not finite, so it has no orientation or "
-                        "voxel size; fix the header's sform/qform")
+    check_geometry(path, affine)
     return Volume(_as_labels(path, array) if label else array.astype(np.float32, copy=False), affine, path)
 
 
+def check_geometry(path: Path, affine: np.ndarray) -> None:
+    """The one rule for a volume's geometry, applied wherever a volume is read (`read_volume`, `read_shape`): a
+    finite, non-singular affine whose voxel sizes lie within VOXEL_MM (a 0 or 1e6 mm voxel is a header error,
+    and would make every crop and spacing resample meaningless)."""
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise UserError(f"{path}: its affine (voxel -> mm) is singular or not finite, so it has no orientation or "
+                        "voxel size; fix the header's sform/qform")
+    sizes = nib.affines.voxel_sizes(affine)
+    low, high = VOXEL_MM
+    if not all(low * (1 - 1e-6) <= s <= high * (1 + 1e-6) for s in sizes):  # a header's float32 of 0.01 passes
+        raise UserError(f"{path}: voxel size {tuple(float(f'{s:.4g}') for s in sizes)} mm is outside {low:g}-{high:g} "
+                        "mm; check the header's voxel size (pixdim / spacing) and sform/qform")
+
+
 def read_shape(path: str | os.PathLike) -> tuple[int, ...]:
-    """A volume file's array shape from its header alone (no voxel is read); a file that is not a volume is a
-    UserError naming it."""
+    """A volume file's array shape from its header alone (no voxel is read); a file that is not a volume, or
+    whose geometry breaks `check_geometry`, is a UserError naming it."""
     path = _existing(path)
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         with _reading(path, "NIfTI"):
-            return tuple(int(n) for n in nib.load(path).shape)
-    if name.endswith(ITK_SUFFIXES):
+            image = nib.load(path)
+            shape = image.shape
+            affine = _nifti_affine(path, image) if isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)) else None
+    elif name.endswith(ITK_SUFFIXES):
         with _reading(path, "image"):
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
-            return tuple(int(n) for n in reader.GetSize())
-    raise UserError(f"{path}: unknown volume format; expected one of {', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)}")
+            shape = reader.GetSize()
+            affine = _itk_affine(reader) if len(shape) == 3 else None
+    else:
+        raise UserError(f"{path}: unknown volume format; expected one of {', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)}")
+    if affine is not None and len(shape) >= 3:  # a 2D file: its caller refuses the shape
+        check_geometry(path, affine)
+    return tuple(int(n) for n in shape)
+
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -132,14 +153,21 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         img = nib.load(path)
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)) or isinstance(img, nib.Cifti2Image):
             raise UserError(f"{path}: a {type(img).__name__.removesuffix('Image')} file, not a 3D NIfTI volume")
-        with nib.openers.ImageOpener(path) as handle:  # the header as stored: nibabel's copy has 0 sizes set to 1
-            raw = type(img.header).from_fileobj(handle, check=False)
-        pixdim = np.asarray(raw["pixdim"][1:4])
-        if raw.get_sform(coded=True)[1] == 0 and (pixdim <= 0).any():
-            raise UserError(f"{path}: voxel size {tuple(float(p) for p in pixdim)} in the header (nibabel would read 0 "
-                            "as 1 mm); fix the header's pixdim or give it an sform")
+        affine = _nifti_affine(path, img)
         # reading every voxel here is what detects a truncated or corrupt file
-        return np.asarray(img.dataobj), img.affine.astype(np.float64)
+        return np.asarray(img.dataobj), affine
+
+
+def _nifti_affine(path: Path, img: nib.Nifti1Image) -> np.ndarray:
+    """The image's affine; a voxel size <= 0 in a header without an sform is refused (nibabel would read it as
+    1 mm)."""
+    with nib.openers.ImageOpener(path) as handle:  # the header as stored: nibabel's copy has 0 sizes set to 1
+        raw = type(img.header).from_fileobj(handle, check=False)
+    pixdim = np.asarray(raw["pixdim"][1:4])
+    if raw.get_sform(coded=True)[1] == 0 and (pixdim <= 0).any():
+        raise UserError(f"{path}: voxel size {tuple(float(p) for p in pixdim)} in the header (nibabel would read 0 "
+                        "as 1 mm); fix the header's pixdim or give it an sform")
+    return img.affine.astype(np.float64)
 
 
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -161,11 +189,16 @@ def _from_sitk(path: Path, img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise UserError(f"{path}: expected a 3D scalar image, got {img.GetDimension()}D with "
                         f"{img.GetNumberOfComponentsPerPixel()} component(s) per voxel")
+    return sitk.GetArrayFromImage(img).transpose(2, 1, 0), _itk_affine(img)
+
+
+def _itk_affine(img: sitk.Image | sitk.ImageFileReader) -> np.ndarray:
+    """The RAS+ (4, 4) affine of a 3D SimpleITK image or read header (LPS+ direction, spacing, origin)."""
     direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
     affine = np.eye(4)
     affine[:3, :3] = _LPS_TO_RAS @ direction @ np.diag(img.GetSpacing())
     affine[:3, 3] = _LPS_TO_RAS @ np.asarray(img.GetOrigin(), dtype=np.float64)
-    return sitk.GetArrayFromImage(img).transpose(2, 1, 0), affine
+    return affine
 
 
 def _squeeze_to_3d(path: Path, array: np.ndarray) -> np.ndarray:
@@ -381,15 +414,36 @@ def write_wfdb(path: str | os.PathLike, signal: Signal) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     comments = [str(c) for c in signal.meta.get("comments", [])]
     units = [unit or "NU" for unit in signal.units]
+    data = np.asarray(signal.data, dtype=np.float64)
+    gains, baselines = _fmt16_scaling(data)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp:
         try:
-            wfdb.wrsamp(path.name, fs=float(signal.fs), units=units, sig_name=list(signal.channels),
-                        p_signal=np.asarray(signal.data, dtype=np.float64).T, fmt=["16"] * len(signal.channels),
-                        comments=comments, write_dir=tmp)
+            wfdb.wrsamp(path.name, fs=float(signal.fs), units=units, sig_name=list(signal.channels), p_signal=data.T,
+                        fmt=["16"] * len(signal.channels), adc_gain=gains, baseline=baselines, comments=comments,
+                        write_dir=tmp)
         except Exception as err:  # wfdb raises ValueError/TypeError for names, units and shapes
             raise UserError(f"{path}: cannot write WFDB record ({one_line(err, with_type=True)})") from err
         for suffix in (".dat", ".hea"):
             os.replace(Path(tmp, path.name + suffix), path.parent / (path.name + suffix))
+
+
+def _fmt16_scaling(data: np.ndarray) -> tuple[list[float], list[int]]:
+    """Per channel of `data` (C, T): the ADC gain and integer baseline that put its finite values within WFDB format
+    16's [-32767, 32767] (-32768 stands for NaN) with one step to spare at each end. wfdb's own choice can round a
+    channel's maximum one step past 32767 (a channel whose minimum lies just above 0) and then refuses to write."""
+    low, high = -32767 + 1, 32767 - 1
+    gains, baselines = [], []
+    for channel in data:
+        finite = channel[np.isfinite(channel)]
+        pmin, pmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        gain = (high - low) / (pmax - pmin) if pmax > pmin else (1.0 / abs(pmin) if pmin else 1.0)
+        baseline = round(low - gain * pmin) if pmax > pmin else 0
+        if abs(baseline) >= 2**31:  # a tiny range far from 0: the int32 baseline bounds the gain
+            baseline = int(np.sign(baseline)) * (2**31 - 1)
+            gain = (high - baseline) / pmax if pmax > 0 else (low - baseline) / pmin
+        gains.append(gain)
+        baselines.append(int(baseline))
+    return gains, baselines
 
 
 def _resample(data: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:

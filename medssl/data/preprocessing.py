@@ -150,6 +150,7 @@ class SignalPreprocessing(FrozenModel):
     window_seconds: PositiveFloat = 4.0
     stride_seconds: PositiveFloat | None = None  # None: non-overlapping windows
     nan: Literal["error", "mask"] = "error"
+    short: Literal["error", "skip"] = "error"  # a recording shorter than one window (skipped ones are reported)
     flat: Literal["error", "keep"] = "keep"
 
     def window_samples(self) -> tuple[int, int | None]:

@@ -268,7 +268,7 @@ class WindowDataset(Dataset):
             message = (f"{path}: {length} samples ({length / rec.signal.fs:g} s) is shorter than one window "
                        f"of {self.window} samples")
             if self.short == "error":
-                raise UserError(message + "; set short: skip to leave it out")
+                raise UserError(message + "; set data.short=skip to leave it out, or a shorter data.window_seconds")
             self.skipped.append(message)
             return None
         self._check_flat(rec)
@@ -278,7 +278,7 @@ class WindowDataset(Dataset):
             return starts
         if self.nan == "error":
             raise UserError(f"{path}: {int(bad.sum())} time steps contain NaN (first at "
-                            f"{np.argmax(bad) / rec.signal.fs:.2f} s); set nan: mask to drop windows with NaN")
+                            f"{np.argmax(bad) / rec.signal.fs:.2f} s); set data.nan=mask to drop windows with NaN")
         counts = np.concatenate([[0], np.cumsum(bad)])
         kept = starts[counts[starts + self.window] == counts[starts]]
         self.dropped_nan += len(starts) - len(kept)
@@ -295,7 +295,7 @@ class WindowDataset(Dataset):
         flat = [name for name, lo, hi in zip(rec.signal.channels, low, high) if lo == hi]
         if flat and self.flat == "error":
             raise UserError(f"{rec.signal.path}: flat-lined channel(s) {', '.join(flat)} (constant over the "
-                            "whole recording); set flat: keep to use them anyway")
+                            "whole recording); set data.flat=keep to use them anyway")
         self.flat_channels += [(rec.patient_id, rec.trial_id, name) for name in flat]
 
     def _register(self, rec: Recording) -> int:
@@ -416,7 +416,7 @@ def signal_windows(data: SignalDataConfig, splits: str | Sequence[str], *,
     if not recordings:
         raise UserError(f"{data.manifest}: split {name} has no signal recordings")
     window, stride = data.window_samples()
-    windows = WindowDataset(recordings, window=window, stride=stride, nan=data.nan, flat=data.flat)
+    windows = WindowDataset(recordings, window=window, stride=stride, nan=data.nan, short=data.short, flat=data.flat)
     windows.store = store  # the memory maps' folder lives as long as the windows
     return windows, dataset_notes(windows, name)
 

@@ -129,7 +129,7 @@ class RequireSize(MapTransform):
             if any(s < c for s, c in zip(shape, self.size)):
                 name = data[key].meta.get("filename_or_obj", key)
                 raise UserError(f"{name}: volume shape {shape} (after reorientation/resampling) is smaller than "
-                                f"crop_size {self.size}; set small_volume: pad to zero-pad it")
+                                f"data.crop_size {self.size}; set data.small_volume=pad to zero-pad it")
         return data
 
 

@@ -47,7 +47,7 @@ from medssl.data.timeseries import WindowDataset, signal_windows
 from medssl.errors import UserError
 from medssl.models.ts_encoder import TSEncoder, TSEncoderConfig, load_timeseries_checkpoint, pool
 from medssl.seeding import numpy_generator, torch_generator
-from medssl.training.checkpoint import Kind, LoadReport
+from medssl.training.checkpoint import Kind, LoadReport, arch_differences
 from medssl.training.distributed import DistContext, init_distributed, rank_seed
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.rundir import RunDir, prepare_run_dir
@@ -221,8 +221,8 @@ def load_encoder(config: EvalTimeseriesConfig, pretrained: Path | None) -> tuple
         return TSEncoder(config.model), None
     stored = load_timeseries_checkpoint(pretrained, (Kind.PRETRAIN_TIMESERIES, Kind.TIMESERIES_ENCODER))
     if stored.encoder.config != config.model:
-        raise UserError(f"model: {config.model.model_dump()} differs from the checkpoint's architecture "
-                        f"{stored.encoder.config.model_dump()} ({pretrained})")
+        raise UserError(f"{pretrained}: the checkpoint's encoder differs from the config's: " + arch_differences(
+            stored.encoder.config.model_dump(), config.model.model_dump(), prefix="model"))
     ours, theirs = config.data.to_dict(), stored.preprocessing
     for key in ("fs", "channels", "window"):
         if ours[key] != theirs.get(key):

@@ -84,29 +84,42 @@ def pair_views(z_a: torch.Tensor, z_b: torch.Tensor, ids: torch.Tensor | None = 
     return info_nce(z, z, same_id_mask(item) & ~eye, tau=tau, exclude=eye, decoupled=decoupled)
 
 
-class _Gram(torch.autograd.Function):
-    """z (..., M, D) -> z z^T (..., M, M) with a backward of one matrix product, (G + G^T) z, instead of the
-    two autograd makes for `z @ z.transpose(-1, -2)`."""
+class _MeanLogSumExpGram(torch.autograd.Function):
+    """z (..., M, D) -> the mean over all rows i of logsumexp_j (z_i . z_j), the pairs in `drop` (diagonals of the
+    (M, M) matrix given by their offsets: 0 is i = j) left out; scalar. Written out so that the (..., M, M) matrix
+    is made once and then worked on in place: exp(S - max) overwrites S in the forward pass and becomes the
+    softmax in the backward pass, whose gradient to z is one matrix product, (P + P^T) z. (The composition of a
+    batched product and `torch.logsumexp` makes and keeps several such matrices.)"""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(z)
-        return z @ z.transpose(-1, -2)
+    def forward(ctx, z: torch.Tensor, drop: tuple[int, ...]) -> torch.Tensor:
+        scores = z @ z.transpose(-1, -2)
+        for offset in drop:
+            scores.diagonal(offset, dim1=-2, dim2=-1).fill_(float("-inf"))
+        peak = scores.amax(dim=-1, keepdim=True)
+        total = scores.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # scores now holds exp(S - max)
+        ctx.save_for_backward(z, scores, total)
+        ctx.used = False
+        return (peak + total.log()).mean()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (z,) = ctx.saved_tensors
-        return (grad + grad.transpose(-1, -2)) @ z
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if ctx.used:
+            raise RuntimeError("_MeanLogSumExpGram: its backward reuses its saved matrix in place and runs once")
+        ctx.used = True
+        z, softmax, total = ctx.saved_tensors
+        softmax.mul_(grad / (total * total.numel()))  # d mean / d S_ij = softmax_ij / rows, times the incoming grad
+        return (softmax + softmax.transpose(-1, -2)) @ z, None
 
 
 def one_positive_pair_views(z_a: torch.Tensor, z_b: torch.Tensor, *, tau: float,
                             decoupled: bool = False) -> torch.Tensor:
     """`pair_views(z_a, z_b)` (no ids: every anchor's one positive is its other view), the same value computed
     without (..., 2N, 2N) masks, for problems where that matrix is large: TS2Vec's temporal loss runs on
-    (B, 2T, 2T) similarities. The positive logit is computed directly, the self-similarity (and, decoupled,
-    the positive) is set to -inf in place before the log-sum-exp, and the similarity's backward is one
-    matrix product (`_Gram`). Shape: (..., N, D) twice -> scalar, float32. (Crop contrast keeps
-    `pair_views`: its matrix is 2B x 2B, and its rounding is pinned by tests/fixtures/pre_redesign.)"""
+    (B, 2T, 2T) similarities. The positive logit is computed directly; the self-similarity (and, decoupled,
+    the positive) is left out of the log-sum-exp, which works on its one matrix in place
+    (`_MeanLogSumExpGram`). Shape: (..., N, D) twice -> scalar, float32. (Crop contrast keeps `pair_views`:
+    its matrix is 2B x 2B, and its rounding is pinned by tests/fixtures/pre_redesign.)"""
     if z_a.shape != z_b.shape or z_a.ndim < 2:
         raise ValueError(f"pair_views: expected two (..., N, D) tensors of one shape, got {tuple(z_a.shape)} and "
                          f"{tuple(z_b.shape)}")
@@ -116,12 +129,7 @@ def one_positive_pair_views(z_a: torch.Tensor, z_b: torch.Tensor, *, tau: float,
         n = a.shape[-2]
         if decoupled and n == 1:  # no negative for any anchor: nothing to contrast (as `info_nce`)
             return (a * b).sum() * 0.0
-        z = torch.cat([a, b], dim=-2) * tau ** -0.5
-        logits = _Gram.apply(z)  # (..., 2N, 2N) similarities / tau
+        z = torch.cat([a, b], dim=-2) * tau ** -0.5  # (..., 2N, D): z_i . z_j is the logit similarity / tau
         positive = (a * b).sum(dim=-1) / tau  # (..., N): the logit of i with its other view, both ways
-        logits.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
-        if decoupled:
-            logits[..., :n, n:].diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
-            logits[..., n:, :n].diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
-        denominator = torch.logsumexp(logits, dim=-1)  # (..., 2N)
-        return denominator.mean() - positive.mean()
+        denominator = _MeanLogSumExpGram.apply(z, (0, n, -n) if decoupled else (0,))  # mean over the 2N rows
+        return denominator - positive.mean()

@@ -58,6 +58,7 @@ class VolumeStep:
 
     batch: the `VolumePretrainBatches` item (crops "a".."d" (n, 1, S, S, S), ids, points, region maps);
     z: (4n, proj_dim) projected crop embeddings of a, b, c, d (in that order);
+    coarse: (4n, C, d, h, w) the coarsest encoder map of the shared pass (None without it);
     embed: crops (N, 1, S, S, S) -> (feature maps, (N, proj_dim)), the student's encoder + projector;
     z is None when no active objective uses the shared encoder pass (`uses_encoder_pass`);
     network: crops (N, C, S, S, S) -> (N, C_out, S, S, S), the whole segmentation network (encoder and
@@ -76,6 +77,7 @@ class VolumeStep:
     network: Callable[[torch.Tensor], torch.Tensor] | None = None
     generator: torch.Generator | None = None
     ctx: DistContext = field(default_factory=DistContext)
+    coarse: torch.Tensor | None = None
     _dense: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -85,6 +87,12 @@ class VolumeStep:
     def view(self, name: str) -> torch.Tensor:
         """(n, proj_dim) crop embeddings of view `name` ("a".."d")."""
         return self.z.split(self.anchors)[VIEWS.index(name)]
+
+    def octant_cells(self, name: str) -> torch.Tensor:
+        """(n, 8, C) the coarsest map of view `name` averaged over each octant of the crop, in
+        `medssl.losses.part_whole.octants` order (the cells the crop embedding's `grid_pool` flattens)."""
+        cells = torch.nn.functional.adaptive_avg_pool3d(self.coarse.split(self.anchors)[VIEWS.index(name)], 2)
+        return cells.flatten(2).transpose(1, 2)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's rows of x (n, ...) -> (world_size * n, ...), rank-major (identity in one process)."""

@@ -26,12 +26,11 @@ Export to and loading from checkpoints (`encoder.pt`, `network.pt`, the pretrain
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from monai.networks.nets import BasicUNet, SegResNet, SwinUNETR
-from pydantic import PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import PositiveInt, field_validator, model_validator
 from torch import nn
 
 from medssl.config import StrictModel

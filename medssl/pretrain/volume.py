@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, PositiveFloat, PositiveInt, confloat
+from pydantic import Field, PositiveFloat, PositiveInt, confloat, model_validator
 from torch import nn
 
 from medssl.config import StrictModel, TrainConfig, dump_config
@@ -97,6 +97,13 @@ class PretrainVolumeConfig(StrictModel):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     split: Literal["training", "validation", "test"] = "training"
 
+    @model_validator(mode="after")
+    def _batch_norm_needs_two_anchors(self) -> PretrainVolumeConfig:
+        if self.heads.norm == "batch" and self.train.batch_size < 2:
+            raise ValueError("train.batch_size is 1 but heads.norm is batch (batch norm needs at least 2 anchors per "
+                             "step and process): raise train.batch_size or set heads.norm=layer")
+        return self
+
 
 class VolumePretrainModel(nn.Module):
     """Encoder, projector (when an active objective uses the shared encoder pass), the dense head when one
@@ -157,7 +164,7 @@ class VolumePretrainModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> StepOutput:
         feats, z = self.embed(torch.cat([batch[k] for k in VIEWS])) if self.encoder_pass else (None, None)
         step = VolumeStep(batch, z, self.embed, lambda: self.dense(feats[self.dense_level]), network=self.network,
-                          generator=generator, ctx=self.ctx)
+                          generator=generator, ctx=self.ctx, coarse=feats[-1] if feats is not None else None)
         terms: dict[str, torch.Tensor] = {}
         for objective in self.objectives.values():
             terms.update(objective(step))

@@ -373,8 +373,8 @@ def _fit_size(volume: torch.Tensor, crop_size: tuple[int, int, int], small_volum
     if all(s >= c for s, c in zip(shape, crop_size)):
         return volume.float()
     if small_volume == "error":
-        raise UserError(f"{name}: volume shape {shape} is smaller than crop_size {crop_size}; "
-                        f"set small_volume: pad to zero-pad it")
+        raise UserError(f"{name}: volume shape {shape} is smaller than data.crop_size {crop_size}; "
+                        "set data.small_volume=pad to zero-pad it")
     if small_volume != "pad":
         raise UserError(f"small_volume: {small_volume!r} is not one of pad, error")
     padded = SpatialPad(crop_size, mode="constant")(volume.float())

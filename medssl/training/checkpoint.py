@@ -86,6 +86,45 @@ def load_checkpoint(path: str | Path, *, kind: str | tuple[str, ...] | None = No
 def with_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries whose key starts with `prefix`, without it (e.g. the encoder of a whole model)."""
     return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+# top-level architecture entries and the config keys they come from (the rest are named as stored)
+ARCH_CONFIG_KEYS = {"encoder": "model", "feature_stride": "views.feature_stride",
+                    "network_out_channels": "model.in_channels"}
+
+
+def arch_differences(theirs: dict[str, Any], ours: dict[str, Any], *, prefix: str | None = None,
+                     config: dict[str, Any] | None = None, limit: int = 4) -> str:
+    """The fields in which a checkpoint's architecture `theirs` differs from `ours`, each with both values, for a
+    one-line message: "model.width: 8 in the checkpoint, 16 in the config; ...". Fields are named by their config
+    keys: `prefix` + field when the architecture is one config section (e.g. "model"), else through
+    ARCH_CONFIG_KEYS, or as "model.<key>" when the config's model section has that key; long values (a fitted
+    tokenizer) are described, not printed; after `limit` fields, how many more."""
+    def leaves(tree: Any, path: str) -> dict[str, Any]:
+        if isinstance(tree, dict) and (tree or not path):  # an empty section is a value, an empty whole is nothing
+            return {k: v for key, sub in tree.items() for k, v in leaves(sub, f"{path}.{key}" if path else key).items()}
+        return {path: tree}
+
+    def name(path: str) -> str:
+        if prefix:
+            return f"{prefix}.{path}"
+        top, dot, rest = path.partition(".")
+        if top in ARCH_CONFIG_KEYS:
+            return ARCH_CONFIG_KEYS[top] + dot + rest
+        return f"model.{path}" if top in ((config or {}).get("model") or {}) else path
+
+    def show(value: Any) -> str:
+        text = repr(value)
+        if len(text) <= 40:
+            return text
+        unit = "characters" if isinstance(value, str) else "items"
+        return f"<a {type(value).__name__} of {len(value)} {unit}>" if hasattr(value, "__len__") else text[:37] + "..."
+
+    mine, stored = leaves(ours, ""), leaves(theirs, "")
+    absent = object()
+    differing = [path for path in sorted(set(mine) | set(stored)) if mine.get(path, absent) != stored.get(path, absent)]
+    parts = [f"{name(path)}: {show(stored[path]) if path in stored else '(absent)'} in the checkpoint, "
+             f"{show(mine[path]) if path in mine else '(absent)'} in the config" for path in differing[:limit]]
+    more = f"; and {len(differing) - limit} more field(s)" if len(differing) > limit else ""
+    return "; ".join(parts) + more
 
 
 @dataclass

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from medssl.config import TrainConfig
 from medssl.errors import UserError, one_line, without_worker_traceback
 from medssl.seeding import torch_generator
-from medssl.training.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from medssl.training.checkpoint import arch_differences, load_checkpoint, load_weights, save_checkpoint
 from medssl.training.distributed import DistContext, mean_across_ranks
 from medssl.training.monitor import collapse_metrics
 from medssl.training.rundir import RunDir
@@ -158,8 +158,8 @@ class Trainer:
         path = self.run_dir.last_checkpoint
         payload = load_checkpoint(path, kind=self.checkpointing.kind)
         if payload["arch"] != self.checkpointing.arch:
-            raise UserError(f"{path}: checkpoint architecture {payload['arch']} differs from the config's "
-                            f"{self.checkpointing.arch}")
+            raise UserError(f"{path}: the checkpoint's architecture differs from the config's: " + arch_differences(
+                payload["arch"], self.checkpointing.arch, config=self.checkpointing.config))
         report = load_weights(self.model, payload["model"], min_fraction=1.0, source=str(path))
         if report.unexpected:
             raise UserError(f"{path}: checkpoint has weights the model lacks: {', '.join(report.unexpected[:5])}")

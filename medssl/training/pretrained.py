@@ -29,6 +29,7 @@ from medssl.training.checkpoint import (
     ENCODER_PREFIX,
     Kind,
     LoadReport,
+    arch_differences,
     load_checkpoint,
     load_weights,
     save_checkpoint,
@@ -114,8 +115,8 @@ def load_pretrained(network: nn.Module, checkpoint_path: str | Path, *, arch: Vo
                         f"'{Kind.VOLUME_ENCODER}', '{Kind.VOLUME_NETWORK}' or '{Kind.PRETRAIN_VOLUME}')")
     stored = _stored_arch(payload["arch"], kind, source)
     if stored != arch:
-        raise UserError(f"{source}: checkpoint encoder {stored.model_dump(mode='json')} differs from the "
-                        f"configured model {arch.model_dump(mode='json')}")
+        raise UserError(f"{source}: the checkpoint's encoder differs from the config's: " + arch_differences(
+            stored.model_dump(mode="json"), arch.model_dump(mode="json"), prefix="model"))
     weights = _strip_prefix(payload["model"], DDP_PREFIX)
     whole: dict[str, torch.Tensor] | None = weights if kind == Kind.VOLUME_NETWORK else None
     if kind == Kind.PRETRAIN_VOLUME:

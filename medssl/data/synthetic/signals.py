@@ -106,8 +106,11 @@ def _wave_train(centres: np.ndarray, amps: np.ndarray, widths: np.ndarray, n: in
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
-    noise = gaussian_filter1d(rng.standard_normal(n), sigma)
-    return noise / (noise.std() + 1e-12)
+    """(n,) Gaussian noise smoothed over `sigma` samples, unit standard deviation. Drawn over at least 8 sigma:
+    a recording shorter than the smoothing would otherwise be a nearly constant offset divided by its own tiny
+    spread (a 2 s ECG 20 mV off zero). Recordings of 8 sigma or more are drawn as they always were."""
+    noise = gaussian_filter1d(rng.standard_normal(max(n, int(np.ceil(8 * sigma)))), sigma)
+    return noise[:n] / (noise.std() + 1e-12)
 
 
 def trial_signals(heart: _Heart, rng: np.random.Generator, seconds: float, fs: float) -> np.ndarray:
