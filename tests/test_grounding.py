@@ -304,7 +304,7 @@ def test_bad_input_is_refused_with_one_line_and_nothing_written(trained, hospita
     seg = tmp_path / "seg.pt"
     torch.save({**load_checkpoint(run / "grounding.pt"), "kind": "finetune-seg"}, seg)
     cases = [
-        (["--text", "   "], "phrase: empty"),
+        (["--text", "   "], "--text: empty"),
         (["--text", "lesion " * 200], "at most 1000"),
         (["--text", "zorblax quuxifer"], "names no organ or finding the model knows"),
         (["--text", "a 2 cm mass in the pancreas"], "names an organ this model does not know (pancreas)"),

@@ -123,8 +123,9 @@ class StoredVolumes:
         short = np.maximum(np.asarray(self.crop_size) - stored, 0)
         if small_volume == "error" and short.any():
             first = int(np.flatnonzero(short.any(1))[0])
-            raise UserError(f"{self.names[first]}: volume shape {tuple(stored[first])} is smaller than crop_size "
-                            f"{self.crop_size}; set small_volume: pad to zero-pad it")
+            shape = tuple(int(s) for s in stored[first])
+            raise UserError(f"{self.names[first]}: volume shape {shape} is smaller than data.crop_size "
+                            f"{self.crop_size}; set data.small_volume=pad to zero-pad it")
         self.shapes, self.offsets = stored + short, short // 2
 
     @property

@@ -114,12 +114,15 @@ class TrainingStudies:
 
 
 def training_entries(manifest: Manifest, split: str) -> list:
-    """The volumes of `split`; one without a report is a UserError (grounding trains on (volume, report))."""
+    """The volumes of `split`; one without a report, or whose header breaks `io.check_geometry`, is a UserError
+    (grounding trains on (volume, report) pairs; headers only are read)."""
     entries = [e for e in manifest.split(split) if e.image]
     missing = [str(e.image) for e in entries if not (e.report or "").strip()]
     if missing:
         raise UserError(f"{len(missing)} volume(s) have no report to ground ({', '.join(missing[:5])}): grounding "
                         "trains on (volume, report) pairs")
+    for entry in entries:
+        io.read_shape(manifest.path(entry.image))
     return entries
 
 
