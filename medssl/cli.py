@@ -66,12 +66,18 @@ def synth(
                                                                           "in seconds [default: 20].")] = None,
     cohort: Annotated[str, typer.Option(help="hospital (CT torso, organ labels, lesions, reports, ECG/PPG) or mni152 "
                                              "(brain tissue MR from nilearn's MNI152 template).")] = "hospital",
+    two_site: Annotated[Optional[bool], typer.Option("--two-site", help="hospital: add as many test patients "
+                                                     "scanned at site B (contrast phase, low dose, soft kernel) as "
+                                                     "the test split has at site A.")] = None,
+    pool: Annotated[Optional[int], typer.Option(min=0, help="hospital: an unlabelled pool of N more patients "
+                                                "(sites A and B in turn with --two-site), images only, in "
+                                                "OUT/pool.json.")] = None,
 ) -> None:
     """Write a synthetic cohort with its manifest: the hospital or the MNI152 brain-tissue cohort."""
     from medssl.data.synthetic.cohorts import write_cohort
 
-    options = {key: value for key, value in (("trials", trials), ("signal_seconds", signal_seconds))
-               if value is not None}
+    options = {key: value for key, value in (("trials", trials), ("signal_seconds", signal_seconds),
+                                             ("two_site", two_site), ("pool", pool)) if value is not None}
     manifest = write_cohort(cohort, out, patients=patients, studies=studies, size=size, seed=seed, progress=True,
                             **options)
     typer.echo(f"wrote {manifest}")
