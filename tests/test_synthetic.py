@@ -15,8 +15,8 @@ from scipy.signal import butter, find_peaks, sosfiltfilt
 
 from medssl.data import io
 from medssl.data.manifest_check import check_manifest
-from medssl.data.synthetic.anatomy import (LANDMARKS, ORGANS, _canonical, _canonical_landmarks, _Pose, _rotation, _world,
-                                          SITES, hospital_affine, make_anatomy, render_study, world_grid)
+from medssl.data.synthetic.anatomy import (LANDMARKS, ORGANS, SITES, _canonical, _canonical_landmarks, _Pose, _rotation,
+                                          _world, hospital_affine, make_anatomy, render_study, world_grid)
 from medssl.data.synthetic.hospital import MANIFEST_NAME, make_hospital
 from medssl.data.synthetic.reports import GRAMMAR, finding_sentence
 

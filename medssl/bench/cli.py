@@ -101,11 +101,12 @@ def ts_label_efficiency_command(
 def label_efficiency_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (rerun to resume).")] = Path(
         "runs/label_efficiency"),
-    cohorts: Annotated[list[str], typer.Option("--cohort", help="hospital and/or mni152 (repeat).")] = [
-        "hospital", "mni152"],
-    counts: Annotated[list[int], typer.Option("--count", help="Labelled training volumes (repeat).")] = [1, 2, 4, 8],
-    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat).")] = [0, 1, 2],
-    inits: Annotated[list[str], typer.Option("--init", help="scratch, encoder and/or network (repeat).")] = [
+    cohorts: Annotated[list[str], typer.Option("--cohort", help="two_site, hospital and/or mni152 (repeat).")] = [
+        "two_site"],
+    counts: Annotated[list[int], typer.Option("--count", help="Labelled training volumes (repeat).")] = [1, 2, 4],
+    seeds: Annotated[list[int], typer.Option("--seed", help="Seeds (repeat).")] = [0, 1, 2, 3, 4],
+    inits: Annotated[list[str], typer.Option("--init", help="scratch, encoder, network, encoder_nopool and/or "
+                                                            "network_nopool (repeat).")] = [
         "scratch", "encoder", "network"],
     steps: Annotated[Optional[int], typer.Option(help="Fine-tuning steps (default: the config's).")] = None,
     pretrain_steps: Annotated[Optional[int], typer.Option(
@@ -121,16 +122,28 @@ def label_efficiency_command(
         help="Reuse the cohorts and pretrained checkpoints of this earlier output folder.")] = None,
     scratch_from: Annotated[Optional[Path], typer.Option(
         help="Reuse (copy) the cohorts and finished scratch runs of this earlier output folder.")] = None,
+    tune: Annotated[bool, typer.Option("--tune/--no-tune", help="Choose each init's lr and warm-up (and a "
+                                       "pretrained init's decay toward its weights) on validation first.")] = True,
+    tune_lrs: Annotated[list[float], typer.Option("--tune-lr", help="Learning rates tried (repeat).")] = [
+        5e-4, 2e-3, 8e-3],
+    tune_warmups: Annotated[list[int], typer.Option("--tune-warmup", help="Warm-up steps tried (repeat).")] = [
+        10, 200],
+    tune_decays: Annotated[list[float], typer.Option("--tune-decay", help="seg.decay_to_pretrained values tried "
+                                                     "for pretrained inits, besides 0 (repeat).")] = [1.0, 10.0],
+    tune_count: Annotated[int, typer.Option(help="Labelled volumes of the tuning runs.")] = 2,
+    tune_seed: Annotated[int, typer.Option(help="Seed of the tuning runs.")] = 0,
 ) -> None:
     """Segmentation Dice vs number of labelled volumes: scratch, pretrained encoder, pretrained whole network;
-    same budget, crops and seeds; paired differences; CSV, markdown, PNG. Resumes where it stopped."""
-    from medssl.bench.label_efficiency import label_efficiency
+    hyper-parameters chosen per init on validation; same budget, crops and seeds; per test site; paired
+    differences with Holm-corrected intervals; CSV, markdown, PNG. Resumes where it stopped."""
+    from medssl.bench.label_efficiency import Tuning, label_efficiency
 
+    tuning = Tuning(tuple(tune_lrs), tuple(tune_warmups), tuple(tune_decays), tune_count, tune_seed) if tune else None
     label_efficiency(output, cohorts=tuple(cohorts), counts=tuple(counts), seeds=tuple(seeds), inits=tuple(inits),
                      steps=steps, pretrain_steps=pretrain_steps, finetune_config=finetune_config,
                      pretrain_configs={"encoder": encoder_config, "network": network_config},
                      overrides=tuple(finetune_set or ()), pretrain_overrides=tuple(pretrain_set or ()),
-                     pretrained_from=pretrained_from, scratch_from=scratch_from)
+                     pretrained_from=pretrained_from, scratch_from=scratch_from, tuning=tuning)
 
 
 @bench_app.command("seg-inference")
