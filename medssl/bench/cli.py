@@ -146,6 +146,29 @@ def label_efficiency_command(
                      pretrained_from=pretrained_from, scratch_from=scratch_from, tuning=tuning)
 
 
+@bench_app.command("correspondence")
+def correspondence_command(
+    manifest: Annotated[Path, typer.Option(help="Manifest whose entries carry ground-truth landmarks.")],
+    encoder: Annotated[Path, typer.Option(help="Pretrained encoder (RUN/encoder.pt).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (rerun to resume).")] = Path(
+        "runs/bench_correspondence"),
+    split: Annotated[str, typer.Option(help="Held-out split to match on.")] = "test",
+    pairs: Annotated[Optional[int], typer.Option(min=1, help="Patient pairs drawn (default: every ordered pair).")] = (
+        None),
+    seed: Annotated[int, typer.Option(help="Seed of the pair draw and of the random encoder.")] = 0,
+    radius: Annotated[float, typer.Option(min=1.0, help="Search radius (mm) around the affine prior.")] = 30.0,
+) -> None:
+    """Landmark error across held-out patients and studies, lesion tracking: pretrained vs random encoder vs
+    affine registration and body box."""
+    from medssl.bench.correspondence import correspondence_benchmark
+
+    require_manifest_file(manifest)
+    if split not in ("training", "validation", "test"):
+        raise UserError(f"--split: {split!r} is not one of training, validation, test")
+    correspondence_benchmark(output, manifest=manifest, encoder=encoder, split=split, pairs=pairs, seed=seed,
+                             radius_mm=radius)
+
+
 @bench_app.command("seg-inference")
 def seg_inference_command(
     size: Annotated[int, typer.Option(help="Volume edge in voxels.")] = 64,

@@ -55,7 +55,6 @@ again); the tables are rewritten after every finished cell):
 from __future__ import annotations
 
 import csv
-import io as textio
 import json
 import math
 import os
@@ -71,7 +70,7 @@ import numpy as np
 import torch
 
 from medssl.atomic import atomic_dir, atomic_path, write_json, write_text
-from medssl.bench.report import peak_rss_mib, print_table
+from medssl.bench.report import csv_text, peak_rss_mib, print_table
 from medssl.bench.stats import ALL_SITES, holm
 from medssl.bench.stats import paired_differences as _paired
 from medssl.bench.stats import summarise as _summarise
@@ -300,15 +299,6 @@ def organ_differences(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return holm([row for metric in present for row in paired_differences(runs, metric=metric)])
 
 
-def _csv_text(rows: list[dict[str, Any]]) -> str:
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    buffer = textio.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows([{k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows])
-    return buffer.getvalue()
-
-
 def _pyplot():
     import matplotlib
 
@@ -512,13 +502,13 @@ def label_efficiency(out_dir: str | Path, *, cohorts: Sequence[str] = ("two_site
         rows, paired, organs = summarise(ordered), holm(paired_differences(ordered)), organ_differences(ordered)
         budget = f"{ordered[0]['steps']} fine-tuning steps, seeds {sorted({r['seed'] for r in ordered})}"
         if tuned:
-            write_text(out / "label_efficiency_tuning.csv", _csv_text(tuned))
-        write_text(out / "label_efficiency_runs.csv", _csv_text(ordered))
-        write_text(out / "label_efficiency.csv", _csv_text(rows))
+            write_text(out / "label_efficiency_tuning.csv", csv_text(tuned))
+        write_text(out / "label_efficiency_runs.csv", csv_text(ordered))
+        write_text(out / "label_efficiency.csv", csv_text(rows))
         if paired:
-            write_text(out / "label_efficiency_paired.csv", _csv_text(paired))
+            write_text(out / "label_efficiency_paired.csv", csv_text(paired))
         if organs:
-            write_text(out / "label_efficiency_paired_organs.csv", _csv_text(organs))
+            write_text(out / "label_efficiency_paired_organs.csv", csv_text(organs))
         write_text(out / "label_efficiency.md", markdown(rows, paired, organs, tuned))
         plot(out / "label_efficiency.png", rows, f"label efficiency ({budget}); error bars: std over seeds")
         curves = validation_curves(out, ordered)
