@@ -236,12 +236,16 @@ class GeometricMatcher:
 
 class Correspondence:
     """A matcher with its scans cached by path: `match(a, b, points_mm)`. `prior`: with an embedding matcher,
-    restrict its search to `radius_mm` around this geometric matcher's answer."""
+    restrict its search to `radius_mm` around this geometric matcher's answer (a name, or a `GeometricMatcher`
+    whose fitted pairs are shared with other users)."""
 
-    def __init__(self, matcher: EmbeddingMatcher | GeometricMatcher, *, prior: GeometricName | None = None,
-                 radius_mm: float = 30.0, prep: VolumePreprocessing | None = None):
+    def __init__(self, matcher: EmbeddingMatcher | GeometricMatcher, *,
+                 prior: GeometricName | GeometricMatcher | None = None, radius_mm: float = 30.0,
+                 prep: VolumePreprocessing | None = None):
         self.matcher, self.radius_mm = matcher, radius_mm
-        self.prior = GeometricMatcher(prior) if prior and isinstance(matcher, EmbeddingMatcher) else None
+        if isinstance(prior, str):
+            prior = GeometricMatcher(prior)
+        self.prior = prior if isinstance(matcher, EmbeddingMatcher) else None
         self.prep = matcher.prep if isinstance(matcher, EmbeddingMatcher) else prep
         self._scans: dict[str, Scan] = {}
 

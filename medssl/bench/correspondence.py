@@ -255,12 +255,13 @@ def correspondence_benchmark(out_dir: str | Path, *, manifest: Path, encoder: Pa
     pretrained = EmbeddingMatcher.from_checkpoint(encoder, name="pretrained encoder")
     arch = type(pretrained.encoder).__name__
     random = EmbeddingMatcher.random(pretrained.encoder.cfg, pretrained.prep, seed=seed, name="random encoder")
+    registration = GeometricMatcher("registration")   # one fit per pair of scans, shared by three methods
     methods = {"pretrained encoder": Correspondence(pretrained), "random encoder": Correspondence(random),
-               BASELINE: Correspondence(GeometricMatcher("registration"), prep=pretrained.prep),
+               BASELINE: Correspondence(registration, prep=pretrained.prep),
                "body_box": Correspondence(GeometricMatcher("body_box"), prep=pretrained.prep),
-               f"pretrained encoder + {BASELINE} prior": Correspondence(pretrained, prior="registration",
+               f"pretrained encoder + {BASELINE} prior": Correspondence(pretrained, prior=registration,
                                                                           radius_mm=radius_mm),
-               f"random encoder + {BASELINE} prior": Correspondence(random, prior="registration", radius_mm=radius_mm)}
+               f"random encoder + {BASELINE} prior": Correspondence(random, prior=registration, radius_mm=radius_mm)}
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, correspondence in methods.items():
