@@ -106,7 +106,7 @@ def _base(init: str) -> str:
 class Tuning:
     """The fine-tuning hyper-parameters tried per init on the validation split (module docstring)."""
 
-    lrs: tuple[float, ...] = (5e-4, 2e-3, 8e-3)
+    lrs: tuple[float, ...] = (5e-4, 2e-3, 8e-3, 2e-2)
     warmups: tuple[int, ...] = (10, 200)
     decays: tuple[float, ...] = (1.0, 10.0)  # seg.decay_to_pretrained, pretrained inits only
     labelled: int = 2
