@@ -152,7 +152,8 @@ def correspondence_command(
     encoder: Annotated[Path, typer.Option(help="Pretrained encoder (RUN/encoder.pt).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (rerun to resume).")] = Path(
         "runs/bench_correspondence"),
-    split: Annotated[str, typer.Option(help="Held-out split to match on.")] = "test",
+    splits: Annotated[list[str], typer.Option("--split", help="Split(s) of patients the encoder never saw "
+                                                             "(repeat).")] = ["test"],
     pairs: Annotated[Optional[int], typer.Option(min=1, help="Patient pairs drawn (default: every ordered pair).")] = (
         None),
     seed: Annotated[int, typer.Option(help="Seed of the pair draw and of the random encoder.")] = 0,
@@ -163,9 +164,10 @@ def correspondence_command(
     from medssl.bench.correspondence import correspondence_benchmark
 
     require_manifest_file(manifest)
-    if split not in ("training", "validation", "test"):
-        raise UserError(f"--split: {split!r} is not one of training, validation, test")
-    correspondence_benchmark(output, manifest=manifest, encoder=encoder, split=split, pairs=pairs, seed=seed,
+    for split in splits:
+        if split not in ("training", "validation", "test"):
+            raise UserError(f"--split: {split!r} is not one of training, validation, test")
+    correspondence_benchmark(output, manifest=manifest, encoder=encoder, splits=tuple(splits), pairs=pairs, seed=seed,
                              radius_mm=radius)
 
 

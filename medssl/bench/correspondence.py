@@ -37,14 +37,15 @@ from medssl.errors import UserError
 BASELINE = "registration"
 
 
-def _entries(manifest: Path, split: str) -> list[dict[str, Any]]:
-    """The split's entries with absolute paths; UserError when none carries landmarks."""
+def _entries(manifest: Path, splits: Sequence[str]) -> list[dict[str, Any]]:
+    """The splits' entries with absolute paths; UserError when none carries landmarks."""
     data = json.loads(Path(manifest).read_text(encoding="utf-8"))
-    entries = [dict(e) for e in data.get(split, [])]
+    entries = [dict(e) for split in splits for e in data.get(split, [])]
+    named = "' + '".join(splits)
     if not entries:
-        raise UserError(f"{manifest}: the '{split}' split is empty")
+        raise UserError(f"{manifest}: the '{named}' split is empty")
     if not any(e.get("landmarks") for e in entries):
-        raise UserError(f"{manifest}: no entry of the '{split}' split has 'landmarks' ({{name: [x, y, z]}} in RAS mm, "
+        raise UserError(f"{manifest}: no entry of the '{named}' split has 'landmarks' ({{name: [x, y, z]}} in RAS mm, "
                         "as `medssl synth` writes them); correspondence needs ground-truth landmarks")
     for e in entries:
         for key in ("image", "lesion_mask"):
@@ -240,18 +241,20 @@ def _figures(out: Path, rows: list[dict[str, Any]], example: dict[str, Any] | No
     plt.close(fig)
 
 
-def correspondence_benchmark(out_dir: str | Path, *, manifest: Path, encoder: Path, split: str = "test",
+def correspondence_benchmark(out_dir: str | Path, *, manifest: Path, encoder: Path, splits: Sequence[str] = ("test",),
                              pairs: int | None = None, seed: int = 0, radius_mm: float = 30.0,
                              example_landmark: str = "kidney_left_upper_pole", quiet: bool = False
                              ) -> list[dict[str, Any]]:
-    """Run the benchmark (module docstring) and return the summary rows."""
+    """Run the benchmark (module docstring) on the patients of `splits` (patients the encoder never saw: a
+    pretraining on a pool leaves every split of the labelled cohort held out) and return the summary rows."""
     from medssl.correspondence import Correspondence, EmbeddingMatcher, GeometricMatcher
 
     out = Path(out_dir)
-    entries = _entries(manifest, split)
+    entries = _entries(manifest, splits)
     work = tasks(entries, pairs=pairs, seed=seed)
     if not work:
-        raise UserError(f"{manifest}: the '{split}' split has no two patients or studies with landmarks to match")
+        raise UserError(f"{manifest}: the '{' + '.join(splits)}' split has no two patients or studies with landmarks "
+                        "to match")
     pretrained = EmbeddingMatcher.from_checkpoint(encoder, name="pretrained encoder")
     arch = type(pretrained.encoder).__name__
     random = EmbeddingMatcher.random(pretrained.encoder.cfg, pretrained.prep, seed=seed, name="random encoder")
@@ -287,11 +290,11 @@ def correspondence_benchmark(out_dir: str | Path, *, manifest: Path, encoder: Pa
     write_text(out / "correspondence.md", markdown(summary, rows))
     _figures(out, rows, shown, methods["pretrained encoder"].scan)
     write_json(out / "correspondence.json", {
-        "settings": {"manifest": str(manifest), "encoder": str(encoder), "architecture": arch, "split": split,
+        "settings": {"manifest": str(manifest), "encoder": str(encoder), "architecture": arch, "splits": list(splits),
                      "pairs": pairs, "seed": seed, "radius_mm": radius_mm},
         "summary": summary, "example": shown})
     if not quiet:
-        print_table(f"correspondence on the '{split}' split of {manifest} (errors in mm)",
+        print_table(f"correspondence on the {' + '.join(splits)} split(s) of {manifest} (errors in mm)",
                     ["method", "across patients median", "p90", "vs registration", "across studies median",
                      "lesions hit"],
                     [[r["method"], r.get("patients_median_mm", "-"), r.get("patients_p90_mm", "-"),
