@@ -119,3 +119,28 @@ def test_pretraining_reads_the_pool_and_resumes(two_site, tmp_path):
     assert summary["resumed"] is True and summary["steps"] == 4 and (run_dir / "encoder.pt").is_file()
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_a_diverging_candidate_is_left_out_and_stale_cells_are_refused(two_site, tmp_path, monkeypatch):
+    """A candidate whose loss diverges is recorded as failed (not rerun) and never chosen; a finished cell made
+    with other settings is refused by name instead of being reused."""
+    import medssl.bench.label_efficiency as bench
+
+    real = bench.finetune_run
+
+    def diverging(manifest, run_dir, **kwargs):
+        if "train.lr=0.01" in kwargs["overrides"]:
+            raise UserError("train: non-finite loss at step 1 (dice=nan); lower train.lr or check the data for NaNs")
+        return real(manifest, run_dir, **kwargs)
+
+    monkeypatch.setattr(bench, "finetune_run", diverging)
+    options = dict(cohorts=["two_site"], counts=[1], seeds=[0], inits=["scratch"], steps=2,
+                   finetune_config=REPO / "configs" / "finetune_seg_tiny.yaml", overrides=FAST,
+                   manifests={"two_site": two_site}, quiet=True)
+    out = tmp_path / "bench"
+    label_efficiency(out, **options, tuning=Tuning(lrs=(0.01, 0.001), warmups=(0,), labelled=1, seed=0))
+    tuned = list(csv.DictReader((out / "label_efficiency_tuning.csv").open()))
+    assert [(r["lr"], r["chosen"], r["val_dice"]) for r in tuned][0] == ("0.01", "False", "-inf")
+    assert "non-finite" in tuned[0]["failed"] and (out / "two_site" / "tune" / "scratch_lr0.01_wu0.failed").is_file()
+    with pytest.raises(UserError, match=r"scratch_n1_seed0: finished with other train settings"):
+        label_efficiency(out, **{**options, "overrides": [*FAST, "train.lr=0.003"]})

@@ -125,7 +125,7 @@ def label_efficiency_command(
     tune: Annotated[bool, typer.Option("--tune/--no-tune", help="Choose each init's lr and warm-up (and a "
                                        "pretrained init's decay toward its weights) on validation first.")] = True,
     tune_lrs: Annotated[list[float], typer.Option("--tune-lr", help="Learning rates tried (repeat).")] = [
-        5e-4, 2e-3, 8e-3, 2e-2],
+        5e-4, 2e-3, 8e-3, 2e-2, 5e-2],
     tune_warmups: Annotated[list[int], typer.Option("--tune-warmup", help="Warm-up steps tried (repeat).")] = [
         10, 200],
     tune_decays: Annotated[list[float], typer.Option("--tune-decay", help="seg.decay_to_pretrained values tried "

@@ -19,7 +19,7 @@ so the inits of one seed see the same data). Pretraining reads the cohort's `poo
 Tuning (`tuning`): before the grid, each init's learning rate and warm-up are chosen on the validation
 split (site A only in the two-site cohort: a hospital labels and validates on its own scanner): every
 (lr, warm-up) candidate is fine-tuned with `tuning.labelled` volumes and seed `tuning.seed`, and the best
-validation Dice (the run's best.pt) wins; for a pretrained init, the weight decay toward the pretrained
+validation Dice (the run's best.pt) wins (a candidate whose loss diverges is left out, and remembered); for a pretrained init, the weight decay toward the pretrained
 weights (`seg.decay_to_pretrained`) candidates are then tried at the chosen (lr, warm-up) and kept when
 better. The same candidates and budget for every init; the test split is never read for a choice.
 
@@ -106,7 +106,7 @@ def _base(init: str) -> str:
 class Tuning:
     """The fine-tuning hyper-parameters tried per init on the validation split (module docstring)."""
 
-    lrs: tuple[float, ...] = (5e-4, 2e-3, 8e-3, 2e-2)
+    lrs: tuple[float, ...] = (5e-4, 2e-3, 8e-3, 2e-2, 5e-2)
     warmups: tuple[int, ...] = (10, 200)
     decays: tuple[float, ...] = (1.0, 10.0)  # seg.decay_to_pretrained, pretrained inits only
     labelled: int = 2
@@ -175,17 +175,23 @@ def pretrain_cohort(manifest: Path, run_dir: Path, *, init: str, config: Path, s
 
 def finetune_run(manifest: Path, run_dir: Path, *, labelled: int, seed: int, pretrained: Path | None, config: Path,
                  steps: int | None, overrides: Sequence[str]) -> dict[str, Any]:
-    """One fine-tuning run (its summary), skipped when run_dir/summary.json exists."""
+    """One fine-tuning run (its summary), skipped when run_dir/summary.json exists; a finished run made with
+    other settings (its config.yaml's `train`, `seg` or `model` differ) is a UserError naming it."""
     from medssl.downstream.segmentation.config import FinetuneSegConfig
     from medssl.downstream.segmentation.task import finetune_seg
 
-    summary_path = run_dir / "summary.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text(encoding="utf-8"))
-    _clear_leftovers(run_dir)
     extra = [f"train.steps={steps}"] if steps is not None else []
     cfg = load_config(config, FinetuneSegConfig, [f"data.manifest={manifest}", f"seg.labelled_volumes={labelled}",
                                                   f"train.seed={seed}", *extra, *overrides])
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        done = load_config(run_dir / "config.yaml", FinetuneSegConfig, [])
+        changed = [k for k in ("train", "seg", "model") if getattr(done, k) != getattr(cfg, k)]
+        if changed:
+            raise UserError(f"{run_dir}: finished with other {' and '.join(changed)} settings than this benchmark's "
+                            "(remove the folder to run it again, or use another --output)")
+        return json.loads(summary_path.read_text(encoding="utf-8"))
+    _clear_leftovers(run_dir)
     with atomic_dir(run_dir) as tmp:
         summary = finetune_seg(cfg, tmp, pretrained=pretrained, quiet=True)
     return summary
@@ -204,21 +210,35 @@ def tune(manifest: Path, folder: Path, *, init: str, pretrained: Path | None, tu
 
     def trial(lr: float, warmup: int, decay: float) -> dict[str, Any]:
         run_dir = folder / "tune" / (f"{init}_lr{lr:g}_wu{warmup}" + (f"_dp{decay:g}" if decay else ""))
-        summary = finetune_run(manifest, run_dir, labelled=tuning.labelled, seed=tuning.seed, pretrained=pretrained,
-                               config=config, steps=steps, overrides=[*overrides, *_candidate_overrides(lr, warmup,
-                                                                                                          decay)])
+        row = {"init": init, "lr": lr, "warmup": warmup, "decay_to_pretrained": decay, "val_dice": -math.inf,
+               "run": str(run_dir), "chosen": False}
+        rows.append(row)
+        failed = run_dir.parent / f"{run_dir.name}.failed"
+        if failed.is_file():  # a candidate that diverged before: it stays out
+            row["failed"] = failed.read_text(encoding="utf-8").strip()
+            return row
+        try:
+            summary = finetune_run(manifest, run_dir, labelled=tuning.labelled, seed=tuning.seed,
+                                   pretrained=pretrained, config=config, steps=steps,
+                                   overrides=[*overrides, *_candidate_overrides(lr, warmup, decay)])
+        except UserError as err:
+            if "non-finite loss" not in str(err):
+                raise
+            write_text(failed, f"{err}\n")  # too large a learning rate: the loss diverged
+            row["failed"] = str(err)
+            return row
         value = summary.get("best_val_dice_mean")
         if value is None or not math.isfinite(value):
             raise UserError(f"{manifest}: tuning needs a validation split with labelled volumes (run {run_dir} "
                             "has no validation Dice)")
-        row = {"init": init, "lr": lr, "warmup": warmup, "decay_to_pretrained": decay, "val_dice": float(value),
-               "run": str(run_dir), "chosen": False}
-        rows.append(row)
+        row["val_dice"] = float(value)
         return row
 
     best = max((trial(lr, w, 0.0) for lr in tuning.lrs for w in tuning.warmups), key=lambda r: r["val_dice"])
     if pretrained is not None:
         best = max([best, *(trial(best["lr"], best["warmup"], d) for d in tuning.decays)], key=lambda r: r["val_dice"])
+    if not math.isfinite(best["val_dice"]):
+        raise UserError(f"tuning '{init}': every candidate diverged; give smaller --tune-lr values")
     best["chosen"] = True
     return _candidate_overrides(best["lr"], best["warmup"], best["decay_to_pretrained"]), rows
 
@@ -552,7 +572,11 @@ def label_efficiency(out_dir: str | Path, *, cohorts: Sequence[str] = ("two_site
                                          tuning=tuning, config=Path(finetune_config), steps=steps, overrides=overrides)
                 tuned += [{"cohort": cohort, **row} for row in rows]
                 best = next(row for row in rows if row["chosen"])
-                _copy_run(Path(best["run"]), out / cohort / f"{init}_n{tuning.labelled}_seed{tuning.seed}")
+                cell = out / cohort / f"{init}_n{tuning.labelled}_seed{tuning.seed}"
+                if (cell / "config.yaml").is_file() and (cell / "config.yaml").read_bytes() != (
+                        Path(best["run"]) / "config.yaml").read_bytes():
+                    shutil.rmtree(cell)   # a copy of an earlier choice (the candidates changed since)
+                _copy_run(Path(best["run"]), cell)
             for init in (i for i in inits if i.endswith(CONTROL_SUFFIX)):
                 if _base(init) not in extra:
                     raise UserError(f"--init {init}: tuning takes the hyper-parameters chosen for '{_base(init)}'; "
