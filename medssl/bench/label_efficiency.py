@@ -19,9 +19,9 @@ so the inits of one seed see the same data). Pretraining reads the cohort's `poo
 Tuning (`tuning`): before the grid, each init's learning rate and warm-up are chosen on the validation
 split (site A only in the two-site cohort: a hospital labels and validates on its own scanner): every
 (lr, warm-up) candidate is fine-tuned with `tuning.labelled` volumes and seed `tuning.seed`, and the best
-validation Dice (the run's best.pt) wins (a candidate whose loss diverges is left out, and remembered); for a pretrained init, the weight decay toward the pretrained
-weights (`seg.decay_to_pretrained`) candidates are then tried at the chosen (lr, warm-up) and kept when
-better. The same candidates and budget for every init; the test split is never read for a choice.
+validation Dice (the run's best.pt) wins (a candidate whose loss diverges is left out, and remembered);
+for a pretrained init, the weight decay toward the pretrained weights (`seg.decay_to_pretrained`)
+candidates are then tried at the chosen (lr, warm-up) and kept when better. The same candidates and budget for every init; the test split is never read for a choice.
 
 Scores: test Dice (mean over the foreground classes, then over the test cases) and per-class Dice per run,
 per test site when the manifest's test entries say their `site` (one row per run and site), summarised per
