@@ -105,25 +105,28 @@ def test_the_benchmark_scores_every_method(hospital, encoder, tmp_path):
     data = json.loads(hospital.read_text())
     data["test"] = data["training"] + data["test"]     # two patients with two studies each to match across
     data["training"] = data["validation"]
+    data["test"][0]["landmarks"]["heart_centre"] = [0.0, 0.0, 900.0]   # outside the field of view: left out
     manifest = hospital.parent / "corr.json"
     manifest.write_text(json.dumps(data))
     work = tasks([{**e, "image": str(hospital.parent / e["image"]),
                    "lesion_mask": str(hospital.parent / e["lesion_mask"])} for e in data["test"]], pairs=None, seed=0)
     kinds = [t["kind"] for t in work]
     assert kinds.count("across patients") == 2 and kinds.count("across studies") == 2
+    assert [t["outside"] for t in work if t["kind"] != "lesions"] == [1, 1, 1, 0]
     summary = correspondence_benchmark(tmp_path / "out", manifest=manifest, encoder=encoder, radius_mm=25.0,
                                        quiet=True)
     names = [r["method"] for r in summary]
     assert names == ["pretrained encoder", "random encoder", "registration", "body_box",
                      "pretrained encoder + registration prior", "random encoder + registration prior"]
     baseline = next(r for r in summary if r["method"] == "registration")
-    assert baseline["patients_median_vs_registration"] == 1.0 and baseline["patients_points"] == 28
+    assert baseline["patients_median_vs_registration"] == 1.0 and baseline["patients_points"] == 26
     assert all(0 <= r["studies_median_mm"] < 150 for r in summary)
     rows = list(csv.DictReader((tmp_path / "out" / "correspondence_matches.csv").open()))
-    assert len(rows) == 6 * (28 + 28 + sum(len(t["names"]) for t in work if t["kind"] == "lesions"))
+    assert len(rows) == 6 * (26 + 27 + sum(len(t["names"]) for t in work if t["kind"] == "lesions"))
     for name in ("correspondence.png", "correspondence_example.png"):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
-    assert "| registration |" in (tmp_path / "out" / "correspondence.md").read_text()
+    text = (tmp_path / "out" / "correspondence.md").read_text()
+    assert "| registration |" in text and "2 point(s) across patients, 1 point(s) across studies" in text
     before = (tmp_path / "out" / "matches_registration.csv").stat().st_mtime_ns   # a rerun reuses the matches
     correspondence_benchmark(tmp_path / "out", manifest=manifest, encoder=encoder, radius_mm=25.0, quiet=True)
     assert (tmp_path / "out" / "matches_registration.csv").stat().st_mtime_ns == before

@@ -54,9 +54,36 @@ def _entries(manifest: Path, splits: Sequence[str]) -> list[dict[str, Any]]:
     return entries
 
 
+def _field_of_view(path: str, cache: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """(inverse affine (4, 4), shape (3,)) of a scan, read once."""
+    if path not in cache:
+        from medssl.data import io
+
+        volume = io.read_volume(path)
+        cache[path] = np.linalg.inv(volume.affine), np.asarray(volume.array.shape)
+    return cache[path]
+
+
+def _inside(path: str, points: Sequence[Sequence[float]], cache: dict) -> np.ndarray:
+    """(N,) bool: the RAS mm points lie within the scan's field of view."""
+    inverse, shape = _field_of_view(path, cache)
+    voxels = np.asarray(points, float) @ inverse[:3, :3].T + inverse[:3, 3]
+    return np.all((voxels >= -0.5) & (voxels <= shape - 0.5), axis=1)
+
+
+def _keep_inside(task: dict[str, Any], cache: dict) -> dict[str, Any]:
+    """The task without the points that lie outside the source or (their truth) outside the target scan's
+    field of view (a landmark at the edge of the anatomy can leave a 400 mm field); `outside` counts them."""
+    keep = _inside(task["a"]["image"], task["points"], cache) & _inside(task["b"]["image"], task["truth"], cache)
+    listed = ("names", "points", "truth", "labels")
+    return {**task, **{k: [v for v, ok in zip(task[k], keep) if ok] for k in listed if k in task},
+            "outside": int((~keep).sum())}
+
+
 def tasks(entries: list[dict[str, Any]], *, pairs: int | None, seed: int) -> list[dict[str, Any]]:
     """The point sets to match: across patients (first studies, ordered pairs), across studies (first ->
-    second study) and lesions (first-study centres of lesions the second study shows too)."""
+    second study) and lesions (first-study centres of lesions the second study shows too); points outside
+    either scan's field of view are left out and counted (`outside`)."""
     by_patient: dict[str, list[dict]] = {}
     for e in entries:
         by_patient.setdefault(e["patient_id"], []).append(e)
@@ -88,7 +115,8 @@ def tasks(entries: list[dict[str, Any]], *, pairs: int | None, seed: int) -> lis
                         "points": [lesion["centre_mm"] for lesion in tracked],
                         "truth": [later[lesion["lesion_id"]]["centre_mm"] for lesion in tracked],
                         "labels": [later[lesion["lesion_id"]]["label"] for lesion in tracked]})
-    return out
+    cache: dict = {}
+    return [task for task in (_keep_inside(t, cache) for t in out) if task["names"]]
 
 
 def _lesion_hits(mask_path: str, points_mm: np.ndarray, labels: Sequence[int]) -> list[bool]:
@@ -122,6 +150,14 @@ def run_method(name: str, correspondence, work: list[dict[str, Any]]) -> list[di
     return rows
 
 
+def outside_counts(work: list[dict[str, Any]]) -> dict[str, int]:
+    """Per kind of task, the points left out because they lie outside a scan's field of view."""
+    counts: dict[str, int] = {}
+    for task in work:
+        counts[task["kind"]] = counts.get(task["kind"], 0) + task.get("outside", 0)
+    return counts
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per method: median / mean / 90th percentile landmark error across patients and across studies, the share
     within 10 mm, the lesion hit rate and the ratio of its median error across patients to the baseline's."""
@@ -149,8 +185,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
-    """The summary table and the median error per landmark across patients, as markdown."""
+def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]], outside: dict[str, int] | None = None) -> str:
+    """The summary table, the points left out, and the median error per landmark across patients, as markdown."""
     def cell(row: dict, key: str, fmt: str) -> str:
         value = row.get(key)
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
@@ -164,6 +200,9 @@ def markdown(summary: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
                      f"{cell(r, 'patients_median_vs_registration', '.2f')} | {cell(r, 'studies_median_mm', '.1f')} "
                      f"({cell(r, 'studies_p90_mm', '.1f')}) | {cell(r, 'lesion_hit_rate', '.2f')} of "
                      f"{r.get('lesions', 0)} | {cell(r, 'lesion_median_mm', '.1f')} |")
+    if outside and any(outside.values()):
+        lines += ["", "Left out, outside a scan's field of view: " + ", ".join(
+            f"{count} point(s) {kind}" for kind, count in outside.items() if count) + "."]
     methods = [r["method"] for r in summary]
     landmarks = list(dict.fromkeys(r["point"] for r in rows if r["kind"] == "across patients"))
     if landmarks:
@@ -287,12 +326,12 @@ def correspondence_benchmark(out_dir: str | Path, *, manifest: Path, encoder: Pa
                  "point": example["points"][k], "truth": example["truth"][k], "predicted": predicted}
     write_text(out / "correspondence_matches.csv", csv_text(rows))
     write_text(out / "correspondence.csv", csv_text(summary))
-    write_text(out / "correspondence.md", markdown(summary, rows))
+    write_text(out / "correspondence.md", markdown(summary, rows, outside_counts(work)))
     _figures(out, rows, shown, methods["pretrained encoder"].scan)
     write_json(out / "correspondence.json", {
         "settings": {"manifest": str(manifest), "encoder": str(encoder), "architecture": arch, "splits": list(splits),
                      "pairs": pairs, "seed": seed, "radius_mm": radius_mm},
-        "summary": summary, "example": shown})
+        "summary": summary, "outside_field_of_view": outside_counts(work), "example": shown})
     if not quiet:
         print_table(f"correspondence on the {' + '.join(splits)} split(s) of {manifest} (errors in mm)",
                     ["method", "across patients median", "p90", "vs registration", "across studies median",
@@ -300,5 +339,9 @@ def correspondence_benchmark(out_dir: str | Path, *, manifest: Path, encoder: Pa
                     [[r["method"], r.get("patients_median_mm", "-"), r.get("patients_p90_mm", "-"),
                       r.get("patients_median_vs_registration", "-"), r.get("studies_median_mm", "-"),
                       r.get("lesion_hit_rate", "-")] for r in summary])
+        left = outside_counts(work)
+        if any(left.values()):
+            print("left out, outside a scan's field of view: " + ", ".join(f"{n} point(s) {k}" for k, n in left.items()
+                                                                            if n))
         print(f"wrote {out / 'correspondence.md'}, {out / 'correspondence.png'}, {out / 'correspondence_example.png'}")
     return summary
