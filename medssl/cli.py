@@ -71,12 +71,18 @@ def synth(
                                                                           "in seconds [default: 20].")] = None,
     cohort: Annotated[str, typer.Option(help="hospital (CT torso, organ labels, lesions, reports, ECG/PPG) or mni152 "
                                              "(brain tissue MR from nilearn's MNI152 template).")] = "hospital",
+    two_site: Annotated[Optional[bool], typer.Option("--two-site", help="hospital: add as many test patients "
+                                                     "scanned at site B (contrast phase, low dose, soft kernel) as "
+                                                     "the test split has at site A.")] = None,
+    pool: Annotated[Optional[int], typer.Option(min=0, help="hospital: an unlabelled pool of N more patients "
+                                                "(sites A and B in turn with --two-site), images only, in "
+                                                "OUT/pool.json.")] = None,
 ) -> None:
     """Write a synthetic cohort with its manifest: the hospital or the MNI152 brain-tissue cohort."""
     from medssl.data.synthetic.cohorts import write_cohort
 
-    options = {key: value for key, value in (("trials", trials), ("signal_seconds", signal_seconds))
-               if value is not None}
+    options = {key: value for key, value in (("trials", trials), ("signal_seconds", signal_seconds),
+                                             ("two_site", two_site), ("pool", pool)) if value is not None}
     manifest = write_cohort(cohort, out, patients=patients, studies=studies, size=size, seed=seed, progress=True,
                             **options)
     typer.echo(f"wrote {manifest}")
@@ -265,6 +271,34 @@ def ground_infer_command(
 
 
 # ---------------------------------------------------------------------------------------- tools
+
+
+@app.command("match")
+def match_command(
+    encoder: Annotated[str, typer.Option(help="Encoder checkpoint (RUN/encoder.pt, network.pt or a pretraining "
+                                              "checkpoint), or 'none' for the geometric baseline.")],
+    source: Annotated[Path, typer.Option("--from", help="Scan the point is in.")],
+    target: Annotated[Path, typer.Option("--to", help="Scan to find it in.")],
+    point: Annotated[tuple[float, float, float], typer.Option(help="The point: X Y Z in RAS mm.")],
+    baseline: Annotated[str, typer.Option(help="With --encoder none: registration (affine) or body_box.")] = (
+        "registration"),
+    prior: Annotated[Optional[str], typer.Option(help="With an encoder: search only within --radius of this "
+                                                      "geometric matcher's answer (registration or body_box).")] = None,
+    radius: Annotated[float, typer.Option(min=1.0, help="Search radius (mm) around the prior.")] = 30.0,
+) -> None:
+    """Where a point of one scan lies in another (anatomical correspondence); prints JSON."""
+    import json
+
+    from medssl.correspondence import build_correspondence, match_point
+
+    for name, value in (("--baseline", baseline), ("--prior", prior)):
+        if value is not None and value not in ("registration", "body_box"):
+            raise UserError(f"{name}: {value!r} is not one of registration, body_box")
+    correspondence = build_correspondence(encoder, geometric=baseline, prior=prior, radius_mm=radius)
+    matched, score = match_point(correspondence, source, target, point)
+    typer.echo(json.dumps({"from": str(source), "to": str(target), "point_from_mm": list(point),
+                           "point_mm": [round(v, 2) for v in matched], "score": score, "method": correspondence.name,
+                           "encoder": encoder}))
 
 
 @app.command("demo")

@@ -3,9 +3,10 @@
 Steps: write a 20-patient synthetic hospital (64^3 CT, reports, lesion masks, ECG/PPG), check its manifest,
 pretrain a tiny 3D encoder (with the frozen-feature organ probe against its random initialisation),
 fine-tune organ segmentation with 2 labelled volumes from the pretrained encoder and from scratch (same
-recipe, steps and seed), pretrain a signal encoder with four-level contrast and probe the patient condition
-on held-out patients, train report grounding (its organ head fine-tuned from the pretrained encoder on 8
-labelled volumes, its finding scorer from the reports) and ground the report of a held-out study (maps
+recipe, steps and seed), match one anatomical landmark between two held-out patients with the pretrained
+encoder (and the affine baseline), pretrain a signal encoder with four-level contrast and probe the patient
+condition on held-out patients, train report grounding (its organ head fine-tuned from the pretrained encoder
+on 8 labelled volumes, its finding scorer from the reports) and ground the report of a held-out study (maps
 written), then print a summary table and the `medssl app` command that opens the
 result. Every run starts from the shipped configs (`medssl config show NAME`) with the demo's budget as
 overrides, and writes under the output folder; every number is on *synthetic* data and labelled so.
@@ -83,6 +84,24 @@ def _finetune(manifest: Path, encoder: Path | None, run_dir: Path) -> dict[str, 
     return finetune_seg(config, run_dir, pretrained=encoder)
 
 
+def _match(manifest: Path, encoder: Path, landmark: str = "kidney_left_upper_pole") -> dict[str, Any]:
+    """One landmark of the first test patient found in the second's scan (`medssl match`), against the truth."""
+    import json
+
+    import numpy as np
+
+    from medssl.correspondence import build_correspondence, match_point
+
+    first, second = [e for e in json.loads(manifest.read_text(encoding="utf-8"))["test"] if e["study_id"] == "S1"][:2]
+    a, b = (str(manifest.parent / e["image"]) for e in (first, second))
+    point, truth = first["landmarks"][landmark], np.asarray(second["landmarks"][landmark])
+    matched, score = match_point(encoder, a, b, point)
+    affine, _ = match_point(build_correspondence(None), a, b, point)
+    return {"landmark": landmark, "from": Path(a).name, "to": Path(b).name, "point": point, "matched": matched,
+            "score": score, "error_mm": float(np.linalg.norm(np.asarray(matched) - truth)),
+            "affine_error_mm": float(np.linalg.norm(np.asarray(affine) - truth))}
+
+
 def _timeseries(manifest: Path, pretrain_dir: Path, eval_dir: Path) -> dict[str, Any]:
     from medssl.downstream.ts_classification import EvalTimeseriesConfig, eval_timeseries
     from medssl.pretrain.timeseries import PretrainTimeseriesConfig, pretrain_timeseries
@@ -149,6 +168,8 @@ def run_demo(out: str | Path) -> dict[str, dict[str, Any]]:
                                     lambda: _finetune(manifest, encoder, out / "finetune_seg"))
     results["finetune_seg_scratch"] = _step("4b. organ segmentation, 2 labelled volumes: from scratch (same recipe)",
                                             lambda: _finetune(manifest, None, out / "finetune_seg_scratch"))
+    results["match"] = _step("4c. one landmark found in another patient's scan (pretrained encoder vs affine)",
+                             lambda: _match(manifest, encoder))
     results["timeseries"] = _step("5. signal pretraining (four levels) and patient-level condition probe",
                                   lambda: _timeseries(manifest, out / "pretrain_timeseries", out / "eval_timeseries"))
     results["grounding"] = _step("6. report grounding: organ head from the pretrained encoder (8 labelled volumes), "
@@ -177,6 +198,11 @@ def _print_summary(out: Path, results: dict[str, dict[str, Any]]) -> None:
         seg = results[key]
         table.add_row(f"segmentation, {label}", f"test Dice {seg['test_dice_mean']:.3f} (mean over 9 organs of the "
                       "held-out patients; 2 labelled volumes, 400 steps)", f"{seg['seconds']:.0f}")
+    match = results["match"]
+    table.add_row("anatomy across patients", f"{match['landmark']} of {match['from']} found in {match['to']} at "
+                  f"({', '.join(f'{v:.0f}' for v in match['matched'])}) mm, {match['error_mm']:.0f} mm from the "
+                  f"truth (cosine {match['score']:.2f}; affine registration {match['affine_error_mm']:.0f} mm)",
+                  f"{match['seconds']:.0f}")
     ts = results["timeseries"]
     auroc, low, high = (ts.get(f"probe_frac100_patient_auroc{s}") for s in ("", "_ci_low", "_ci_high"))
     interval = f" [{low:.2f}-{high:.2f}]" if low is not None and high is not None else ""

@@ -71,6 +71,7 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     flat.header.set_qform(None, code=0)
     nib.save(flat, str(vol / "singular.nii.gz"))
     _nifti(vol / "constant.nii.gz", np.full_like(data, -50.0), image.affine)
+    _nifti(vol / "mr_like.nii.gz", data + 1100.0, image.affine)  # no air at -1000: looks like MR
     _nifti(vol / "huge_voxels.nii.gz", data, np.diag([1e6, 1e6, 1e6, 1.0]))
     zero = nib.Nifti1Image(data, None)
     zero.header["pixdim"][1] = 0  # no sform / qform: the voxel size comes from pixdim alone
@@ -102,6 +103,8 @@ def workspace_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _manifest(ws, "singular.json", with_image("singular.nii.gz"))
     _manifest(ws, "label_shape.json", lambda t: t["training"][0].update(label="seg/small_label.nii.gz"))
     _manifest(ws, "empty_training.json", lambda t: t.update(training=[]))
+    _manifest(ws, "no_landmarks.json", lambda t: [e.pop("landmarks") for s in ("training", "validation", "test")
+                                                  for e in t[s]])
     _manifest(ws, "bad_modality.json", lambda t: t.update(modality={"0": "XYZ"}))
     _manifest(ws, "no_reports.json", lambda t: [e.pop("report", None) or e.pop("report_file", None)
                                                  for s in ("training", "validation", "test") for e in t[s]])
@@ -337,6 +340,25 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-speed-repeats-0", ["bench", "grounding-speed", "--checkpoint", "gone.pt", "--image", "fake.nii.gz",
                                "--report", "report.txt", "--repeats", "0"], "'--repeats'"),
     ("config-show-unknown", ["config", "show", "nope"], "nope"),
+    # match and correspondence
+    ("match-point-outside", ["match", "--encoder", "none", "--from", "hospital/vol/P001_S1.nii.gz", "--to",
+                             "hospital/vol/P002_S1.nii.gz", "--point", "0", "0", "900"], "--point 0 0 900: outside"),
+    ("match-other-modality", ["match", "--encoder", "none", "--from", "hospital/vol/P001_S1.nii.gz", "--to",
+                              "hospital/vol/mr_like.nii.gz", "--point", "0", "0", "0"],
+     "mr_like.nii.gz: looks like MR"),
+    ("match-wrong-kind", ["match", "--encoder", "ts_kind.pt", "--from", "hospital/vol/P001_S1.nii.gz", "--to",
+                          "hospital/vol/P002_S1.nii.gz", "--point", "0", "0", "0"], "ts_kind.pt"),
+    ("match-missing-encoder", ["match", "--encoder", "gone.pt", "--from", "hospital/vol/P001_S1.nii.gz", "--to",
+                               "hospital/vol/P002_S1.nii.gz", "--point", "0", "0", "0"], "gone.pt"),
+    ("match-missing-scan", ["match", "--encoder", "none", "--from", "hospital/vol/gone.nii.gz", "--to",
+                            "hospital/vol/P002_S1.nii.gz", "--point", "0", "0", "0"], "gone.nii.gz"),
+    ("match-bad-baseline", ["match", "--encoder", "none", "--from", "hospital/vol/P001_S1.nii.gz", "--to",
+                            "hospital/vol/P002_S1.nii.gz", "--point", "0", "0", "0", "--baseline", "magic"],
+     "--baseline"),
+    ("bench-correspondence-no-landmarks", ["bench", "correspondence", "--manifest", "hospital/no_landmarks.json",
+                                           "--encoder", "gone.pt", "-o", "corr"], "landmarks"),
+    ("bench-correspondence-manifest", ["bench", "correspondence", "--manifest", "hospital/none.json", "--encoder",
+                                       "gone.pt", "-o", "corr"], "none.json"),
 ]
 
 

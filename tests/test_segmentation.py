@@ -20,10 +20,12 @@ from medssl.data.synthetic.hospital import make_hospital
 from medssl.downstream.segmentation.cases import resolve_preprocessing, select_labelled
 from medssl.downstream.segmentation.config import FinetuneSegConfig
 from medssl.downstream.segmentation.task import finetune_seg
-from medssl.downstream.segmentation.training import build_network, encoder_stages, layerwise_param_groups
+from medssl.downstream.segmentation.training import (DecayToPretrained, build_network, encoder_stages,
+                                                     layerwise_param_groups, pretrained_parameters)
 from medssl.errors import UserError
 from medssl.models.volume_encoders import VolumeEncoderConfig, build_segmentation_network, network_encoder
 from medssl.training.checkpoint import load_checkpoint
+from medssl.training.loop import ParamGroup
 from medssl.training.pretrained import export_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,6 +226,48 @@ def test_layerwise_learning_rates_are_in_effect_during_training(hospital, tmp_pa
             assert record[f"lr.stage{i}"] == pytest.approx(record["lr"] * 0.5 ** (stages - i))
         for key in (k for k in record if k.endswith(".no_decay")):
             assert record[key] == record[key.removesuffix(".no_decay")]
+
+
+def test_decay_to_pretrained_pulls_loaded_weights_back():
+    """One step of the hook: p -> p - lr_t * strength * (p - p0), lr_t from the warm-up/cosine schedule and the
+    group's scale; frozen parameters stay; the groups keep pulled tensors out of the decay toward zero."""
+    weight, frozen = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    hook = DecayToPretrained([ParamGroup("stage0.to_pretrained", [weight, frozen], lr_scale=0.5),
+                              ParamGroup("head", [torch.nn.Parameter(torch.ones(1))])], 4.0, lr=0.1, warmup=0,
+                             total=10)
+    with torch.no_grad():
+        weight += 1.0
+        frozen += 1.0
+    frozen.requires_grad_(False)
+    hook(torch.nn.Module(), 1)
+    torch.testing.assert_close(weight.detach(), torch.full((3,), 1 - 0.1 * 4.0 * 0.5))
+    torch.testing.assert_close(frozen.detach(), torch.ones(2))
+    cfg = VolumeEncoderConfig(width=4)
+    network = build_segmentation_network(cfg, 3)
+    encoder = network_encoder(network, cfg)
+    pulled = frozenset(id(p) for p in encoder.parameters())
+    groups = layerwise_param_groups(network, encoder, 1.0, pulled)
+    assert {g.name for g in groups} == {"head", "head.no_decay", *(f"stage{i}.to_pretrained" for i in range(5))}
+    assert all(not g.weight_decay for g in groups if g.name.endswith(".to_pretrained"))
+
+
+def test_decay_to_pretrained_keeps_the_encoder_near_its_pretrained_weights(hospital, tmp_path):
+    overrides = ("train.steps=4", "train.warmup_steps=0", "seg.eval_every=0", "seg.overlay_cases=0",
+                 "seg.labelled_volumes=1")
+    drift = {}
+    for strength in (0, 40):
+        cfg = _config(hospital, *overrides, f"seg.decay_to_pretrained={strength}")
+        stored = _checkpoint(tmp_path / "encoder.pt", cfg)
+        finetune_seg(cfg, tmp_path / f"run{strength}", pretrained=tmp_path / "encoder.pt", quiet=True)
+        last = _encoder_weights(load_checkpoint(tmp_path / f"run{strength}" / "checkpoints" / "last.pt")["model"],
+                                cfg)
+        drift[strength] = sum(float((last[k].float() - stored[k].float()).norm()) for k in stored if k in last)
+    assert 0 < drift[40] < 0.7 * drift[0]
+    network, report = build_network(cfg, 10, tmp_path / "encoder.pt")
+    assert len(pretrained_parameters(network, report)) == len(list(network_encoder(network, cfg.model).parameters()))
+    with pytest.raises(UserError, match="^seg.decay_to_pretrained: 40.0 .* no --pretrained"):
+        finetune_seg(cfg, tmp_path / "scratch", quiet=True)
+    assert not (tmp_path / "scratch").exists()
 
 
 # ------------------------------------------------------------------------------------------------ bad input

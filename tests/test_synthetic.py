@@ -15,7 +15,8 @@ from scipy.signal import butter, find_peaks, sosfiltfilt
 
 from medssl.data import io
 from medssl.data.manifest_check import check_manifest
-from medssl.data.synthetic.anatomy import ORGANS, hospital_affine
+from medssl.data.synthetic.anatomy import (LANDMARKS, ORGANS, SITES, _canonical, _canonical_landmarks, _Pose, _rotation,
+                                          _world, hospital_affine, make_anatomy, render_study, world_grid)
 from medssl.data.synthetic.hospital import MANIFEST_NAME, make_hospital
 from medssl.data.synthetic.reports import GRAMMAR, finding_sentence
 
@@ -313,3 +314,67 @@ def test_the_hospital_that_could_not_be_written_is_written(tmp_path: Path) -> No
     """`synth --patients 20 --seed 5 --trials 1 --signal-seconds 2` stopped on a WFDB range error."""
     manifest = make_hospital(tmp_path / "h", patients=20, studies=2, size=16, seed=5, trials=1, signal_seconds=2.0)
     assert len(list((tmp_path / "h" / "sig").glob("*.hea"))) == 40 and not check_manifest(manifest)
+# ------------------------------------------------------------------------------- two sites, pool, landmarks
+
+
+def test_landmarks_are_the_same_anatomy_in_every_study(hospital: Path) -> None:
+    """Landmarks: every one in every entry, interior ones inside their organ's label, the inverse of the
+    world -> canonical map exact, a patient's studies close, patients apart; lesion ids follow a lesion."""
+    inside = {"liver_centre": "liver", "spleen_centre": "spleen", "heart_centre": "heart",
+              "vertebra_lower": "spine", "vertebra_middle": "spine", "vertebra_upper": "spine"}
+    points: dict[tuple[str, str], np.ndarray] = {}
+    for entry in entries(hospital):
+        assert list(entry["landmarks"]) == list(LANDMARKS)
+        labels, affine = load(hospital.parent, entry["label"])
+        for name, organ in inside.items():
+            voxel = np.rint(nib.affines.apply_affine(np.linalg.inv(affine), entry["landmarks"][name])).astype(int)
+            assert labels[tuple(voxel)] == ORGAN_ID[organ], (entry["image"], name)
+        points[entry["patient_id"], entry["study_id"]] = np.array(list(entry["landmarks"].values()))
+    same = np.linalg.norm(points["P001", "S1"] - points["P001", "S2"], axis=1)
+    other = np.linalg.norm(points["P001", "S1"] - points["P002", "S1"], axis=1)
+    assert np.median(same) < 30 and np.median(other) > np.median(same)   # pose and breathing move them
+    by_patient: dict[str, dict[int, set]] = {}
+    for entry in entries(hospital):
+        for lesion in entry["lesions"]:
+            by_patient.setdefault(entry["patient_id"], {}).setdefault(lesion["lesion_id"], set()).add(
+                (lesion["organ"], lesion["kind"]))
+    assert all(len(kinds) == 1 for lesions in by_patient.values() for kinds in lesions.values())
+
+    anatomy = make_anatomy(3, 0, SIZE)
+    rng = np.random.default_rng(0)
+    pose = _Pose(_rotation(rng.normal(0, 1.5, 3)), rng.normal(0, 4, 3).astype(np.float32), 9.0)
+    canonical = _canonical_landmarks(anatomy)
+    world = _world(anatomy, pose, canonical)
+    np.testing.assert_allclose(_canonical(anatomy, pose, world.astype(np.float32)), canonical, atol=1e-3)
+
+
+def test_two_sites_and_a_pool(tmp_path: Path) -> None:
+    """Site-A patients are the one-site hospital's, byte for byte; as many site-B test patients as site-A
+    ones, enhanced and noisier; the pool: other patients, both sites, images only, its own manifest."""
+    args = dict(patients=3, studies=1, size=32, seed=5, trials=1, signal_seconds=2.0)
+    plain = make_hospital(tmp_path / "plain", **args)
+    manifest_path = make_hospital(tmp_path / "two", **args, two_site=True, pool=2)
+    manifest, root = json.loads(manifest_path.read_text()), manifest_path.parent
+    assert {e["site"] for e in manifest["training"] + manifest["validation"]} == {"A"}
+    sites = [e["site"] for e in manifest["test"]]
+    assert sites.count("A") == sites.count("B") == 1
+    for entry in entries(plain):
+        assert (root / entry["image"]).read_bytes() == (plain.parent / entry["image"]).read_bytes()
+    site_a, site_b = (next(e for e in manifest["test"] if e["site"] == s) for s in "AB")
+    stats = {}
+    for site, entry in (("A", site_a), ("B", site_b)):
+        image, labels = load(root, entry["image"])[0].astype(float), load(root, entry["label"])[0]
+        stats[site] = (image[labels == ORGAN_ID["liver"]].mean(), image[labels == ORGAN_ID["kidney_left"]].mean())
+    assert stats["B"][0] > stats["A"][0] + 15 and stats["B"][1] > stats["A"][1] + 50   # blurred at 12.5 mm
+    anatomy, world = make_anatomy(5, 0, 32), world_grid(32)   # one study at both sites, the same draws
+    (image_a, labels, *_), (image_b, *_) = (render_study(anatomy, world, 0, np.random.default_rng(1), SITES[s])
+                                            for s in "AB")
+    air = (labels == 0) & (image_a < -900)
+    assert np.std(image_b[air]) > 1.3 * np.std(image_a[air])          # low-dose noise (clipped at -1024)
+    pool = json.loads((root / "pool.json").read_text())
+    assert pool["name"] == "synthetic-hospital-pool" and [e["site"] for e in pool["training"]] == ["A", "B"]
+    assert not {e["patient_id"] for e in pool["training"]} & {e["patient_id"] for e in entries(manifest_path)}
+    assert all(set(e) == {"image", "patient_id", "study_id", "site", "landmarks"} for e in pool["training"])
+    assert check_manifest(root / "pool.json") == [] and check_manifest(manifest_path) == []
+    with pytest.raises(UserError, match="^pool: "):
+        make_hospital(tmp_path / "bad", **{**args, "pool": -1})

@@ -150,12 +150,13 @@ def ts_label_efficiency_command(
 def label_efficiency_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (rerun to resume).")] = Path(
         "runs/label_efficiency"),
-    cohorts: Annotated[list[str], typer.Option("--cohort", help="hospital and/or mni152 (repeat).")] = [
-        "hospital", "mni152"],
+    cohorts: Annotated[list[str], typer.Option("--cohort", help="two_site, hospital and/or mni152 (repeat).")] = [
+        "two_site"],
     counts: Annotated[list[int], typer.Option("--count", min=1, help="Labelled training volumes (repeat).")] = [
-        1, 2, 4, 8],
-    seeds: Annotated[list[int], typer.Option("--seed", min=0, help="Seeds (repeat).")] = [0, 1, 2],
-    inits: Annotated[list[str], typer.Option("--init", help="scratch, encoder and/or network (repeat).")] = [
+        1, 2, 4],
+    seeds: Annotated[list[int], typer.Option("--seed", min=0, help="Seeds (repeat).")] = [0, 1, 2, 3, 4],
+    inits: Annotated[list[str], typer.Option("--init", help="scratch, encoder, network, encoder_nopool and/or "
+                                                            "network_nopool (repeat).")] = [
         "scratch", "encoder", "network"],
     steps: Annotated[Optional[int], typer.Option(min=1, help="Fine-tuning steps (default: the config's).")] = None,
     pretrain_steps: Annotated[Optional[int], typer.Option(
@@ -171,17 +172,57 @@ def label_efficiency_command(
         help="Reuse the cohorts and pretrained checkpoints of this earlier output folder.")] = None,
     scratch_from: Annotated[Optional[Path], typer.Option(
         help="Reuse (copy) the cohorts and finished scratch runs of this earlier output folder.")] = None,
+    tune: Annotated[bool, typer.Option("--tune/--no-tune", help="Choose each init's lr and warm-up (and a "
+                                       "pretrained init's decay toward its weights) on validation first.")] = True,
+    tune_lrs: Annotated[list[float], typer.Option("--tune-lr", help="Learning rates tried (repeat).")] = [
+        5e-4, 2e-3, 8e-3, 2e-2, 5e-2],
+    tune_warmups: Annotated[list[int], typer.Option("--tune-warmup", help="Warm-up steps tried (repeat).")] = [
+        10, 200],
+    tune_decays: Annotated[list[float], typer.Option("--tune-decay", help="seg.decay_to_pretrained values tried "
+                                                     "for pretrained inits, besides 0 (repeat).")] = [1.0, 10.0],
+    tune_count: Annotated[int, typer.Option(help="Labelled volumes of the tuning runs.")] = 2,
+    tune_seed: Annotated[int, typer.Option(help="Seed of the tuning runs.")] = 0,
 ) -> None:
     """Segmentation Dice vs number of labelled volumes: scratch, pretrained encoder, pretrained whole network;
-    same budget, crops and seeds; paired differences; CSV, markdown, PNG. Resumes where it stopped."""
+    hyper-parameters chosen per init on validation; same budget, crops and seeds; per test site; paired
+    differences with Holm-corrected intervals; CSV, markdown, PNG. Resumes where it stopped."""
     pin_figure_threads()
-    from medssl.bench.label_efficiency import label_efficiency
+    from medssl.bench.label_efficiency import Tuning, label_efficiency
 
+    tuning = Tuning(tuple(tune_lrs), tuple(tune_warmups), tuple(tune_decays), tune_count, tune_seed) if tune else None
     label_efficiency(output, cohorts=tuple(cohorts), counts=tuple(counts), seeds=tuple(seeds), inits=tuple(inits),
                      steps=steps, pretrain_steps=pretrain_steps, finetune_config=finetune_config,
                      pretrain_configs={"encoder": encoder_config, "network": network_config},
                      overrides=tuple(finetune_set or ()), pretrain_overrides=tuple(pretrain_set or ()),
-                     pretrained_from=pretrained_from, scratch_from=scratch_from)
+                     pretrained_from=pretrained_from, scratch_from=scratch_from, tuning=tuning)
+
+
+@bench_app.command("correspondence")
+def correspondence_command(
+    manifest: Annotated[Path, typer.Option(help="Manifest whose entries carry ground-truth landmarks.")],
+    encoder: Annotated[Path, typer.Option(help="Pretrained encoder (RUN/encoder.pt).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (rerun to resume).")] = Path(
+        "runs/bench_correspondence"),
+    splits: Annotated[list[str], typer.Option("--split", help="Split(s) of patients the encoder never saw "
+                                                             "(repeat).")] = ["test"],
+    pairs: Annotated[Optional[int], typer.Option(min=1, help="Patient pairs drawn (default: every ordered pair).")] = (
+        None),
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the pair draw and of the random encoder.")] = 0,
+    radius: Annotated[float, typer.Option(min=1.0, help="Search radius (mm) around the affine prior.")] = 30.0,
+) -> None:
+    """Landmark error across held-out patients and studies, lesion tracking: pretrained vs random encoder vs
+    affine registration and body box."""
+    from medssl.data.manifest import require_manifest_file
+
+    require_manifest_file(manifest)
+    for split in splits:
+        if split not in ("training", "validation", "test"):
+            raise UserError(f"--split: {split!r} is not one of training, validation, test")
+    pin_figure_threads()
+    from medssl.bench.correspondence import correspondence_benchmark
+
+    correspondence_benchmark(output, manifest=manifest, encoder=encoder, splits=tuple(splits), pairs=pairs, seed=seed,
+                             radius_mm=radius)
 
 
 @bench_app.command("seg-inference")

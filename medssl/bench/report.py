@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import resource
 import sys
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -23,3 +26,13 @@ def print_table(title: str, columns: list[str], rows: list[list[object]]) -> Non
     for row in rows:
         table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
     Console().print(table)
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """CSV of dict rows (columns: every key, in order of appearance; floats with 6 significant digits)."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows([{k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows])
+    return buffer.getvalue()

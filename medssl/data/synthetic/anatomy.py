@@ -22,6 +22,19 @@ least 2 voxels so every lesion is visible at any size; a lesion whose mask ends 
 of that study (its mask, metadata and report alike). A lesion's "location" within its organ
 (upper/lower, anterior/posterior, medial/lateral, or "central") compares the mask's centroid with the
 organ's centroid in world coordinates, in units of the organ's spread along each axis.
+
+Sites (`SITES`): the scanner profile a study is rendered with. Site "A" is the hospital as it always was
+(unenhanced, blur 0.5 voxel, noise 6-12 HU). Site "B" is another scanner and protocol: a portal-venous
+contrast phase (organ enhancement over the unenhanced HU: liver +50, spleen +70, kidneys +120, heart blood
+pool +100, aorta +130, soft tissue +10; lesions keep their own values, so hypodense ones stand out more), a
+low-dose acquisition (noise x 2, as a quarter of the dose gives) and a smoother reconstruction kernel
+(Gaussian blur 1.0 voxel instead of 0.5). Site A draws and computes exactly what it did before sites
+existed, so every earlier cohort stays byte-identical.
+
+Landmarks (`LANDMARKS`): points fixed in each patient's canonical anatomy (organ poles and centres, lung
+bases, vertebral-body centres), mapped to world RAS mm for each study by inverting the study's
+world -> canonical map (`_world`: Newton steps through the smooth deformation and the breathing shift), so
+the same landmark is the same anatomical point in every patient and study.
 """
 
 from __future__ import annotations
@@ -73,6 +86,32 @@ _LESION_EDGE_MM = {"cyst": 1.5, "hypodense lesion": 5.0, "hyperdense lesion": 4.
                    "ground-glass nodule": 6.0}
 _LESION_TEXTURE_HU = {"cyst": 2.0, "ground-glass nodule": 30.0}
 _TEXTURE_SIGMA_MM = (5.0, 6.0, 6.0, 9.0)   # grain, vessel field a, vessel field b, fat/gas field
+
+
+@dataclass(frozen=True)
+class SiteProfile:
+    """A scanner and protocol: HU added per tissue (contrast enhancement, indexed like `_TISSUE_HU`), a factor
+    on the study's noise level and the Gaussian blur (voxels) of the reconstruction."""
+
+    name: str
+    enhancement_hu: tuple[float, ...]
+    noise_factor: float
+    blur_voxels: float
+
+
+def _enhancement(**hu: float) -> tuple[float, ...]:
+    tissues = {"body": _BODY, "heart": _HEART, "liver": _LIVER, "spleen": _SPLEEN, "kidneys": (_KIDNEY_L, _KIDNEY_R),
+               "aorta": _AORTA}
+    table = np.zeros(len(_TISSUE_HU))
+    for name, value in hu.items():
+        table[list(np.atleast_1d(tissues[name]))] = value
+    return tuple(float(v) for v in table)
+
+
+SITES: dict[str, SiteProfile] = {
+    "A": SiteProfile("A", (0.0,) * len(_TISSUE_HU), 1.0, 0.5),
+    "B": SiteProfile("B", _enhancement(body=10, heart=100, liver=50, spleen=70, kidneys=120, aorta=130), 2.0, 1.0),
+}
 
 
 def hospital_affine(size: int) -> np.ndarray:
@@ -257,6 +296,59 @@ def _canonical(anatomy: _Anatomy, pose: _Pose, world: np.ndarray) -> np.ndarray:
     return (anatomy.rotation.T @ (s - anatomy.shift[:, None])) / anatomy.scale[:, None]
 
 
+def _world(anatomy: _Anatomy, pose: _Pose, q: np.ndarray, iterations: int = 20) -> np.ndarray:
+    """World positions (3, M) float64 of canonical points q (3, M): the inverse of `_canonical` (Newton steps
+    through the deformation and the breathing shift; the rest is affine)."""
+    s2 = anatomy.rotation.astype(np.float64) @ (q * anatomy.scale[:, None]) + anatomy.shift[:, None]
+    amps, vectors = anatomy.wave_amps.astype(np.float64), anatomy.wave_vectors.astype(np.float64)
+    s1 = s2.copy()
+    for _ in range(iterations):   # s1 + amps.T sin(vectors s1 + phases) = s2
+        phase = vectors @ s1 + anatomy.wave_phases[:, None]
+        residual = s1 + amps.T @ np.sin(phase) - s2
+        jacobian = np.eye(3) + np.einsum("ki,km,kj->mij", amps, np.cos(phase), vectors)
+        s1 = s1 - np.linalg.solve(jacobian, residual.T[..., None])[..., 0].T
+    s0 = s1.copy()
+    for _ in range(iterations):   # z + breath exp(-(z / 90)^2) = s1_z
+        bump = pose.breath_mm * np.exp(-(s0[2] / 90.0) ** 2)
+        s0[2] -= (s0[2] + bump - s1[2]) / (1 - 2 * s0[2] / 90.0 ** 2 * bump)
+    return (pose.rotation.astype(np.float64) @ s0 + pose.shift[:, None]) * _WORLD_TO_TEMPLATE[:, None]
+
+
+# landmarks: (name, tissue, normalised local coordinates u of the organ's shape: inside is |u| <= 1)
+_ORGAN_LANDMARKS = (
+    ("liver_dome", _LIVER, (0, 0, 1)), ("liver_centre", _LIVER, (0, 0, 0)),
+    ("spleen_centre", _SPLEEN, (0, 0, 0)), ("spleen_lower_pole", _SPLEEN, (0, 0, -1)),
+    ("heart_centre", _HEART, (0, 0, 0)),
+    ("kidney_left_upper_pole", _KIDNEY_L, (0, 0, 1)), ("kidney_left_lower_pole", _KIDNEY_L, (0, 0, -1)),
+    ("kidney_right_upper_pole", _KIDNEY_R, (0, 0, 1)), ("kidney_right_lower_pole", _KIDNEY_R, (0, 0, -1)),
+    ("lung_left_base", _LUNG_L, (0, 0, -0.8)), ("lung_right_base", _LUNG_R, (0, 0, -0.8)),
+)
+# vertebral bodies: the k-th vertebra counted from canonical z = 0 (discs fill the first 22 % of each period)
+_VERTEBRAE = (("vertebra_lower", -3), ("vertebra_middle", 0), ("vertebra_upper", 3))
+LANDMARKS: tuple[str, ...] = tuple(name for name, *_ in _ORGAN_LANDMARKS) + tuple(name for name, _ in _VERTEBRAE)
+
+
+def _canonical_landmarks(anatomy: _Anatomy) -> np.ndarray:
+    """(3, L) canonical positions of `LANDMARKS` for this patient."""
+    shapes = {}
+    for tissue, shape in anatomy.shapes:
+        shapes.setdefault(tissue, shape)   # the spine's first shape is the vertebral body
+    points = [shapes[t].centre + shapes[t].rotation @ (shapes[t].axes * np.asarray(u, np.float32))
+              for _, t, u in _ORGAN_LANDMARKS]
+    spine = shapes[_SPINE]
+    axis = spine.rotation[:, 2]   # the cylinder's axis
+    for _, k in _VERTEBRAE:
+        z = (k + 0.61) * anatomy.vertebra_mm
+        points.append(spine.centre + axis * (z - spine.centre[2]) / axis[2])
+    return np.stack(points, axis=1).astype(np.float64)
+
+
+def landmarks(anatomy: _Anatomy, pose: _Pose) -> dict[str, list[float]]:
+    """{name: [x, y, z]} world RAS mm (0.1 mm) of every landmark of `LANDMARKS` in a study with `pose`."""
+    world = _world(anatomy, pose, _canonical_landmarks(anatomy))
+    return {name: [round(float(c), 1) for c in world[:, k]] for k, name in enumerate(LANDMARKS)}
+
+
 def _texture(anatomy: _Anatomy, channel: int, q: np.ndarray) -> np.ndarray:
     """Texture field `channel` (M,) at canonical points q (3, M), trilinear."""
     size = anatomy.texture.shape[1]
@@ -313,10 +405,12 @@ def _paint_lesions(anatomy: _Anatomy, study: int, hu: np.ndarray, tissue: np.nda
     return renumber[mask], [(lesion, d) for lesion, d, keep in zip(visible, diameters, present) if keep]
 
 
-def render_study(anatomy: _Anatomy, world: np.ndarray, study: int, rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]]:
-    """One CT study: image (N, N, N) int16 HU, labels (N, N, N) uint8, lesion mask (N, N, N) uint8 and the
-    findings (one dict per lesion label: label, organ, kind, location, size_mm, centre_mm)."""
+def render_study(anatomy: _Anatomy, world: np.ndarray, study: int, rng: np.random.Generator,
+                 site: SiteProfile = SITES["A"]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict], dict]:
+    """One CT study at `site`: image (N, N, N) int16 HU, labels (N, N, N) uint8, lesion mask (N, N, N) uint8,
+    the findings (one dict per lesion label: label, organ, kind, location, size_mm, centre_mm, lesion_id, the
+    lesion's index among the patient's lesions, the same in every study) and the landmarks ({name: [x, y, z]}
+    world RAS mm, `LANDMARKS`)."""
     shape = (anatomy.texture.shape[1],) * 3
     pose = _Pose(_rotation(rng.normal(0, 1.5, 3)), rng.normal(0, 4, 3).astype(np.float32),
                  float(rng.uniform(-10, 10)))
@@ -324,19 +418,23 @@ def render_study(anatomy: _Anatomy, world: np.ndarray, study: int, rng: np.rando
     tissue = _tissues(anatomy, q)
     table = (np.abs(world[0]) < 180) & (world[1] > -175) & (world[1] < -150)
     tissue[table & (tissue == 0)] = _TABLE
+    if any(site.enhancement_hu):
+        anatomy = dataclasses.replace(anatomy, hu=anatomy.hu + np.asarray(site.enhancement_hu, np.float32))
     hu, grain = _intensities(anatomy, tissue, q)
     mask, lesions = _paint_lesions(anatomy, study, hu, tissue, q, grain)
-    noise_hu = rng.uniform(6, 12)
-    image = gaussian_filter(hu.reshape(shape), 0.5) + noise_hu * rng.standard_normal(shape, dtype=np.float32)
+    noise_hu = rng.uniform(6, 12) * site.noise_factor
+    image = (gaussian_filter(hu.reshape(shape), site.blur_voxels)
+             + noise_hu * rng.standard_normal(shape, dtype=np.float32))
     image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
     labels = _TISSUE_LABEL[tissue]
     midline = float(world[0, labels == _SPINE].mean())
     findings = [{"label": k, "organ": ORGANS[lesion.organ], "kind": lesion.kind,
                  "location": _location(world[:, mask == k], world[:, labels == lesion.organ], midline),
                  "size_mm": int(round(diameter)),
-                 "centre_mm": [round(float(c), 1) for c in world[:, mask == k].mean(axis=1)]}
+                 "centre_mm": [round(float(c), 1) for c in world[:, mask == k].mean(axis=1)],
+                 "lesion_id": next(j for j, own in enumerate(anatomy.lesions) if own is lesion)}
                 for k, (lesion, diameter) in enumerate(lesions, start=1)]
-    return image, labels.reshape(shape), mask.reshape(shape), findings
+    return image, labels.reshape(shape), mask.reshape(shape), findings, landmarks(anatomy, pose)
 
 
 def _location(lesion: np.ndarray, organ: np.ndarray, midline: float) -> str:

@@ -35,7 +35,7 @@ def _mni152(out: Path, *, patients: int, studies: int, size: int, seed: int, pro
 
 COHORTS: dict[str, Cohort] = {
     "hospital": Cohort(_hospital, "CT torsos with organ labels, lesions, reports and ECG/PPG",
-                       options=("trials", "signal_seconds", "fs")),
+                       options=("trials", "signal_seconds", "fs", "two_site", "pool")),
     "mni152": Cohort(_mni152, "brain-tissue MR subjects made from nilearn's MNI152 template"),
 }
 

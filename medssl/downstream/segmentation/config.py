@@ -79,6 +79,10 @@ class SegSettings(StrictModel):
     pretrained_parts: Literal["auto", "encoder", "network"] = "auto"  # what --pretrained loads
     freeze_encoder_steps: NonNegativeInt = 0
     layer_decay: confloat(gt=0.0, le=1.0) = 1.0
+    # decoupled weight decay toward the pretrained weights (L2-SP in AdamW's form): each step, every loaded tensor
+    # moves lr x decay_to_pretrained of the way back to its pretrained value (instead of train.weight_decay's
+    # pull toward zero); 0: off. The tensors a checkpoint did not provide keep train.weight_decay.
+    decay_to_pretrained: NonNegativeFloat = 0.0
     lambda_dice: NonNegativeFloat = 1.0
     lambda_ce: NonNegativeFloat = 1.0
     class_weights: tuple[PositiveFloat, ...] | None = None  # one per class (background first); null: equal

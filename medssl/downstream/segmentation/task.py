@@ -22,7 +22,8 @@ from medssl.downstream.segmentation.cases import (Case, class_names, load_cases,
                                                  select_labelled, stored_training_scans)
 from medssl.downstream.segmentation.config import FinetuneSegConfig
 from medssl.downstream.segmentation.metrics import evaluate_cases, mean_metrics, write_cases_csv
-from medssl.downstream.segmentation.training import DiceCEObjective, SegBatches, build_network, layerwise_param_groups
+from medssl.downstream.segmentation.training import (DecayToPretrained, DiceCEObjective, SegBatches, build_network,
+                                                     layerwise_param_groups, pretrained_parameters)
 from medssl.errors import UserError
 from medssl.inference import SlidingWindowPredictor
 from medssl.models.volume_encoders import VolumeEncoder, network_encoder
@@ -63,6 +64,9 @@ def prepare(config: FinetuneSegConfig, pretrained: Path | None, ctx: DistContext
         if values is not None and len(values) != len(classes):
             raise UserError(f"{name}: {len(values)} values given, one per class is needed ({len(classes)}: "
                             f"{', '.join(classes.values())})")
+    if s.decay_to_pretrained > 0 and pretrained is None:
+        raise UserError(f"seg.decay_to_pretrained: {s.decay_to_pretrained} pulls weights toward pretrained ones, but "
+                        "no --pretrained checkpoint was given (set it to 0 for a run from scratch)")
     declared_in = "seg.labels" if s.labels is not None else f"{source} 'labels'"
     require_patient_independent(manifest, (s.train_split, s.val_split, s.test_split), source)
     network, report = build_network(config, len(classes), pretrained)
@@ -97,6 +101,10 @@ def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir, *, resume: bo
     arch = {"model": config.model.model_dump(mode="json"), "classes": {str(k): v for k, v in ready.classes.items()}}
     objective = DiceCEObjective(s.lambda_dice, s.lambda_ce, class_weights=s.class_weights,
                                 deep_supervision=getattr(ready.network, "deep_supervision", None))
+    pulled = pretrained_parameters(ready.network, ready.report) if s.decay_to_pretrained > 0 else frozenset()
+    groups = layerwise_param_groups(ready.network, ready.encoder, s.layer_decay, pulled)
+    decay = (DecayToPretrained(groups, s.decay_to_pretrained, lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps)
+             if pulled else None)
     trainer = Trainer(ready.network, objective,
                       SegBatches.from_store(ready.store, ready.train_scans, ready.prep, size=cfg.batch_size,
                                             seed=rank_seed(cfg.seed, ctx), classes=len(ready.classes), crops=s.crops,
@@ -106,7 +114,7 @@ def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir, *, resume: bo
                                                   config=config.model_dump(mode="json")),
                       evaluate=validate if ready.val_cases else None, eval_every=s.eval_every or cfg.steps,
                       best_metric="val_dice_mean" if ready.val_cases else None,
-                      param_groups=layerwise_param_groups(ready.network, ready.encoder, s.layer_decay),
+                      param_groups=groups, after_step=decay,
                       freeze=Freeze(ready.encoder, s.freeze_encoder_steps) if s.freeze_encoder_steps else None)
     if resume:
         trainer.resume()

@@ -1,6 +1,6 @@
 """Fine-tuning pieces for the shared Trainer: the network (and its pretrained weights), deep-supervision
 heads, training crops (class-balanced or uniform) with MONAI augmentation, the Dice + CE objective,
-layer-wise learning-rate groups."""
+layer-wise learning-rate groups, weight decay toward the pretrained weights."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from medssl.downstream.segmentation.config import AugmentSettings, CropSettings,
 from medssl.errors import UserError
 from medssl.models.volume_encoders import BACKBONES, VolumeEncoder, VolumeEncoderConfig, build_segmentation_network
 from medssl.seeding import derive_seed, numpy_generator
-from medssl.training.loop import ParamGroup, StepOutput
+from medssl.training.loop import ParamGroup, StepOutput, warmup_cosine
 from medssl.training.pretrained import EncoderLoadReport, load_pretrained
 
 DEEP_SUPERVISION_LEVELS = 2  # decoder maps with auxiliary heads: the two finest below full resolution
@@ -316,17 +316,48 @@ def encoder_stages(encoder: VolumeEncoder) -> list[nn.Module]:
     return stages
 
 
-def layerwise_param_groups(network: nn.Module, encoder: VolumeEncoder, layer_decay: float) -> list[ParamGroup]:
+def layerwise_param_groups(network: nn.Module, encoder: VolumeEncoder, layer_decay: float,
+                           to_pretrained: frozenset[int] = frozenset()) -> list[ParamGroup]:
     """Trainer groups: decoder and head at scale 1 ("head"), encoder stage i of S at layer_decay^(S - i)
-    ("stage<i>"); biases and norm weights (ndim <= 1) without weight decay (".no_decay"). The first
-    group is at scale 1 (its lr is the logged `lr`)."""
+    ("stage<i>"); biases and norm weights (ndim <= 1) without weight decay (".no_decay"); the parameters whose
+    id is in `to_pretrained` without weight decay toward zero either (".to_pretrained": `DecayToPretrained`
+    pulls them back to their pretrained values). The first group is at scale 1 (its lr is the logged `lr`)."""
     stages = encoder_stages(encoder)
     stage_of = {id(p): i for i, stage in enumerate(stages) for p in stage.parameters()}
-    buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
-    for p in network.parameters():
-        buckets.setdefault((stage_of.get(id(p), len(stages)), p.ndim > 1), []).append(p)
+    buckets: dict[tuple[int, int], list[nn.Parameter]] = {}
+    for p in network.parameters():  # kind: 0 decayed toward zero, 1 no decay, 2 decayed toward the pretrained value
+        kind = 2 if id(p) in to_pretrained else int(p.ndim <= 1)
+        buckets.setdefault((stage_of.get(id(p), len(stages)), kind), []).append(p)
     groups = []
-    for (stage, decay), params in sorted(buckets.items(), key=lambda kv: (-kv[0][0], not kv[0][1])):
-        name = ("head" if stage == len(stages) else f"stage{stage}") + ("" if decay else ".no_decay")
-        groups.append(ParamGroup(name, params, lr_scale=layer_decay ** (len(stages) - stage), weight_decay=decay))
+    for (stage, kind), params in sorted(buckets.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        name = ("head" if stage == len(stages) else f"stage{stage}") + ("", ".no_decay", ".to_pretrained")[kind]
+        groups.append(ParamGroup(name, params, lr_scale=layer_decay ** (len(stages) - stage), weight_decay=kind == 0))
     return groups
+
+
+class DecayToPretrained:
+    """Decoupled weight decay toward the pretrained weights (L2-SP, Li et al., ICML 2018, eq. 3, in AdamW's
+    decoupled form): after optimiser step t, each parameter p of `groups`' ".to_pretrained" groups moves to
+    p - lr_t * strength * (p - p0), p0 its value when this object was made (the pretrained weights), lr_t the
+    learning rate of step t for its group (train.lr x group scale x warm-up/cosine factor). A Trainer
+    `after_step`; frozen parameters (no gradient) are left alone, as AdamW leaves them."""
+
+    def __init__(self, groups: list[ParamGroup], strength: float, *, lr: float, warmup: int, total: int):
+        self.pulled = [(p, p.detach().clone(), group.lr_scale) for group in groups
+                       if group.name.endswith(".to_pretrained") for p in group.params]
+        self.strength, self.lr, self.warmup, self.total = strength, lr, warmup, total
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, step: int) -> None:
+        factor = self.lr * self.strength * warmup_cosine(step - 1, warmup=self.warmup, total=self.total)
+        for p, start, scale in self.pulled:
+            if p.requires_grad:
+                p.sub_(min(1.0, factor * scale) * (p - start.to(p.device)))
+
+
+def pretrained_parameters(network: nn.Module, report: EncoderLoadReport | None) -> frozenset[int]:
+    """ids of the network's parameters that `report` says were loaded from the checkpoint."""
+    if report is None:
+        return frozenset()
+    loaded = set(report.loaded)
+    return frozenset(id(p) for name, p in network.named_parameters() if name in loaded)
