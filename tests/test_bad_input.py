@@ -315,6 +315,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bench-speed-checkpoint", ["bench", "grounding-speed", "--checkpoint", "gone.pt", "--image", "fake.nii.gz",
                                 "--report", "report.txt"], "gone.pt"),
     ("bench-grounding-manifest", ["bench", "grounding", "-o", "bg", "--manifest", "hospital/none.json"], "none.json"),
+    ("bench-grounding-run-missing", ["bench", "grounding", "-o", "bg", "--run", "no_run"], "no_run"),
     ("bench-threads-manifest", ["bench", "threads", "--manifest", "hospital/none.json"], "none.json"),
     ("bench-threads-steps", ["bench", "threads", "--steps", "1"], "'--steps'"),
     ("bench-inference-size-0", ["bench", "seg-inference", "--size", "0"], "'--size'"),

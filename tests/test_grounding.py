@@ -231,6 +231,27 @@ def test_a_finetune_seg_run_is_an_organ_head_and_round_trips(trained: tuple[Path
     assert not (run.parent / "other" / "grounding.pt").exists()
 
 
+def test_bench_grounding_evaluates_the_baselines_with_a_finished_runs_organ_head(trained, tmp_path: Path) -> None:
+    """`bench grounding --run RUN`: ours is the run, the baselines see its held-out cases; nothing is trained."""
+    from medssl.bench.grounding import grounding_benchmark
+
+    run, summary = trained
+    rows = grounding_benchmark(tmp_path / "b", run=run, variants=("ours", "untrained", "oracle_organs"))
+    by_variant = {r["variant"]: r for r in rows}
+    assert list(by_variant) == ["ours", "untrained", "oracle_organs"]
+    for key in ("test_organ_report_pointing_game", "test_lesion_report_pointing_game"):
+        assert by_variant["ours"][f"{key}_mean"] == pytest.approx(summary[key])
+    # the tiny organ head (30 steps) misses the organs: the true masks find more of the lesions
+    key = "test_lesion_report_hit_mean"
+    assert by_variant["oracle_organs"][key] > by_variant["ours"][key]
+    assert (tmp_path / "b" / "untrained_seed0" / "summary.json").is_file()
+    assert not (tmp_path / "b" / "ours_seed0").exists()
+    with pytest.raises(UserError, match="random_init"):
+        grounding_benchmark(tmp_path / "c", run=run, variants=("ours", "random_init"))
+    with pytest.raises(UserError, match="not a finished 'ground train' run"):
+        grounding_benchmark(tmp_path / "c", run=tmp_path / "b", variants=("untrained",))
+
+
 def _cli(argv: list[str]) -> int:
     try:
         main(argv)

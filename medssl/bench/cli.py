@@ -248,6 +248,8 @@ def grounding_command(
     pretrained: Annotated[Optional[Path], typer.Option(help="Pretrained encoder (default: pretrain one).")] = None,
     pretrain_steps: Annotated[int, typer.Option(min=1, help="Pretraining steps when no encoder is given.")] = 400,
     config: Annotated[Path, typer.Option("--config", "-c", help="Grounding config.")] = Path("configs/grounding.yaml"),
+    run: Annotated[Optional[Path], typer.Option(help="A finished 'ground train' run: the baselines with its organ "
+                                                     "head, on its manifest and seed (nothing trained).")] = None,
     overrides: OverridesArg = None,
 ) -> None:
     """Report grounding: ours vs a random-init encoder and the where / what baselines, same seeds; README table."""
@@ -256,7 +258,7 @@ def grounding_command(
 
     grounding_benchmark(output, seeds=tuple(seeds), manifest=manifest, pretrained=pretrained,
                         pretrain_steps=pretrain_steps, variants=tuple(variants), config=config,
-                        overrides=tuple(overrides or ()))
+                        overrides=tuple(overrides or ()), run=run)
 
 
 @bench_app.command("threads")

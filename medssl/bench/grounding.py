@@ -9,6 +9,8 @@
   own), "oracle_organs" (the true organ masks instead of the organ head's: the where-oracle),
   "oracle_untrained" (true organs and the untrained score: no learning at all) and "atlas" (a training-label
   atlas of the organ head's labelled volumes instead of the organ head, `baselines.LabelAtlas`).
+With `run` (a finished `ground train` folder), "ours" is that run and the baselines are evaluated with its
+organ head, on its manifest and seed (no training).
 Each run's folder is written atomically and skipped when it exists, so an interrupted benchmark resumes.
 Results: grounding_runs.csv (one row per run), grounding.csv (mean and standard deviation over seeds),
 grounding.md (the README table) and the paired difference ours - random_init per seed with a 95 % t interval.
@@ -175,13 +177,15 @@ def markdown(rows: list[dict[str, Any]], differences: dict[str, dict[str, float]
 def grounding_benchmark(out_dir: str | Path, *, seeds: Sequence[int] = (0, 1, 2), manifest: Path | None = None,
                         patients: int = 60, pretrained: Path | None = None, pretrain_steps: int = 400,
                         variants: Sequence[str] = TRAINED + BASELINES, config: Path = GROUNDING_CONFIG,
-                        overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+                        overrides: Sequence[str] = (), run: Path | None = None) -> list[dict[str, Any]]:
     """Run the benchmark (module docstring) under `out_dir`; returns the summary rows."""
     known = TRAINED + BASELINES
     unknown = [v for v in variants if v not in known]
     if unknown or not seeds:
         raise UserError(f"--variant: {unknown or 'none'} (known: {', '.join(known)}); give at least one seed")
     out = Path(out_dir)
+    if run is not None:
+        return _on_run(Path(run), out, variants)
     for given, what in ((manifest, "manifest"), (pretrained, "pretrained encoder")):
         if given is not None and not Path(given).is_file():
             raise UserError(f"{given}: no such {what} file")
@@ -206,7 +210,28 @@ def grounding_benchmark(out_dir: str | Path, *, seeds: Sequence[int] = (0, 1, 2)
             if variant in variants:
                 runs.append({"variant": variant, "seed": seed, **{k: summary.get(k) for k, _ in COLUMNS},
                              "seconds": summary.get("seconds")})
-    rows = _table_rows(runs, [v for v in known if v in variants])
+    return _write_tables(out, runs, [v for v in known if v in variants])
+
+
+def _on_run(run: Path, out: Path, variants: Sequence[str]) -> list[dict[str, Any]]:
+    """The baselines evaluated with a finished grounding run's organ head; "ours" is the run itself."""
+    if "random_init" in variants:
+        raise UserError("--variant random_init: trains its own run; it cannot be given with --run")
+    summary_path = run / "summary.json"
+    if not (run / "grounding.pt").is_file() or not summary_path.is_file():
+        raise UserError(f"{run}: not a finished 'ground train' run (no grounding.pt and summary.json)")
+    from medssl.downstream.grounding.config import GroundingConfig
+
+    seed = load_config(run / "config.yaml", GroundingConfig, []).train.seed
+    summaries = {"ours": json.loads(summary_path.read_text(encoding="utf-8"))}
+    summaries.update(_baselines(run, out, seed, [v for v in variants if v in BASELINES]))
+    runs = [{"variant": v, "seed": seed, **{k: s.get(k) for k, _ in COLUMNS}, "seconds": s.get("seconds")}
+            for v, s in summaries.items() if v in variants]
+    return _write_tables(out, runs, [v for v in TRAINED + BASELINES if v in variants])
+
+
+def _write_tables(out: Path, runs: list[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
+    rows = _table_rows(runs, variants)
     differences = {key: paired_difference(runs, key) for key, _ in COLUMNS}
     write_text(out / "grounding_runs.csv", _csv(runs))
     write_text(out / "grounding.csv", _csv(rows))

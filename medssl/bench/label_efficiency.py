@@ -175,9 +175,10 @@ def pretrain_cohort(manifest: Path, run_dir: Path, *, init: str, config: Path, s
 
 
 def finetune_run(manifest: Path, run_dir: Path, *, labelled: int, seed: int, pretrained: Path | None, config: Path,
-                 steps: int | None, overrides: Sequence[str]) -> dict[str, Any]:
+                 steps: int | None, overrides: Sequence[str], reused: bool = False) -> dict[str, Any]:
     """One fine-tuning run (its summary), skipped when run_dir/summary.json exists; a finished run made with
-    other settings (its config.yaml's `train`, `seg` or `model` differ) is a UserError naming it."""
+    other settings (its config.yaml's `train`, `seg` or `model` differ) is a UserError naming it, unless it is
+    `reused` on purpose (a scratch cell copied from `scratch_from`)."""
     from medssl.downstream.segmentation.config import FinetuneSegConfig
     from medssl.downstream.segmentation.task import finetune_seg
 
@@ -188,7 +189,7 @@ def finetune_run(manifest: Path, run_dir: Path, *, labelled: int, seed: int, pre
     if summary_path.exists():
         done = load_config(run_dir / "config.yaml", FinetuneSegConfig, [])
         changed = [k for k in ("train", "seg", "model") if getattr(done, k) != getattr(cfg, k)]
-        if changed:
+        if changed and not reused:
             raise UserError(f"{run_dir}: finished with other {' and '.join(changed)} settings than this benchmark's "
                             "(remove the folder to run it again, or use another --output)")
         return json.loads(summary_path.read_text(encoding="utf-8"))
@@ -591,7 +592,8 @@ def label_efficiency(out_dir: str | Path, *, cohorts: Sequence[str] = ("two_site
                     fresh = not (run_dir / "summary.json").exists()
                     summary = finetune_run(manifest, run_dir, labelled=labelled, seed=seed,
                                            pretrained=checkpoints[init], config=Path(finetune_config), steps=steps,
-                                           overrides=[*overrides, *extra[init]])
+                                           overrides=[*overrides, *extra[init]],
+                                           reused=init == "scratch" and scratch_from is not None)
                     runs.extend(_run_rows(cohort, init, labelled, seed, summary, run_dir, sites))
                     if fresh:
                         write_outputs()
