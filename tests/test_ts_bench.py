@@ -107,3 +107,14 @@ def test_the_comet_harness_calls_its_fit_with_our_encoder_window_batch_and_weigh
     assert [row[2] for row in seen["y"]] == [i // per_trial for i in range(12)]  # trial ids
     assert [row[1] for row in seen["y"]] == [i // (per_trial * config.sampler.trials) for i in range(12)]
     assert result["encoder_calls_per_step"] == 8 and 16 / 0.5 < result["windows_per_s"] < 16 / 0.005
+
+
+def test_a_measurement_killed_for_memory_is_one_line(monkeypatch) -> None:
+    import subprocess
+
+    from medssl.bench import timeseries
+    from medssl.errors import UserError
+
+    monkeypatch.setattr(timeseries.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -9, ""))
+    with pytest.raises(UserError, match="the measurement of one pair of views .ours. was killed .SIGKILL: out of memory"):
+        timeseries.throughput(tiny(), steps=1, warmup=1, device="cpu", against=())

@@ -105,8 +105,8 @@ def ts_throughput_command(
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads.")] = None,
     against: Annotated[list[str], typer.Option(help="What ours is compared with (repeat): per-level (re-encoding "
-                                                    "per level) and/or comet (COMET's reference fit, --comet).")] = [
-        "per-level"],
+                                                    "per level) and/or comet (COMET's reference fit, --comet); none: "
+                                                    "ours alone.")] = ["per-level"],
     comet: Annotated[Optional[Path], typer.Option(help="A checkout of github.com/DL4mHealth/COMET (its reference "
                                                        "code; not part of medssl).")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Interleaved rounds (medians and each round's ratio).")] = 1,
@@ -116,14 +116,14 @@ def ts_throughput_command(
     reference code (ratios), and our step part by part (encoder, each level, backward)."""
     if device is not None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise UserError(f"--device: {device!r} is not cpu, cuda or cuda:N")
-    unknown = [name for name in against if name not in ("per-level", "comet")]
-    if unknown or not against:
-        raise UserError(f"--against: {', '.join(unknown) or 'nothing'}; give per-level and/or comet")
+    unknown = [name for name in against if name not in ("per-level", "comet", "none")]
+    if unknown or not against or ("none" in against and len(set(against)) > 1):
+        raise UserError(f"--against: {', '.join(unknown or against)}; give per-level and/or comet, or none alone")
     cfg = load_config(config, "medssl.pretrain.timeseries:PretrainTimeseriesConfig", overrides)
     from medssl.bench.timeseries import throughput
 
     throughput(cfg, steps=steps, warmup=warmup, device=device, threads=threads, rounds=rounds, comet=comet,
-               against=tuple(dict.fromkeys(name.replace("-", "_") for name in against)))
+               against=tuple(dict.fromkeys(name.replace("-", "_") for name in against if name != "none")))
 
 
 @bench_app.command("ts-label-efficiency")

@@ -23,6 +23,7 @@ import csv
 import json
 import math
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -235,15 +236,17 @@ def _saved_bytes(forward) -> int:
     return sum(storages.values())
 
 
-def _in_fresh_process(function: str, args: list) -> dict[str, Any]:
+def _in_fresh_process(function: str, args: list, label: str) -> dict[str, Any]:
     """`function(*args)` of this module in a new Python process (its own peak memory; no multiprocessing
-    main-module re-import)."""
+    main-module re-import); `label` names what it measures in an error."""
     code = (f"import json, sys; from medssl.bench.timeseries import {function}; "
             f"print(json.dumps({function}(*json.loads(sys.argv[1]))))")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], stdout=subprocess.PIPE, encoding="utf-8")
+    if done.returncode == -signal.SIGKILL:
+        raise UserError(f"the measurement of {label} was killed (SIGKILL: out of memory?); try a smaller "
+                        "train.batch_size")
     if done.returncode != 0:
-        raise RuntimeError(f"throughput measurement {function}({args[0]}) failed (exit {done.returncode}); see its "
-                           "error above")
+        raise RuntimeError(f"the measurement of {label} failed (exit {done.returncode}); see its error above")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -275,9 +278,9 @@ def throughput(config: PretrainTimeseriesConfig, *, steps: int = 20, warmup: int
         for name in names:
             args = [name, config.model_dump_json(), steps, warmup, device, seed, threads]
             if name == "comet":
-                measured[name].append(_in_fresh_process("_measure_comet", [str(comet), *args[1:]]))
+                measured[name].append(_in_fresh_process("_measure_comet", [str(comet), *args[1:]], _LABELS[name]))
             else:
-                measured[name].append(_in_fresh_process("_measure", args))
+                measured[name].append(_in_fresh_process("_measure", args, _LABELS[name]))
     results: dict[str, Any] = {"device": device, "batch": config.train.batch_size, "rounds": rounds,
                                "window": config.data.window_samples()[0], "levels": ",".join(config.objectives.active),
                                "peak_memory": ("torch.cuda.max_memory_allocated" if device.startswith("cuda")
