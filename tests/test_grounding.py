@@ -245,7 +245,7 @@ def test_bench_grounding_evaluates_the_baselines_with_a_finished_runs_organ_head
     key = "test_lesion_report_hit_mean"
     assert by_variant["oracle_organs"][key] > by_variant["ours"][key]
     assert (tmp_path / "b" / "untrained_seed0" / "summary.json").is_file()
-    assert not (tmp_path / "b" / "ours_seed0").exists()
+    assert not (tmp_path / "b" / "ours_seed0" / "checkpoints").exists()  # evaluated, not trained
     with pytest.raises(UserError, match="random_init"):
         grounding_benchmark(tmp_path / "c", run=run, variants=("ours", "random_init"))
     with pytest.raises(UserError, match="not a finished 'ground train' run"):

@@ -9,8 +9,8 @@
   own), "oracle_organs" (the true organ masks instead of the organ head's: the where-oracle),
   "oracle_untrained" (true organs and the untrained score: no learning at all) and "atlas" (a training-label
   atlas of the organ head's labelled volumes instead of the organ head, `baselines.LabelAtlas`).
-With `run` (a finished `ground train` folder), "ours" is that run and the baselines are evaluated with its
-organ head, on its manifest and seed (no training).
+With `run` (a finished `ground train` folder), "ours" is that run's model evaluated again by this code and
+the baselines are evaluated with its organ head, on its manifest and seed (no training).
 Each run's folder is written atomically and skipped when it exists, so an interrupted benchmark resumes.
 Results: grounding_runs.csv (one row per run), grounding.csv (mean and standard deviation over seeds),
 grounding.md (the README table) and the paired difference ours - random_init per seed with a 95 % t interval.
@@ -91,7 +91,7 @@ def _train(config_path: Path, manifest: Path, run_dir: Path, *, seed: int, pretr
 
 
 def _baselines(model_dir: Path, out: Path, seed: int, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The baselines' summaries on the held-out split of the run in `model_dir`."""
+    """The baselines' summaries on the held-out split of the run in `model_dir` ("ours": its model as it is)."""
     from medssl.data.manifest import load_manifest
     from medssl.downstream.grounding.baselines import LabelAtlas, TrueOrgans, volume_pairs
     from medssl.downstream.grounding.config import GroundingConfig
@@ -214,17 +214,15 @@ def grounding_benchmark(out_dir: str | Path, *, seeds: Sequence[int] = (0, 1, 2)
 
 
 def _on_run(run: Path, out: Path, variants: Sequence[str]) -> list[dict[str, Any]]:
-    """The baselines evaluated with a finished grounding run's organ head; "ours" is the run itself."""
+    """The baselines evaluated with a finished grounding run's organ head; "ours" is the run's model itself."""
     if "random_init" in variants:
         raise UserError("--variant random_init: trains its own run; it cannot be given with --run")
-    summary_path = run / "summary.json"
-    if not (run / "grounding.pt").is_file() or not summary_path.is_file():
-        raise UserError(f"{run}: not a finished 'ground train' run (no grounding.pt and summary.json)")
+    if not (run / "grounding.pt").is_file() or not (run / "config.yaml").is_file():
+        raise UserError(f"{run}: not a finished 'ground train' run (no grounding.pt and config.yaml)")
     from medssl.downstream.grounding.config import GroundingConfig
 
     seed = load_config(run / "config.yaml", GroundingConfig, []).train.seed
-    summaries = {"ours": json.loads(summary_path.read_text(encoding="utf-8"))}
-    summaries.update(_baselines(run, out, seed, [v for v in variants if v in BASELINES]))
+    summaries = _baselines(run, out, seed, [v for v in ("ours", *BASELINES) if v in variants])
     runs = [{"variant": v, "seed": seed, **{k: s.get(k) for k, _ in COLUMNS}, "seconds": s.get("seconds")}
             for v, s in summaries.items() if v in variants]
     return _write_tables(out, runs, [v for v in TRAINED + BASELINES if v in variants])

@@ -25,7 +25,7 @@ def print_table(title: str, columns: list[str], rows: list[list[object]]) -> Non
         table.add_column(column, justify="right" if column != columns[0] else "left")
     for row in rows:
         table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 250).print(table)  # a log file gets every column
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
