@@ -116,5 +116,6 @@ def test_a_measurement_killed_for_memory_is_one_line(monkeypatch) -> None:
     from medssl.errors import UserError
 
     monkeypatch.setattr(timeseries.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -9, ""))
-    with pytest.raises(UserError, match="the measurement of one pair of views .ours. was killed .SIGKILL: out of memory"):
+    killed = "the measurement of one pair of views .ours. was killed .SIGKILL: out of memory"
+    with pytest.raises(UserError, match=killed):
         timeseries.throughput(tiny(), steps=1, warmup=1, device="cpu", against=())

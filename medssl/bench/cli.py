@@ -241,9 +241,9 @@ def grounding_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (resumable).")] = Path(
         "runs/bench_grounding"),
     seeds: Annotated[list[int], typer.Option("--seed", min=0, help="Seeds (repeat).")] = [0, 1, 2],
-    variants: Annotated[list[str], typer.Option("--variant", help="ours, random_init, untrained, oracle_organs, "
-                                                "oracle_untrained, atlas (repeat).")] = [
-        "ours", "random_init", "untrained", "oracle_organs", "oracle_untrained", "atlas"],
+    variants: Annotated[Optional[list[str]], typer.Option("--variant", help="ours, random_init, untrained, "
+                                                          "oracle_organs, oracle_untrained, atlas (repeat; default: "
+                                                          "all, all but random_init with --run).")] = None,
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest (default: a 60-patient hospital).")] = None,
     pretrained: Annotated[Optional[Path], typer.Option(help="Pretrained encoder (default: pretrain one).")] = None,
     pretrain_steps: Annotated[int, typer.Option(min=1, help="Pretraining steps when no encoder is given.")] = 400,
@@ -257,7 +257,7 @@ def grounding_command(
     from medssl.bench.grounding import grounding_benchmark
 
     grounding_benchmark(output, seeds=tuple(seeds), manifest=manifest, pretrained=pretrained,
-                        pretrain_steps=pretrain_steps, variants=tuple(variants), config=config,
+                        pretrain_steps=pretrain_steps, variants=tuple(variants) if variants else None, config=config,
                         overrides=tuple(overrides or ()), run=run)
 
 

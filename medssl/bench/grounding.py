@@ -176,10 +176,13 @@ def markdown(rows: list[dict[str, Any]], differences: dict[str, dict[str, float]
 
 def grounding_benchmark(out_dir: str | Path, *, seeds: Sequence[int] = (0, 1, 2), manifest: Path | None = None,
                         patients: int = 60, pretrained: Path | None = None, pretrain_steps: int = 400,
-                        variants: Sequence[str] = TRAINED + BASELINES, config: Path = GROUNDING_CONFIG,
+                        variants: Sequence[str] | None = None, config: Path = GROUNDING_CONFIG,
                         overrides: Sequence[str] = (), run: Path | None = None) -> list[dict[str, Any]]:
-    """Run the benchmark (module docstring) under `out_dir`; returns the summary rows."""
+    """Run the benchmark (module docstring) under `out_dir`; returns the summary rows. variants: default all (with
+    `run`: all but random_init, which trains its own run)."""
     known = TRAINED + BASELINES
+    if variants is None:
+        variants = tuple(v for v in known if run is None or v != "random_init")
     unknown = [v for v in variants if v not in known]
     if unknown or not seeds:
         raise UserError(f"--variant: {unknown or 'none'} (known: {', '.join(known)}); give at least one seed")
@@ -215,10 +218,10 @@ def grounding_benchmark(out_dir: str | Path, *, seeds: Sequence[int] = (0, 1, 2)
 
 def _on_run(run: Path, out: Path, variants: Sequence[str]) -> list[dict[str, Any]]:
     """The baselines evaluated with a finished grounding run's organ head; "ours" is the run's model itself."""
-    if "random_init" in variants:
-        raise UserError("--variant random_init: trains its own run; it cannot be given with --run")
     if not (run / "grounding.pt").is_file() or not (run / "config.yaml").is_file():
         raise UserError(f"{run}: not a finished 'ground train' run (no grounding.pt and config.yaml)")
+    if "random_init" in variants:
+        raise UserError("--variant random_init: trains its own run; it cannot be given with --run")
     from medssl.downstream.grounding.config import GroundingConfig
 
     seed = load_config(run / "config.yaml", GroundingConfig, []).train.seed
