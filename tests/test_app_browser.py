@@ -13,11 +13,11 @@ import urllib.request
 
 import numpy as np
 import pytest
-from browser import AppServer, Browser, find_chromium
 from PIL import Image
 from test_app import LESION, AppData, app_data  # noqa: F401 - the session fixture, trained once for both files
 
 from medssl.app import viewport
+from medssl.bench.browser import AppServer, Browser, find_chromium
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(find_chromium() is None,

@@ -178,7 +178,7 @@ def labels_bytes(path: str, mtime: float, image: str, image_mtime: float) -> byt
 def map_bytes(key: tuple, _result: Grounding, image: str, image_mtime: float) -> bytes:
     view = view_volume(image, image_mtime)
     steps = viewport.display_steps(view.volume.array.shape, view.volume.spacing)
-    return viewport.nifti_bytes(viewport.raw_map(_result), view.volume.affine, steps, kind="map", crop=True)
+    return viewport.map_nifti(_result, view.volume.affine, steps)
 
 
 @st.cache_resource(show_spinner="Loading the time-series model ...", max_entries=4)
@@ -831,7 +831,7 @@ def main() -> None:
     if view is None:
         return
     if S.get("case_key") != case.key:
-        S.case_key, S.crosshair, S.phrase, S.phrase_b = case.key, view.centre, None, None
+        S.case_key, S.crosshair, S.phrase, S.phrase_b = case.key, view.centre, session.first_map(case), None
         S.measurements, S.cursor_b, S.follow, S.pane_b_is = {}, None, None, None
         bump_view()
     st.sidebar.radio("Convention", CONVENTIONS, key="convention", horizontal=True, on_change=bump_view,
