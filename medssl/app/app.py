@@ -912,7 +912,6 @@ def main() -> None:
                 if how != "mm":
                     linked["B"] = list(point)
                 S.follow = {"a": str(case.image), "b": str(case_b.image), "how": how}
-                notes.append(f"cursor linked by {'anatomy' if how == 'anatomy' else 'mm (RAS coordinates)'}")
         pane_b_is = (titles.get("B"), str(case_b.image) if "B" in titles else None)
         if S.get("pane_b_is") != pane_b_is:  # another pane B: its own cursor and measurement go, the cursors link
             S.pane_b_is, S.cursor_b = pane_b_is, None
@@ -920,6 +919,10 @@ def main() -> None:
             bump_view()
         if S.get("cursor_b") is not None:
             linked["B"] = list(S.cursor_b)
+        if S.follow is not None:
+            notes.append("cursors unlinked: each study has its own (the distance between them is below)"
+                         if S.get("cursor_b") is not None else
+                         f"cursors linked by {'anatomy' if S.follow['how'] == 'anatomy' else 'mm (RAS coordinates)'}")
         show_viewport(panes, view, shown_display, notes, link, linked, map_scale(result))
         crosshair_readout(view, [("A " if result_b is not None else "", result),
                                  ("B " if case_b is case else "", result_b if case_b is case else None)], families)

@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from medssl.bench.browser import FRAME, VIEWER, AppServer, Browser, find_chromium
@@ -169,6 +168,8 @@ def lesion_map(shape: tuple[int, int, int], spacing: tuple[float, float, float],
 def write_case(folder: Path, shape: tuple[int, int, int], spacing: tuple[float, float, float] = (0.7, 0.7, 1.0)
                ) -> Path:
     """The synthetic CT and its map as a `ground infer` output in folder/output (reused when it has `shape`)."""
+    import nibabel as nib
+
     from medssl.atomic import atomic_dir, write_json
     from medssl.explain.maps import MapSidecar, peak, write_map
 

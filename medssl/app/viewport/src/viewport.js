@@ -53,6 +53,8 @@ const CSS = `
 .mv-cbar .ramp { width: 220px; height: 12px; border: 1px solid #888; margin: 2px 0; }
 .mv-cbar .ticks { display: flex; justify-content: space-between; width: 222px; }
 .mv-scale { color: #d0d0d0; font-size: 12px; line-height: 1.3; }
+.mv-panes.two .mv-read, .mv-panes.two .mv-legend { position: static; max-width: none; border-radius: 0; }
+.mv-panes.two .mv-read { min-height: 16px; }
 .mv-legend i { display: inline-block; width: 10px; height: 10px; margin-right: 4px; border: 1px solid #000; }
 .mv-note { color: #f0c36d; font-size: 12px; }
 `;
@@ -501,6 +503,9 @@ class Viewer {
       if (!wanted.has(key)) { pane.box.remove(); this.panes.delete(key); }
     }
     const panes = data.panes.map((spec) => this.pane(spec));
+    // two panes side by side are tall and narrow: NiiVue's lower planes reach the canvas' bottom, so the legend and
+    // the read-out go below the canvas instead of over it
+    this.paneRow.classList.toggle("two", panes.length > 1);
     const fresh = data.view.seq !== this.viewSeq;
     this.loadAs = { window: fresh ? data.view.window : this.window, map: fresh ? data.view.map : this.mapSettings };
     if (fresh) {
@@ -763,7 +768,9 @@ class Viewer {
     const main = document.querySelector("[data-testid='stMain']");
     const top = this.paneRow.getBoundingClientRect().top + (main ? main.scrollTop : 0) + window.scrollY;
     const fixed = this.data?.height;
-    const below = this.scale.getBoundingClientRect().height + this.notes.getBoundingClientRect().height;
+    const strip = this.paneRow.classList.contains("two") ? Math.max(0, ...[...this.panes.values()].map((pane) =>
+      pane.legend.getBoundingClientRect().height + pane.read.getBoundingClientRect().height)) : 0;
+    const below = this.scale.getBoundingClientRect().height + this.notes.getBoundingClientRect().height + strip;
     const height = fixed || Math.max(360, Math.floor(window.innerHeight - Math.max(0, top) - below - 12));
     for (const pane of this.panes.values()) { // NiiVue redraws on a resize: only when the pane's size changed
       const holder = pane.box.querySelector(".mv-canvas");
