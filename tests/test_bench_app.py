@@ -40,7 +40,8 @@ def test_the_synthetic_case_opens_as_a_probability_map_on_its_lesion(tmp_path: P
     peak = tuple(result.sidecar.peak_voxel)
     assert 0 <= values[peak] <= 40  # the peak lies in the hypodense lesion (10 HU, noise sd 12), not in the liver
     cropped = nib.Nifti1Image.from_bytes(viewport.map_nifti(result, view.volume.affine))
-    assert np.prod(cropped.shape) < np.prod(ct.shape) / 2 and np.isclose(cropped.get_fdata().max(), result.map01.max())  # only the lesion's box travels
+    assert np.prod(cropped.shape) < np.prod(ct.shape) / 2  # only the lesion's box travels
+    assert np.isclose(cropped.get_fdata().max(), result.map01.max())
     assert write_case(tmp_path, (96, 80, 48)) == out  # reused, not rewritten
 
 

@@ -9,7 +9,8 @@
 3. Reads the main plane on the page: its share of the window, whether it lies inside it without scrolling, and its
    screen pixels per voxel.
 4. Times in the page wheel slicing, ctrl+wheel zoom, middle-drag pan and right-drag width/level: from the event to
-   NiiVue's frame drawn (it draws synchronously and ends with gl.finish) and to the next animation frame; and the
+   the end of NiiVue's handler (it issues its WebGL draw synchronously), to that frame drawn on the GPU (a 1-pixel
+   readPixels waits for it) and to the next animation frame, beside the page's frame time with no event; and the
    wheel from DevTools' input to the next frame (the protocol's round trip included).
 5. Times real clicks on the main plane until Python's read-out under the viewport names the clicked voxel.
 
@@ -52,7 +53,7 @@ RENDERER = ("(() => { const gl = document.createElement('canvas').getContext('we
 # animation frame after it. Returns {kind: {handled: [ms], finished: [ms], frame: [ms]}, changed: {kind: whether it
 # changed what it should}}.
 INTERACT = """(async (n) => {
-  const v = %s; const nv = v.panes.get('A').nv; const c = nv.canvas;
+  const v = __VIEWER__; const nv = v.panes.get('A').nv; const c = nv.canvas;
   const hero = v.pagePoint('A', Array.from(nv.frac2mm(nv.scene.crosshairPos)).slice(0, 3)).tile;
   const x = hero.x + hero.width * 0.45, y = hero.y + hero.height * 0.45;
   const frame = () => new Promise((r) => requestAnimationFrame(() => r()));
@@ -62,17 +63,20 @@ INTERACT = """(async (n) => {
   const timed = async (kind, fn) => {
     out[kind] = out[kind] || { handled: [], finished: [], frame: [] };
     const t = performance.now(); fn(); out[kind].handled.push(performance.now() - t);
-    nv.gl.readPixels(0, 0, 1, 1, nv.gl.RGBA, nv.gl.UNSIGNED_BYTE, pixel); out[kind].finished.push(performance.now() - t);
+    nv.gl.readPixels(0, 0, 1, 1, nv.gl.RGBA, nv.gl.UNSIGNED_BYTE, pixel);
+    out[kind].finished.push(performance.now() - t);
     await frame(); out[kind].frame.push(performance.now() - t);
   };
   out.idle = { frame: [] }; // the page's own frame time, no event: what every interaction below waits for too
-  for (let i = 0; i < n; i++) { const t = performance.now(); await frame(); out.idle.frame.push(performance.now() - t); }
+  for (let i = 0; i < n; i++) {
+    const t = performance.now(); await frame(); out.idle.frame.push(performance.now() - t);
+  }
   const slice = () => nv.scene.crosshairPos.join(',');
   const zoom = () => nv.scene.pan2Dxyzmm[3];
   for (const [kind, state, extra] of [['wheel', slice, {}], ['zoom', zoom, { ctrlKey: true }]]) {
     for (let i = 0; i < n; i++) {
       const before = state();
-      const deltaY = i %% 2 ? 100 : -100;
+      const deltaY = i % 2 ? 100 : -100;
       await timed(kind, () => c.dispatchEvent(new WheelEvent('wheel', at(0, 0, { deltaY, ...extra }))));
       if (i === 0) out.changed[kind] = state() !== before;
     }
@@ -92,7 +96,7 @@ INTERACT = """(async (n) => {
   nv.scene.pan2Dxyzmm = [0, 0, 0, 1];
   nv.drawScene();
   return JSON.stringify(out);
-})""" % VIEWER
+})""".replace("__VIEWER__", VIEWER)
 
 
 def check_options(size: tuple[int, int, int], window: str, repeats: int, reloads: int) -> tuple[int, int]:
@@ -252,8 +256,8 @@ def geometry(browser: Browser) -> dict:
             "main_plane_share": round(tile["width"] * tile["height"] / area, 3),
             "on_screen_unscrolled": bool(found["scrolled"] == 0 and canvas[1] >= 0
                                          and canvas[1] + canvas[3] <= window[1] + 0.5),
-            "shown_voxels": found["dims"], "screen_px_per_voxel": round(found["pixdim"][0] / found["point"]["mm_per_px"],
-                                                                        2)}
+            "shown_voxels": found["dims"],
+            "screen_px_per_voxel": round(found["pixdim"][0] / found["point"]["mm_per_px"], 2)}
 
 
 def cdp_wheel(browser: Browser, n: int) -> list[float]:
@@ -276,7 +280,7 @@ def click_times(browser: Browser, n: int) -> list[float]:
     for i in range(n):
         browser.wait_idle(timeout=120, settle=0.3)
         before = browser.evaluate(READOUT)
-        x = tile["x"] + tile["width"] * (0.35 + 0.03 * i % 0.3)
+        x = tile["x"] + tile["width"] * (0.35 + (0.03 * i) % 0.3)
         y = tile["y"] + tile["height"] * (0.40 + 0.02 * (i % 5))
         start = time.perf_counter()
         browser.click(x, y)
@@ -323,18 +327,18 @@ def report(figures: dict, shape: tuple[int, int, int]) -> list[str]:
     """The printed lines: the machine, then each aim with its figure."""
     m, g = figures["machine"], figures["geometry"]
     size = "x".join(map(str, shape))
-    lines = [f"machine: {m['cpus']} CPUs ({m['cpu']}), load average {figures['load_average_before']} before, "
-             f"{figures['load_average_after']} after; {m['browser']} headless; WebGL: {m['webgl']}",
-             f"case: synthetic {size} CT (int16 .nii.gz) with a probability map, as a ground infer output; app "
-             f"started in {figures['app_start_s']} s (not counted)",
-             f"window {g['window'][0]} x {g['window'][1]}: viewport {g['canvas'][0]} x {g['canvas'][1]} px "
-             f"({g['canvas_share']:.0%} of the window), main plane {g['main_plane'][0]} x {g['main_plane'][1]} px "
-             f"({g['main_plane_share']:.0%}), inside the window unscrolled: {g['on_screen_unscrolled']}  -> "
-             f"aim >= {AIMS['share']:.0%} without scrolling: "
-             f"{verdict(g['canvas_share'] >= AIMS['share'] and g['on_screen_unscrolled'])}",
-             f"slice of {g['shown_voxels'][0]} x {g['shown_voxels'][1]} voxels shown at {g['screen_px_per_voxel']} "
-             f"screen px per voxel  -> aim >= {AIMS['px_per_voxel']:g}: "
-             f"{verdict(g['screen_px_per_voxel'] >= AIMS['px_per_voxel'])}"]
+    lines = [(f"machine: {m['cpus']} CPUs ({m['cpu']}), load average {figures['load_average_before']} before, "
+              f"{figures['load_average_after']} after; {m['browser']} headless; WebGL: {m['webgl']}"),
+             (f"case: synthetic {size} CT (int16 .nii.gz) with a probability map, as a ground infer output; app "
+              f"started in {figures['app_start_s']} s (not counted)"),
+             (f"window {g['window'][0]} x {g['window'][1]}: viewport {g['canvas'][0]} x {g['canvas'][1]} px "
+              f"({g['canvas_share']:.0%} of the window), main plane {g['main_plane'][0]} x {g['main_plane'][1]} px "
+              f"({g['main_plane_share']:.0%}), inside the window unscrolled: {g['on_screen_unscrolled']}  -> "
+              f"aim >= {AIMS['share']:.0%} without scrolling: "
+              f"{verdict(g['canvas_share'] >= AIMS['share'] and g['on_screen_unscrolled'])}"),
+             (f"slice of {g['shown_voxels'][0]} x {g['shown_voxels'][1]} voxels shown at {g['screen_px_per_voxel']} "
+              f"screen px per voxel  -> aim >= {AIMS['px_per_voxel']:g}: "
+              f"{verdict(g['screen_px_per_voxel'] >= AIMS['px_per_voxel'])}")]
     names = {"wheel": "wheel slicing", "zoom": "ctrl+wheel zoom", "pan": "middle-drag pan", "wl": "right-drag W/L"}
     idle = figures["in_page_ms"]["idle"]["frame"]
     lines.append(f"the page's next animation frame with no event (the floor under every figure below): median "

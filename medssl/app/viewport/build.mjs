@@ -8,7 +8,8 @@ import { readFile } from "node:fs/promises";
 import * as esbuild from "esbuild";
 
 const STATEMENT = "      this.volumeTexture = outTexture;\n      this.gradientTexture = gradientGL({";
-const GATED = "      this.volumeTexture = outTexture;\n      if (!this.opts.withoutGradient) this.gradientTexture = gradientGL({";
+const GATED = "      this.volumeTexture = outTexture;\n"
+  + "      if (!this.opts.withoutGradient) this.gradientTexture = gradientGL({";
 
 const skipGradient = {
   name: "niivue-without-gradient",
