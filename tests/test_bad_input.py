@@ -336,6 +336,7 @@ CASES: list[tuple[str, list[str], str]] = [
      "'--pretrain-steps'"),
     ("bench-speed-repeats-0", ["bench", "grounding-speed", "--checkpoint", "gone.pt", "--image", "fake.nii.gz",
                                "--report", "report.txt", "--repeats", "0"], "'--repeats'"),
+    ("bench-app-size-8", ["bench", "app", "--size", "8", "8", "8", "--work", "app"], "--size"),
     ("config-show-unknown", ["config", "show", "nope"], "nope"),
 ]
 
