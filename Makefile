@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 # The clinician app's viewer: NiiVue from npm, bundled with the component's source by esbuild (never committed).
-$(BUNDLE): $(VIEWPORT)/package.json $(VIEWPORT)/package-lock.json $(VIEWPORT)/src/viewport.js
+$(BUNDLE): $(VIEWPORT)/package.json $(VIEWPORT)/package-lock.json $(VIEWPORT)/build.mjs $(VIEWPORT)/src/viewport.js
 	cd $(VIEWPORT) && npm ci --no-audit --no-fund --loglevel=error && npm run build
 
 viewport: $(BUNDLE)

@@ -3,7 +3,7 @@
     python docs/make_screenshots.py RUN_DIR [--data-root DIR ...] [-o docs] [--case TITLE] [--phrase TEXT]
 
 Starts `medssl app RUN_DIR --data-root ...` on a free port of 127.0.0.1, opens it in Debian's `chromium` (WebGL
-through SwiftShader) at 1366 x 768 and drives it as a reader would (`tests/browser.py`): chooses the case
+through SwiftShader) at 1366 x 768 and drives it as a reader would (`medssl/bench/browser.py`): chooses the case
 (default: the first test case whose report has a finding the model grounds), grounds the finding (`--phrase`,
 default: the first report row of kind finding), jumps to the map's peak and writes
 - app_reading_1366x768.png and app_reading_1920x1080.png: the case with the map;
@@ -25,11 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from browser import VIEWER, AppServer, Browser, find_chromium  # noqa: E402
-
-from medssl.app import session  # noqa: E402
-from medssl.display.slicing import voxel_to_mm  # noqa: E402
+from medssl.app import session
+from medssl.bench.browser import VIEWER, AppServer, Browser, find_chromium
+from medssl.display.slicing import voxel_to_mm
 
 SIZES = ((1366, 768), (1920, 1080))
 

@@ -215,7 +215,7 @@ def test_compare_a_checkpoint_with_its_control_and_a_prior_study(app_data: AppDa
     at.radio(key="second").set_value("prior study (follow-up)").run()
     clean(at)
     data = viewer_data(at)
-    assert data["panes"][1]["title"] == "P007 / S1 (test)" and "cursor linked by mm (RAS coordinates)" in data["notes"]
+    assert data["panes"][1]["title"] == "P007 / S1 (test)" and "cursors linked by mm (RAS coordinates)" in data["notes"]
     assert data["panes"][1]["layers"][0]["url"] != data["panes"][0]["layers"][0]["url"]  # the other study's image
     # the same phrase grounded there too
     assert any("P007 / S1" in s.value for s in list(at.success) + list(at.warning))
@@ -237,6 +237,7 @@ def test_follow_up_cursors_and_distances_between_the_studies(app_data: AppData, 
     clean(at)
     assert "voxel (20, 16, 6)" in captions(at)  # B's own cursor does not move A's
     assert viewer_data(at)["linked"] == {"B": b}  # the viewer keeps B's cursor where it was put
+    assert any(n.startswith("cursors unlinked: each study has its own") for n in viewer_data(at)["notes"])
     gap = np.subtract(b, a)
     assert (f"cursors unlinked: P007 / S2 (test) at ({a[0]:.1f}, {a[1]:.1f}, {a[2]:.1f}) mm, P007 / S1 (test) at "
             f"({b[0]:.1f}, {b[1]:.1f}, {b[2]:.1f}) mm: **{np.linalg.norm(gap):.1f} mm apart**") in captions(at)
@@ -425,6 +426,7 @@ def test_a_ground_infer_output_opens_with_its_stored_maps(app_data: AppData, tmp
     at = start(monkeypatch, "--run", out)
     clean(at)
     assert at.radio(key="source").value == "maps of a ground infer output"
+    assert any("groundable, score" in s.value for s in at.success) and "map" in kinds(at)  # opens on its first map
     button(at, LESION).click().run()
     clean(at)
     assert any("groundable, score" in s.value for s in at.success) and "map" in kinds(at)

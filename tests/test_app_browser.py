@@ -13,19 +13,17 @@ import urllib.request
 
 import numpy as np
 import pytest
-from browser import AppServer, Browser, find_chromium
 from PIL import Image
 from test_app import LESION, AppData, app_data  # noqa: F401 - the session fixture, trained once for both files
 
 from medssl.app import viewport
+from medssl.bench.browser import FRAME, AppServer, Browser, find_chromium
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(find_chromium() is None,
                                  reason="Debian's chromium is not installed and could not be (make test runs "
                                         "'apt-get install chromium' where it is root with apt-get)")]
 
-FRAME = ("(() => { const h = document.querySelector('[data-testid=\"stBidiComponentIsolated\"]');"
-         " return h && h.shadowRoot ? h.shadowRoot.querySelector('.mv') : null; })()")
 STATE = f"(() => {{ const f = {FRAME}; return f ? JSON.stringify(f.dataset) : null; }})()"
 HERO = (f"(() => {{ const f = {FRAME}; const c = f && f.querySelector('canvas');"
         " if (!c) return null; const r = c.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; })()")

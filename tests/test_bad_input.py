@@ -340,6 +340,7 @@ CASES: list[tuple[str, list[str], str]] = [
      "'--pretrain-steps'"),
     ("bench-speed-repeats-0", ["bench", "grounding-speed", "--checkpoint", "gone.pt", "--image", "fake.nii.gz",
                                "--report", "report.txt", "--repeats", "0"], "'--repeats'"),
+    ("bench-app-size-8", ["bench", "app", "--size", "8", "8", "8", "--work", "app"], "--size"),
     ("config-show-unknown", ["config", "show", "nope"], "nope"),
     # match and correspondence
     ("match-point-outside", ["match", "--encoder", "none", "--from", "hospital/vol/P001_S1.nii.gz", "--to",

@@ -22,7 +22,7 @@ COMMANDS = [
     ["app"], ["bench", "data"], ["bench", "pretrain-volume"], ["bench", "volume-probe"], ["bench", "ts-throughput"],
     ["bench", "ts-label-efficiency"], ["bench", "label-efficiency"], ["bench", "seg-inference"],
     ["config", "list"], ["config", "show"], ["bench", "grounding"], ["bench", "grounding-speed"],
-    ["bench", "threads"], ["preprocess"], ["match"], ["bench", "correspondence"],
+    ["bench", "threads"], ["bench", "app"], ["preprocess"], ["match"], ["bench", "correspondence"],
 ]
 
 

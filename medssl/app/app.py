@@ -178,7 +178,7 @@ def labels_bytes(path: str, mtime: float, image: str, image_mtime: float) -> byt
 def map_bytes(key: tuple, _result: Grounding, image: str, image_mtime: float) -> bytes:
     view = view_volume(image, image_mtime)
     steps = viewport.display_steps(view.volume.array.shape, view.volume.spacing)
-    return viewport.nifti_bytes(viewport.raw_map(_result), view.volume.affine, steps, kind="map", crop=True)
+    return viewport.map_nifti(_result, view.volume.affine, steps)
 
 
 @st.cache_resource(show_spinner="Loading the time-series model ...", max_entries=4)
@@ -831,7 +831,7 @@ def main() -> None:
     if view is None:
         return
     if S.get("case_key") != case.key:
-        S.case_key, S.crosshair, S.phrase, S.phrase_b = case.key, view.centre, None, None
+        S.case_key, S.crosshair, S.phrase, S.phrase_b = case.key, view.centre, session.first_map(case), None
         S.measurements, S.cursor_b, S.follow, S.pane_b_is = {}, None, None, None
         bump_view()
     st.sidebar.radio("Convention", CONVENTIONS, key="convention", horizontal=True, on_change=bump_view,
@@ -912,7 +912,6 @@ def main() -> None:
                 if how != "mm":
                     linked["B"] = list(point)
                 S.follow = {"a": str(case.image), "b": str(case_b.image), "how": how}
-                notes.append(f"cursor linked by {'anatomy' if how == 'anatomy' else 'mm (RAS coordinates)'}")
         pane_b_is = (titles.get("B"), str(case_b.image) if "B" in titles else None)
         if S.get("pane_b_is") != pane_b_is:  # another pane B: its own cursor and measurement go, the cursors link
             S.pane_b_is, S.cursor_b = pane_b_is, None
@@ -920,6 +919,10 @@ def main() -> None:
             bump_view()
         if S.get("cursor_b") is not None:
             linked["B"] = list(S.cursor_b)
+        if S.follow is not None:
+            notes.append("cursors unlinked: each study has its own (the distance between them is below)"
+                         if S.get("cursor_b") is not None else
+                         f"cursors linked by {'anatomy' if S.follow['how'] == 'anatomy' else 'mm (RAS coordinates)'}")
         show_viewport(panes, view, shown_display, notes, link, linked, map_scale(result))
         crosshair_readout(view, [("A " if result_b is not None else "", result),
                                  ("B " if case_b is case else "", result_b if case_b is case else None)], families)

@@ -408,6 +408,12 @@ def case_from_infer_output(library: Library, output: InferOutput) -> Case:
                 source=str(output.folder), report=report, rows=tuple(rows), checkpoint=output.checkpoint)
 
 
+def first_map(case: Case) -> str | None:
+    """The phrase a case opens on: the first stored map of a `ground infer` output (what it was opened to see),
+    else None."""
+    return next((row["phrase"] for row in case.rows if row.get("groundable") and row.get("map")), None)
+
+
 def other_studies(cases: Sequence[Case], case: Case) -> list[Case]:
     """The same patient's other studies among `cases` (for follow-up side by side), in study order."""
     if case.patient_id is None:

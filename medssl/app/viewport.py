@@ -70,10 +70,14 @@ def content_box(array: np.ndarray, steps: tuple[int, int, int] = (1, 1, 1)) -> t
     """The block of `array` (X, Y, Z) that holds every nonzero voxel, its start on the display grid (a multiple
     of `steps`), so that a map or mask cropped to it lies on the image's display grid (the whole array when all
     voxels are 0)."""
-    nonzero = np.nonzero(np.asarray(array))
-    if not nonzero[0].size:
+    inside = np.asarray(array) != 0
+    if not inside.any():
         return tuple(slice(0, n) for n in array.shape[:3])
-    return tuple(slice(int(idx.min()) // s * s, int(idx.max()) + 1) for idx, s in zip(nonzero, steps))
+    box = []
+    for axis, s in enumerate(steps):  # per-axis projections: a fraction of np.nonzero's time on a 512^3 volume
+        idx = np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(int(idx[0]) // s * s, int(idx[-1]) + 1))
+    return tuple(box)
 
 
 def nifti_bytes(array: np.ndarray, affine: np.ndarray, steps: tuple[int, int, int] = (1, 1, 1), *,
@@ -157,9 +161,14 @@ class MapDisplay:
                 "cmap": self.cmap, "mode": self.mode}
 
 
-def raw_map(result: Any) -> np.ndarray:
-    """The map on its raw scale (float32), from `map01` through the sidecar's rescaling."""
-    return np.asarray(result.raw(result.map01), dtype=np.float32)
+def map_nifti(result: Any, affine: np.ndarray, steps: tuple[int, int, int] = (1, 1, 1)) -> bytes:
+    """The map for display: its raw values (the sidecar's scale) in the `content_box` of `map01` (where the map
+    is above 0), as `nifti_bytes` of kind "map" with the affine of that block. Cropped before it is rescaled, so a
+    512 x 300 CT's map costs what its organ's box does."""
+    box = content_box(result.map01, steps)
+    shifted = np.array(affine, dtype=np.float64)
+    shifted[:3, 3] = shifted[:3, :3] @ np.array([b.start for b in box], dtype=np.float64) + shifted[:3, 3]
+    return nifti_bytes(np.asarray(result.raw(result.map01[box]), dtype=np.float32), shifted, steps, kind="map")
 
 
 def default_display(result: Any, *, top: float = 0.05, cmap: str = "hot") -> MapDisplay:

@@ -285,3 +285,21 @@ def grounding_speed_command(
 
     grounding_speed(checkpoint, image, report, repeats=repeats)
 
+
+
+@bench_app.command("app")
+def app_command(
+    size: Annotated[tuple[int, int, int], typer.Option(help="Synthetic CT's voxels (X Y Z).")] = (512, 512, 300),
+    window: Annotated[str, typer.Option(help="Browser window, WIDTHxHEIGHT in CSS pixels.")] = "1366x768",
+    repeats: Annotated[int, typer.Option(help="Repeats of each interaction (clicks: a third, at least 3).")] = 30,
+    reloads: Annotated[int, typer.Option(help="Reloads timed after the first open.")] = 3,
+    work: Annotated[Optional[Path], typer.Option(help="Keep the synthetic case here (reused when its size matches; "
+                                                      "default: a temporary folder, removed).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the figures as JSON.")] = None,
+) -> None:
+    """The clinician app's aims in headless Chromium: the main image's size at the window, wheel / zoom / pan /
+    W/L response in the browser, click to Python's statistics, opening a synthetic 512 x 512 x 300 CT with a map."""
+    from medssl.bench.app import bench_app, check_options
+
+    check_options(size, window, repeats, reloads)
+    bench_app(size=size, window=window, repeats=repeats, reloads=reloads, work=work, output=output)

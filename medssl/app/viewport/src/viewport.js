@@ -18,6 +18,9 @@
 import { Niivue, SLICE_TYPE, DRAG_MODE, SHOW_RENDER } from "@niivue/niivue";
 
 const VIEWERS = new WeakMap();
+// what NiiVue's 3D textures were last rendered with (`Viewer.refreshGL` re-renders only when it changes)
+const glState = (nv) => JSON.stringify([nv.opts.isRadiologicalConvention,
+  nv.volumes.map((v) => [v.cal_min, v.cal_max, v.opacity, v.colormap])]);
 const PLANES = { axial: SLICE_TYPE.AXIAL, coronal: SLICE_TYPE.CORONAL, sagittal: SLICE_TYPE.SAGITTAL };
 const MODES = {
   crosshair: DRAG_MODE.crosshair, windowing: DRAG_MODE.windowing, pan: DRAG_MODE.pan,
@@ -50,6 +53,8 @@ const CSS = `
 .mv-cbar .ramp { width: 220px; height: 12px; border: 1px solid #888; margin: 2px 0; }
 .mv-cbar .ticks { display: flex; justify-content: space-between; width: 222px; }
 .mv-scale { color: #d0d0d0; font-size: 12px; line-height: 1.3; }
+.mv-panes.two .mv-read, .mv-panes.two .mv-legend { position: static; max-width: none; border-radius: 0; }
+.mv-panes.two .mv-read { min-height: 16px; }
 .mv-legend i { display: inline-block; width: 10px; height: 10px; margin-right: 4px; border: 1px solid #000; }
 .mv-note { color: #f0c36d; font-size: 12px; }
 `;
@@ -396,7 +401,12 @@ class Viewer {
       logLevel: "warn", loadingText: "loading ...", showMeasureUnits: true, atlasOutline: 1,
       isNearestInterpolation: false, measureTextColor: [1, 1, 0, 1], measureLineColor: [1, 1, 0, 1],
     });
+    nv.opts.withoutGradient = true; // no 3D render here: no gradient texture (build.mjs)
     nv.attachToCanvas(canvas);
+    // NiiVue fills every new RGBA 3D texture with zeros it uploads from a typed array (`isInit`); WebGL already
+    // hands out textures zeroed, and for a 512 x 512 x 150 volume that upload is seconds on a software renderer
+    const rgbaTex = nv.rgbaTex.bind(nv);
+    nv.rgbaTex = (texture, unit, dims) => rgbaTex(texture, unit, dims, false);
     nv.opts.mouseEventConfig = {
       // NiiVue takes shift + left as the middle button (it pans whatever the mode): shift-drag pans, ctrl-drag measures
       leftButton: { primary: MODES[this.mode], withShift: DRAG_MODE.pan, withCtrl: DRAG_MODE.measurement },
@@ -441,10 +451,23 @@ class Viewer {
     pane.layersKey = key;
     pane.mapOutline = null;
     const started = performance.now();
-    const volumes = spec.layers.map((layer) => ({
-      url: absolute(layer.url), name: layer.name, colormap: layer.kind === "image" ? "gray" : (layer.colormap || "hot"),
-      opacity: layer.kind === "image" ? 1 : (layer.opacity ?? 1),
-    }));
+    // loaded with the window and map settings they will be shown with: NiiVue renders them once, as they are
+    const { window, map } = this.loadAs || {};
+    const volumes = spec.layers.map((layer) => {
+      const volume = { url: absolute(layer.url), name: layer.name, colormap: layer.colormap || "hot",
+        opacity: layer.opacity ?? 1 };
+      if (layer.kind === "image") {
+        Object.assign(volume, { colormap: "gray", opacity: 1 });
+        if (window) Object.assign(volume, { cal_min: window.level - window.width / 2,
+          cal_max: window.level + window.width / 2 });
+      } else if (layer.kind === "labels" && layer.lut) {
+        volume.opacity = 0; // drawn as 2-px outlines in their own colours, not by NiiVue
+      } else if (layer.kind === "map" && map) {
+        Object.assign(volume, { cal_min: map.threshold, cal_max: Math.max(map.vmax, map.threshold + 1e-6),
+          opacity: map.mode === "outline" ? 0 : map.opacity, colormap: map.cmap || volume.colormap });
+      }
+      return volume;
+    });
     await pane.nv.loadVolumes(volumes);
     pane.outlines = [];
     spec.layers.forEach((layer, index) => {
@@ -452,8 +475,7 @@ class Viewer {
       if (!volume) return;
       volume.layerKind = layer.kind;
       volume.colorbarVisible = false;
-      if (layer.kind === "labels" && layer.lut) { // drawn as 2-px outlines in their own colours, not by NiiVue
-        volume.opacity = 0;
+      if (layer.kind === "labels" && layer.lut) {
         const { R, G, B } = layer.lut;
         pane.outlines.push(new Outline(volume, layerValue(volume), (v) => `rgb(${R[v]},${G[v]},${B[v]})`));
       }
@@ -465,6 +487,7 @@ class Viewer {
       item.append(swatch, name);
       return item;
     }));
+    pane.glKey = glState(pane.nv);
     pane.loadedMs = performance.now() - started;
     this.frame.dataset.loaded = String((Number(this.frame.dataset.loaded) || 0) + 1);
     this.frame.dataset.loadMs = pane.loadedMs.toFixed(0);
@@ -480,6 +503,14 @@ class Viewer {
       if (!wanted.has(key)) { pane.box.remove(); this.panes.delete(key); }
     }
     const panes = data.panes.map((spec) => this.pane(spec));
+    // two panes side by side are tall and narrow: NiiVue's lower planes reach the canvas' bottom, so the legend and
+    // the read-out go below the canvas instead of over it
+    this.paneRow.classList.toggle("two", panes.length > 1);
+    const fresh = data.view.seq !== this.viewSeq;
+    this.loadAs = { window: fresh ? data.view.window : this.window, map: fresh ? data.view.map : this.mapSettings };
+    if (fresh) {
+      for (const pane of panes) pane.nv.opts.isRadiologicalConvention = data.view.convention !== "neurological";
+    }
     this.resize();
     await Promise.all(panes.map((pane, i) => this.load(pane, data.panes[i])));
     this.resize();
@@ -494,13 +525,14 @@ class Viewer {
       this.mapSettings = { ...view.map };
       this.hero = view.hero;
       this.linked = view.linked !== false;
-      this.eachNv((nv) => nv.setRadiologicalConvention(view.convention !== "neurological"));
+      this.eachNv((nv) => { nv.opts.isRadiologicalConvention = view.convention !== "neurological"; });
       this.setHero(view.hero);
       if (view.crosshair_mm) this.moveTo(data.panes[0].key, view.crosshair_mm, true);
     }
     for (const [key, mm] of Object.entries(data.linked || {})) this.moveTo(key, mm, false);
-    this.setWindow(this.window.width, this.window.level);
-    this.applyMap();
+    this.setWindow(this.window.width, this.window.level, false);
+    this.applyMap(false);
+    this.refreshGL();
     this.frame.dataset.ready = String(view.seq);
     this.frame.dataset.crosshair = JSON.stringify(this.panes.get(data.panes[0].key)?.mm || null);
   }
@@ -534,7 +566,7 @@ class Viewer {
     this.refreshBar();
   }
 
-  setWindow(width, level) {
+  setWindow(width, level, refresh = true) {
     this.window = { width, level };
     this.eachNv((nv) => {
       for (const volume of nv.volumes) {
@@ -542,16 +574,28 @@ class Viewer {
         volume.cal_min = level - width / 2;
         volume.cal_max = level + width / 2;
       }
+    });
+    if (refresh) this.refreshGL();
+    this.refreshBar();
+  }
+
+  // NiiVue's updateGLVolume re-renders every layer into its 3D texture (and the image's gradient): seconds for a
+  // 512 x 512 x 150 volume on a software renderer. Done only for a pane whose convention, window or map settings
+  // changed since its last refresh (a rerun of the app that changes none of them costs nothing here).
+  refreshGL() {
+    this.eachNv((nv, pane) => {
+      const drawn = glState(nv);
+      if (pane.glKey === drawn) return;
+      pane.glKey = drawn;
       nv.updateGLVolume();
     });
-    this.refreshBar();
   }
 
   mapRange() {
     return { lo: this.mapSettings?.range?.[0] ?? 0, hi: this.mapSettings?.range?.[1] ?? 1 };
   }
 
-  applyMap() {
+  applyMap(refresh = true) {
     if (!this.mapSettings) return;
     const { threshold, vmax, opacity, mode, cmap } = this.mapSettings;
     this.eachNv((nv, pane) => {
@@ -570,8 +614,8 @@ class Viewer {
         pane.mapOutline = null;
       }
       this.colourBar(pane, nv);
-      nv.updateGLVolume();
     });
+    if (refresh) this.refreshGL();
     this.refreshBar();
   }
 
@@ -724,10 +768,16 @@ class Viewer {
     const main = document.querySelector("[data-testid='stMain']");
     const top = this.paneRow.getBoundingClientRect().top + (main ? main.scrollTop : 0) + window.scrollY;
     const fixed = this.data?.height;
-    const below = this.scale.getBoundingClientRect().height + this.notes.getBoundingClientRect().height;
+    const strip = this.paneRow.classList.contains("two") ? Math.max(0, ...[...this.panes.values()].map((pane) =>
+      pane.legend.getBoundingClientRect().height + pane.read.getBoundingClientRect().height)) : 0;
+    const below = this.scale.getBoundingClientRect().height + this.notes.getBoundingClientRect().height + strip;
     const height = fixed || Math.max(360, Math.floor(window.innerHeight - Math.max(0, top) - below - 12));
-    for (const pane of this.panes.values()) {
-      pane.box.querySelector(".mv-canvas").style.height = `${height}px`;
+    for (const pane of this.panes.values()) { // NiiVue redraws on a resize: only when the pane's size changed
+      const holder = pane.box.querySelector(".mv-canvas");
+      holder.style.height = `${height}px`;
+      const size = `${holder.clientWidth}x${height}x${window.devicePixelRatio}`;
+      if (pane.size === size) continue;
+      pane.size = size;
       pane.nv.resizeListener?.();
     }
   }

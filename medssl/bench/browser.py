@@ -1,7 +1,6 @@
-"""Drive the app in a real headless Chromium (Debian's `chromium`) over the DevTools protocol: for the
-end-to-end test (`test_app_browser.py`), the screenshots in docs/ (`docs/make_screenshots.py`) and the measured
-times of the viewport (`docs/measure_viewport.py`); both scripts put this folder on their path. A test harness,
-not part of the package.
+"""Drive the app in a real headless Chromium (Debian's `chromium`) over the DevTools protocol: for `medssl bench
+app` (the reading station's measured aims), the end-to-end test (`tests/test_app_browser.py`) and the
+screenshots in docs/ (`docs/make_screenshots.py`). A harness for measuring and testing; the app never imports it.
 
 `AppServer` starts `medssl app ...` on a free port of 127.0.0.1 and waits for Streamlit's health check;
 `Browser` starts Chromium headless with a fresh profile and no background networking, and offers what
@@ -163,20 +162,22 @@ class Browser:
             _stop(self.process)
         shutil.rmtree(self.profile, ignore_errors=True)
 
-    def send(self, method: str, **params: Any) -> dict:
-        """One DevTools command; returns its result (events received meanwhile are dropped)."""
+    def send(self, method: str, *, timeout: float = 60.0, **params: Any) -> dict:
+        """One DevTools command; returns its result (events received meanwhile are dropped); TimeoutError after
+        `timeout` seconds without it."""
         ident = next(self._ids)
         self._ws.send(json.dumps({"id": ident, "method": method, "params": params}))
         while True:
-            message = json.loads(self._ws.recv(timeout=60))
+            message = json.loads(self._ws.recv(timeout=timeout))
             if message.get("id") == ident:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message.get("result", {})
 
-    def evaluate(self, expression: str) -> Any:
-        """The value of a JavaScript expression in the page."""
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+    def evaluate(self, expression: str, timeout: float = 60.0) -> Any:
+        """The value of a JavaScript expression in the page (a promise: its result)."""
+        result = self.send("Runtime.evaluate", timeout=timeout, expression=expression, returnByValue=True,
+                           awaitPromise=True)
         if "exceptionDetails" in result:
             raise RuntimeError(f"javascript: {result['exceptionDetails'].get('text')}")
         return result.get("result", {}).get("value")
