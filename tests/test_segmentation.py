@@ -353,3 +353,38 @@ def test_a_patient_in_two_splits_is_refused_naming_the_patient(hospital, tmp_pat
                        match=f"patient '{leaked['patient_id']}' is in more than one split: training and test"):
         finetune_seg(_config(manifest), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluation_cases_are_read_one_at_a_time(hospital, monkeypatch):
+    """Validation and test cases keep no volume between evaluations: each is read when evaluated, and at most
+    one case's volumes are alive at a time (a hospital's test split need not fit in memory)."""
+    import gc
+    import weakref
+
+    from medssl.data.volumes import manifest_volume_entries
+    from medssl.downstream.segmentation.cases import Case, load_cases
+    from medssl.downstream.segmentation.metrics import evaluate_cases
+    from medssl.inference import SlidingWindowPredictor
+
+    from medssl.data.manifest import load_manifest
+
+    classes = {int(k): v for k, v in json.loads(hospital.read_text())["labels"].items()}
+    entries = manifest_volume_entries(load_manifest(hospital), "test", with_label=True)
+    cases = load_cases(entries, classes, str(hospital))
+    assert len(cases) == len(entries) >= 2
+    assert not any(isinstance(v, np.ndarray) and v.ndim == 3 for c in cases for v in vars(c).values())
+    prep = _config(hospital).data.preprocessing("CT")
+    predictor = SlidingWindowPredictor(prep)
+    network = build_segmentation_network(_config(hospital).model, len(classes))
+    alive: list[weakref.ref] = []
+    seen = []
+
+    def on_case(case: Case, loaded, pred: np.ndarray) -> None:
+        gc.collect()
+        assert sum(ref() is not None for ref in alive) == 0, "an earlier case's volumes are still in memory"
+        alive.append(weakref.ref(loaded.preprocessed))
+        assert pred.shape == loaded.label.shape == loaded.image.shape
+        seen.append(case.name)
+
+    rows = evaluate_cases(network, cases, predictor, classes, on_case=on_case)
+    assert seen == [c.name for c in cases] and len(rows) == len(cases) and "dice_mean" in rows[0]

@@ -72,30 +72,44 @@ def check_labelled(entry: dict, classes: dict[int, str], declared_in: str) -> tu
 
 
 @dataclass
+class LoadedCase:
+    """A case's volumes, read when it is evaluated and dropped after it."""
+
+    image: np.ndarray  # (X, Y, Z) float32 on the input's grid
+    label: np.ndarray  # (X, Y, Z) int on the input's grid
+    preprocessed: MetaTensor  # (1, D, H, W) whole preprocessed image, with its transform trace
+
+
+@dataclass
 class Case:
-    """One labelled volume for evaluation: the input's grid and the preprocessed image."""
+    """One labelled volume for evaluation: what names it and its geometry; `load` reads its volumes, so a split
+    of any size is evaluated one volume in memory at a time."""
 
     name: str  # image file name without .nii.gz etc.
     patient_id: str
     study_id: str
     image_path: Path
-    image: np.ndarray  # (X, Y, Z) float32 on the input's grid
-    label: np.ndarray  # (X, Y, Z) int on the input's grid
+    label_path: Path
     affine: np.ndarray  # (4, 4) the input's
     spacing: tuple[float, float, float]
-    preprocessed: MetaTensor  # (1, D, H, W) whole preprocessed image, with its transform trace
+
+    def load(self, predictor: SlidingWindowPredictor) -> LoadedCase:
+        """The image and label on the input's grid and the image preprocessed by `predictor` (which will invert
+        the prediction)."""
+        return LoadedCase(io.read_volume(self.image_path).array, io.read_volume(self.label_path, label=True).array,
+                          predictor.preprocess(self.image_path))
 
 
-def load_cases(entries: list[dict], predictor: SlidingWindowPredictor, classes: dict[int, str], declared_in: str
-               ) -> list[Case]:
-    """Check and load labelled entries (dicts of `manifest_volume_entries(..., with_label=True)`),
-    preprocessed by the `predictor` that will invert their predictions."""
+def load_cases(entries: list[dict], classes: dict[int, str], declared_in: str) -> list[Case]:
+    """Check labelled entries (dicts of `manifest_volume_entries(..., with_label=True)`) one at a time, before
+    training (a bad one is a UserError naming it), keeping only what names them; their volumes are read again
+    when evaluated (`Case.load`)."""
     cases = []
     for entry in entries:
-        image, label = check_labelled(entry, classes, declared_in)
+        image, _ = check_labelled(entry, classes, declared_in)
         name = Path(entry["image"]).name.split(".")[0]
-        cases.append(Case(name, entry["patient_id"], entry["study_id"], Path(entry["image"]), image.array,
-                          label.array, image.affine, image.spacing, predictor.preprocess(entry["image"])))
+        cases.append(Case(name, entry["patient_id"], entry["study_id"], Path(entry["image"]), Path(entry["label"]),
+                          image.affine, image.spacing))
     return cases
 
 

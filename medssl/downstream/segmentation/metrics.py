@@ -6,7 +6,7 @@ import csv
 import io as textio
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from monai.networks.utils import one_hot
 from torch import nn
 
 from medssl.atomic import write_text
-from medssl.downstream.segmentation.cases import Case
+from medssl.downstream.segmentation.cases import Case, LoadedCase
 from medssl.inference import SlidingWindowPredictor
 
 
@@ -52,11 +52,19 @@ def mean_metrics(rows: list[dict[str, float]], prefix: str) -> dict[str, float]:
 
 
 def evaluate_cases(network: nn.Module, cases: list[Case], predictor: SlidingWindowPredictor,
-                   classes: dict[int, str]) -> tuple[list[dict[str, float]], list[np.ndarray]]:
-    """Per-case metrics and predictions (X, Y, Z) of `network` (put in eval mode) on `cases`."""
+                   classes: dict[int, str],
+                   on_case: Callable[[Case, LoadedCase, np.ndarray], None] | None = None) -> list[dict[str, float]]:
+    """Per-case metrics of `network` (put in eval mode) on `cases`, read one at a time; `on_case(case, its
+    volumes, prediction (X, Y, Z))` is called for each before the next is read (e.g. to write the prediction)."""
     network.eval()
-    preds = [predictor.labels(network, case.preprocessed) for case in cases]
-    return [case_metrics(pred, case.label, classes, case.spacing) for pred, case in zip(preds, cases)], preds
+    rows = []
+    for case in cases:
+        loaded = case.load(predictor)
+        pred = predictor.labels(network, loaded.preprocessed)
+        rows.append(case_metrics(pred, loaded.label, classes, case.spacing))
+        if on_case is not None:
+            on_case(case, loaded, pred)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ outputs

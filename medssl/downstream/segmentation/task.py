@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from medssl.config import dump_config
@@ -18,7 +19,7 @@ from medssl.data.manifest import load_manifest
 from medssl.data.preprocessing import VolumePreprocessing
 from medssl.data.store import VolumeStore, ensure_store
 from medssl.data.volumes import manifest_volume_entries
-from medssl.downstream.segmentation.cases import (Case, class_names, load_cases, resolve_preprocessing,
+from medssl.downstream.segmentation.cases import (Case, LoadedCase, class_names, load_cases, resolve_preprocessing,
                                                  select_labelled, stored_training_scans)
 from medssl.downstream.segmentation.config import FinetuneSegConfig
 from medssl.downstream.segmentation.metrics import evaluate_cases, mean_metrics, write_cases_csv
@@ -78,8 +79,8 @@ def prepare(config: FinetuneSegConfig, pretrained: Path | None, ctx: DistContext
                                     s.labelled_volumes, config.train.seed)
     predictor = SlidingWindowPredictor(prep, sw_batch_size=s.sw_batch_size, overlap=s.sw_overlap, mode=s.sw_mode,
                                        device=ctx.device)
-    val_cases, test_cases = (load_cases(manifest_volume_entries(manifest, split, with_label=True), predictor,
-                                        classes, declared_in) for split in (s.val_split, s.test_split))
+    val_cases, test_cases = (load_cases(manifest_volume_entries(manifest, split, with_label=True), classes,
+                                        declared_in) for split in (s.val_split, s.test_split))
     if not test_cases:
         raise UserError(f"{source}: the '{s.test_split}' split has no labelled volume to test on")
     store = main_first(lambda: ensure_store(config.data, prep, manifest, quiet=not ctx.is_main), ctx)
@@ -96,7 +97,7 @@ def train(config: FinetuneSegConfig, ready: Prepared, run: RunDir, *, resume: bo
     s, cfg = config.seg, config.train
 
     def validate(model: nn.Module, step: int) -> dict[str, float]:
-        return mean_metrics(evaluate_cases(model, ready.val_cases, ready.predictor, ready.classes)[0], "val")
+        return mean_metrics(evaluate_cases(model, ready.val_cases, ready.predictor, ready.classes), "val")
 
     arch = {"model": config.model.model_dump(mode="json"), "classes": {str(k): v for k, v in ready.classes.items()}}
     objective = DiceCEObjective(s.lambda_dice, s.lambda_ce, class_weights=s.class_weights,
@@ -128,17 +129,19 @@ def score_test_split(config: FinetuneSegConfig, ready: Prepared, run: RunDir) ->
     tested = run.best_checkpoint if run.best_checkpoint.exists() else run.last_checkpoint
     payload = load_checkpoint(tested, kind=Kind.FINETUNE_SEG)
     load_weights(ready.network, payload["model"], min_fraction=1.0, source=str(tested))
-    tick = time.perf_counter()
-    rows, preds = evaluate_cases(ready.network, ready.test_cases, ready.predictor, ready.classes)
-    seconds = time.perf_counter() - tick
-    for case, pred in zip(ready.test_cases, preds):
+    shown: list[LabelledCase] = []  # the overlay's cases (config.seg.overlay_cases), the rest not kept
+
+    def write_prediction(case: Case, loaded: LoadedCase, pred: np.ndarray) -> None:
         io.write_volume(run.path / "predictions" / f"{case.name}.nii.gz", pred, case.affine)
+        if len(shown) < config.seg.overlay_cases:
+            shown.append(LabelledCase(case.name, loaded.image, case.affine, pred, loaded.label))
+
+    tick = time.perf_counter()
+    rows = evaluate_cases(ready.network, ready.test_cases, ready.predictor, ready.classes, on_case=write_prediction)
+    seconds = time.perf_counter() - tick  # predictions written included
     write_cases_csv(run.path / "test_cases.csv", ready.test_cases, rows)
-    shown = config.seg.overlay_cases
     if shown:
-        write_label_overlay(run.path / "test_overlay.png", [
-            LabelledCase(case.name, case.image, case.affine, pred, case.label)
-            for case, pred in zip(ready.test_cases[:shown], preds[:shown])])
+        write_label_overlay(run.path / "test_overlay.png", shown)
     return {**mean_metrics(rows, "test"), "test_cases": len(rows), "test_volumes_per_s": len(rows) / max(seconds, 1e-9),
             "test_checkpoint": f"{tested.name} (step {payload['step']})"}
 
