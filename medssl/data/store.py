@@ -239,7 +239,7 @@ class StoredScan:
         short = [max(0, c - s) for s, c in zip(self.stored_shape, size)]
         if any(short) and small_volume == "error":
             raise UserError(f"{self.name}: volume shape {self.stored_shape} (after reorientation/resampling) is "
-                            f"smaller than crop_size {tuple(size)}; set small_volume: pad to zero-pad it")
+                            f"smaller than data.crop_size {tuple(size)}; set data.small_volume=pad to zero-pad it")
         self.offset = np.array([n // 2 for n in short], np.int64)
         self.shape = tuple(s + n for s, n in zip(self.stored_shape, short))
         self.affine = np.asarray(meta["affine"], float)
