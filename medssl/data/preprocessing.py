@@ -80,6 +80,15 @@ class DataSource(StrictModel):
 # ------------------------------------------------------------------------------------------------ volumes
 
 
+def smaller_than_crop(name: object, shape: tuple[int, ...], crop_size: tuple[int, ...], *,
+                      resampled: bool = False) -> UserError:
+    """The one refusal of a volume smaller than the crop under `data.small_volume=error` (`resampled`: its shape
+    is the one after reorientation / resampling), naming the keys that change it."""
+    after = " (after reorientation/resampling)" if resampled else ""
+    return UserError(f"{name}: volume shape {tuple(int(s) for s in shape)}{after} is smaller than data.crop_size "
+                     f"{tuple(crop_size)}; set data.small_volume=pad to zero-pad it")
+
+
 class VolumePreprocessing(FrozenModel):
     """How volumes become network inputs (medssl.data.volumes builds the MONAI pipeline from it)."""
 

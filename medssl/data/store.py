@@ -80,7 +80,7 @@ from medssl.data import io
 from medssl.data.body import DEFAULT_THRESHOLD, body_box, body_mask
 from medssl.data.checks import image_problems, labelled_volume_problems, require_patient_independent
 from medssl.data.manifest import SPLITS, Manifest, load_manifest
-from medssl.data.preprocessing import VolumeDataConfig, VolumePreprocessing
+from medssl.data.preprocessing import VolumeDataConfig, VolumePreprocessing, smaller_than_crop
 from medssl.errors import UserError, one_line
 
 FORMAT = 1
@@ -238,8 +238,7 @@ class StoredScan:
         size = self.stored_shape if pad_to is None else tuple(int(c) for c in pad_to)
         short = [max(0, c - s) for s, c in zip(self.stored_shape, size)]
         if any(short) and small_volume == "error":
-            raise UserError(f"{self.name}: volume shape {self.stored_shape} (after reorientation/resampling) is "
-                            f"smaller than data.crop_size {tuple(size)}; set data.small_volume=pad to zero-pad it")
+            raise smaller_than_crop(self.name, self.stored_shape, size, resampled=True)
         self.offset = np.array([n // 2 for n in short], np.int64)
         self.shape = tuple(s + n for s, n in zip(self.stored_shape, short))
         self.affine = np.asarray(meta["affine"], float)

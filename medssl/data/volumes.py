@@ -51,7 +51,7 @@ from monai.transforms import (
 )
 
 from medssl.data import io
-from medssl.data.preprocessing import VolumePreprocessing
+from medssl.data.preprocessing import VolumePreprocessing, smaller_than_crop
 from medssl.errors import UserError
 
 if TYPE_CHECKING:
@@ -128,8 +128,7 @@ class RequireSize(MapTransform):
             shape = tuple(data[key].shape[1:])
             if any(s < c for s, c in zip(shape, self.size)):
                 name = data[key].meta.get("filename_or_obj", key)
-                raise UserError(f"{name}: volume shape {shape} (after reorientation/resampling) is smaller than "
-                                f"data.crop_size {self.size}; set data.small_volume=pad to zero-pad it")
+                raise smaller_than_crop(name, shape, self.size, resampled=True)
         return data
 
 

@@ -59,7 +59,7 @@ from monai.transforms import SpatialPad
 from torch.utils.data import Dataset
 
 from medssl.data.manifest import Manifest, load_manifest
-from medssl.data.preprocessing import VolumePreprocessing
+from medssl.data.preprocessing import VolumePreprocessing, smaller_than_crop
 from medssl.data.store import StoredScan, StoreSplit, VolumeStore
 from medssl.data.volumes import manifest_volume_entries, volume_dataset, whole_volume_pipeline
 from medssl.errors import UserError
@@ -123,9 +123,7 @@ class StoredVolumes:
         short = np.maximum(np.asarray(self.crop_size) - stored, 0)
         if small_volume == "error" and short.any():
             first = int(np.flatnonzero(short.any(1))[0])
-            shape = tuple(int(s) for s in stored[first])
-            raise UserError(f"{self.names[first]}: volume shape {shape} is smaller than data.crop_size "
-                            f"{self.crop_size}; set data.small_volume=pad to zero-pad it")
+            raise smaller_than_crop(self.names[first], stored[first], self.crop_size)
         self.shapes, self.offsets = stored + short, short // 2
 
     @property
@@ -374,8 +372,7 @@ def _fit_size(volume: torch.Tensor, crop_size: tuple[int, int, int], small_volum
     if all(s >= c for s, c in zip(shape, crop_size)):
         return volume.float()
     if small_volume == "error":
-        raise UserError(f"{name}: volume shape {shape} is smaller than data.crop_size {crop_size}; "
-                        "set data.small_volume=pad to zero-pad it")
+        raise smaller_than_crop(name, shape, crop_size)
     if small_volume != "pad":
         raise UserError(f"small_volume: {small_volume!r} is not one of pad, error")
     padded = SpatialPad(crop_size, mode="constant")(volume.float())
