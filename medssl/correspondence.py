@@ -42,8 +42,7 @@ from medssl.data.volumes import whole_volume_pipeline
 from medssl.errors import UserError
 from medssl.models.volume_encoders import VolumeEncoder, VolumeEncoderConfig, build_volume_encoder
 from medssl.pretrain.matchers import build_matcher
-from medssl.training.checkpoint import Kind, load_checkpoint
-from medssl.training.pretrained import load_pretrained
+from medssl.training.pretrained import load_pretrained, read_encoder_checkpoint
 
 CT_AIR_PERCENTILE_HU = -500.0  # a CT scan's 1st intensity percentile lies below this (air is -1000 HU)
 GeometricName = Literal["registration", "body_box"]
@@ -137,10 +136,7 @@ class EmbeddingMatcher:
     def from_checkpoint(cls, path: str | os.PathLike, *, name: str = "encoder") -> EmbeddingMatcher:
         """The encoder of a "volume-encoder", "volume-network" or "pretrain-volume" checkpoint, with its
         preprocessing; another kind of checkpoint is a UserError naming it."""
-        payload = load_checkpoint(path)
-        if payload["kind"] not in (Kind.VOLUME_ENCODER, Kind.VOLUME_NETWORK, Kind.PRETRAIN_VOLUME):
-            raise UserError(f"{path}: a '{payload['kind']}' checkpoint holds no 3D volume encoder (expected "
-                            f"'{Kind.VOLUME_ENCODER}', '{Kind.VOLUME_NETWORK}' or '{Kind.PRETRAIN_VOLUME}')")
+        payload = read_encoder_checkpoint(path)
         arch = payload["arch"]
         config = VolumeEncoderConfig.model_validate(arch["encoder"] if isinstance(arch.get("encoder"), dict) else arch)
         encoder = build_volume_encoder(config)

@@ -93,6 +93,16 @@ class EncoderLoadReport(LoadReport):
 PretrainedParts = Literal["auto", "encoder", "network"]
 
 
+def read_encoder_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint that holds a volume encoder ("volume-encoder", "volume-network" or "pretrain-volume"); any
+    other kind is a UserError naming the file."""
+    payload = load_checkpoint(path)
+    if payload["kind"] not in (Kind.VOLUME_ENCODER, Kind.VOLUME_NETWORK, Kind.PRETRAIN_VOLUME):
+        raise UserError(f"{path}: a '{payload['kind']}' checkpoint holds no volume encoder (expected "
+                        f"'{Kind.VOLUME_ENCODER}', '{Kind.VOLUME_NETWORK}' or '{Kind.PRETRAIN_VOLUME}')")
+    return payload
+
+
 def load_pretrained(network: nn.Module, checkpoint_path: str | Path, *, arch: VolumeEncoderConfig,
                     parts: PretrainedParts = "auto", min_fraction: float = 1.0,
                     field_name: str = "pretrained_parts") -> EncoderLoadReport:
@@ -108,11 +118,8 @@ def load_pretrained(network: nn.Module, checkpoint_path: str | Path, *, arch: Vo
     network from an encoder-only checkpoint (the message names `field_name`).
     """
     source = str(checkpoint_path)
-    payload = load_checkpoint(checkpoint_path)
+    payload = read_encoder_checkpoint(checkpoint_path)
     kind = payload["kind"]
-    if kind not in (Kind.VOLUME_ENCODER, Kind.VOLUME_NETWORK, Kind.PRETRAIN_VOLUME):
-        raise UserError(f"{source}: a '{kind}' checkpoint holds no volume encoder (expected "
-                        f"'{Kind.VOLUME_ENCODER}', '{Kind.VOLUME_NETWORK}' or '{Kind.PRETRAIN_VOLUME}')")
     stored = _stored_arch(payload["arch"], kind, source)
     if stored != arch:
         raise UserError(f"{source}: the checkpoint's encoder differs from the config's: " + arch_differences(

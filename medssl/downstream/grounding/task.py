@@ -43,9 +43,10 @@ from medssl.downstream.grounding.scorer import FindingScorer
 from medssl.downstream.segmentation.cases import select_labelled
 from medssl.downstream.segmentation.config import FinetuneSegConfig
 from medssl.errors import UserError
-from medssl.training.checkpoint import Kind, load_checkpoint, save_checkpoint
+from medssl.training.checkpoint import Kind, save_checkpoint
 from medssl.training.distributed import DistContext, init_distributed, rank_seed, wait_for_all
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
+from medssl.training.pretrained import read_encoder_checkpoint
 from medssl.training.rundir import RunDir, prepare_run_dir
 
 
@@ -187,7 +188,7 @@ def ground_train(config: GroundingConfig, run_dir: str | Path, *, pretrained: Pa
                                 str(config.data.manifest))
     training_entries(manifest, config.train_split)  # refused before minutes of organ-head training
     if pretrained is not None and organs is None:
-        load_checkpoint(pretrained, kind=(Kind.VOLUME_ENCODER, Kind.VOLUME_NETWORK, Kind.PRETRAIN_VOLUME))
+        read_encoder_checkpoint(pretrained)
     if ctx.is_main:
         prepare_run_dir(run_dir, resume=resume)
     head, head_summary = organ_head(config, manifest, run_dir, organs=organs, pretrained=pretrained, quiet=quiet,
