@@ -383,7 +383,7 @@ def test_evaluation_cases_are_read_one_at_a_time(hospital, monkeypatch):
         gc.collect()
         assert sum(ref() is not None for ref in alive) == 0, "an earlier case's volumes are still in memory"
         alive.append(weakref.ref(loaded.preprocessed))
-        assert pred.shape == loaded.label.shape == loaded.image.shape
+        assert pred.shape == loaded.label.shape == case.image().shape
         seen.append(case.name)
 
     rows = evaluate_cases(network, cases, predictor, classes, on_case=on_case)

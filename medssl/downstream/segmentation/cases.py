@@ -73,9 +73,9 @@ def check_labelled(entry: dict, classes: dict[int, str], declared_in: str) -> tu
 
 @dataclass
 class LoadedCase:
-    """A case's volumes, read when it is evaluated and dropped after it."""
+    """A case's volumes, read when it is evaluated and dropped after it (the image on the input's grid is read
+    only where it is drawn: `Case.image`)."""
 
-    image: np.ndarray  # (X, Y, Z) float32 on the input's grid
     label: np.ndarray  # (X, Y, Z) int on the input's grid
     preprocessed: MetaTensor  # (1, D, H, W) whole preprocessed image, with its transform trace
 
@@ -94,10 +94,13 @@ class Case:
     spacing: tuple[float, float, float]
 
     def load(self, predictor: SlidingWindowPredictor) -> LoadedCase:
-        """The image and label on the input's grid and the image preprocessed by `predictor` (which will invert
-        the prediction)."""
-        return LoadedCase(io.read_volume(self.image_path).array, io.read_volume(self.label_path, label=True).array,
-                          predictor.preprocess(self.image_path))
+        """The label on the input's grid and the image preprocessed by `predictor` (which will invert the
+        prediction)."""
+        return LoadedCase(io.read_volume(self.label_path, label=True).array, predictor.preprocess(self.image_path))
+
+    def image(self) -> np.ndarray:
+        """The image (X, Y, Z) on the input's grid (for figures)."""
+        return io.read_volume(self.image_path).array
 
 
 def load_cases(entries: list[dict], classes: dict[int, str], declared_in: str) -> list[Case]:

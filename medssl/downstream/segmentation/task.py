@@ -134,7 +134,7 @@ def score_test_split(config: FinetuneSegConfig, ready: Prepared, run: RunDir) ->
     def write_prediction(case: Case, loaded: LoadedCase, pred: np.ndarray) -> None:
         io.write_volume(run.path / "predictions" / f"{case.name}.nii.gz", pred, case.affine)
         if len(shown) < config.seg.overlay_cases:
-            shown.append(LabelledCase(case.name, loaded.image, case.affine, pred, loaded.label))
+            shown.append(LabelledCase(case.name, case.image(), case.affine, pred, loaded.label))
 
     tick = time.perf_counter()
     rows = evaluate_cases(ready.network, ready.test_cases, ready.predictor, ready.classes, on_case=write_prediction)
