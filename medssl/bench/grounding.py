@@ -209,10 +209,7 @@ def grounding_benchmark(out_dir: str | Path, *, seeds: Sequence[int] = (0, 1, 2)
                                         pretrained=encoder if variant == "ours" else None, overrides=overrides)
         if baselines:
             summaries.update(_baselines(out / f"ours_seed{seed}", out, seed, baselines))
-        for variant, summary in summaries.items():
-            if variant in variants:
-                runs.append({"variant": variant, "seed": seed, **{k: summary.get(k) for k, _ in COLUMNS},
-                             "seconds": summary.get("seconds")})
+        runs += _run_rows(summaries, seed, variants)
     return _write_tables(out, runs, [v for v in known if v in variants])
 
 
@@ -226,9 +223,13 @@ def _on_run(run: Path, out: Path, variants: Sequence[str]) -> list[dict[str, Any
 
     seed = load_config(run / "config.yaml", GroundingConfig, []).train.seed
     summaries = _baselines(run, out, seed, [v for v in ("ours", *BASELINES) if v in variants])
-    runs = [{"variant": v, "seed": seed, **{k: s.get(k) for k, _ in COLUMNS}, "seconds": s.get("seconds")}
+    return _write_tables(out, _run_rows(summaries, seed, variants), [v for v in TRAINED + BASELINES if v in variants])
+
+
+def _run_rows(summaries: dict[str, dict[str, Any]], seed: int, variants: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per asked variant of one seed: its table columns and seconds."""
+    return [{"variant": v, "seed": seed, **{k: s.get(k) for k, _ in COLUMNS}, "seconds": s.get("seconds")}
             for v, s in summaries.items() if v in variants]
-    return _write_tables(out, runs, [v for v in TRAINED + BASELINES if v in variants])
 
 
 def _write_tables(out: Path, runs: list[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
