@@ -66,16 +66,23 @@ def test_body_mask_equals_the_3d_and_slice_fill_it_replaces() -> None:
     tube[3:17, 3:17, :] = 1.0
     tube[6:10, 6:10, :] = 0.0  # a lung through every slice: open at both ends, filled slice by slice
     tube[12:15, 12:15, 4:8] = 0.0  # a closed cavity: filled in 3D
-    fields, filled = [tube], 0
+    twins = np.zeros((16, 16, 10))
+    twins[1:5, 2:6, 1:4] = twins[9:13, 8:12, 5:8] = 1.0  # two components of the same size: the first in C order wins
+    edges = np.ones((12, 10, 6))
+    edges[4:6, 0:3, :] = 0.0  # background on the volume's edge: not a hole
+    edges[5:7, 4:6, 2] = 0.0  # a hole of one slice
+    fields, filled = [tube, twins, edges, np.zeros((5, 6, 7))], 0
     for trial in range(20):
         field = ndimage.gaussian_filter(rng.random((28, 24, 20)), 1.5 + trial % 3 * 0.5)
         fields.append((field - field.min()) / (field.max() - field.min()))
-    for field in fields:
-        threshold = 0.5 if field is tube else 0.3 + 0.4 * rng.random()
+    for k, field in enumerate(fields):
+        threshold = 0.5 if k < 4 else 0.3 + 0.4 * rng.random()
         expected = _old_body_mask(field, threshold)
         filled += bool((expected & (field <= threshold)).any())
         np.testing.assert_array_equal(body_mask(field, threshold), expected)
     assert _old_body_mask(tube, 0.5)[7, 7, 0] and _old_body_mask(tube, 0.5)[13, 13, 5] and filled >= 5
+    assert body_mask(twins, 0.5)[2, 3, 2] and not body_mask(twins, 0.5)[10, 9, 6]
+    assert body_mask(edges, 0.5)[5, 5, 2] and not body_mask(edges, 0.5)[5, 1, 2] and not body_mask(fields[3], 0.5).any()
 
 
 def test_a_crop_from_the_region_it_covers_is_the_crop_from_the_whole_volume() -> None:

@@ -2,12 +2,11 @@
 
 Body mask: voxels above ``threshold`` (intensities scaled to [0, 1], e.g. by the CT window, so air is 0;
 the default 0.05 is about -140 HU with the (40, 400) soft-tissue window), reduced to the largest
-26-connected component (`scipy.ndimage.label`), with holes filled in 3D and then slice by slice along Z
-(axial in RAS order: lungs touching the top or bottom of the field are enclosed within their slice).
-Both fills are done by one labelling of the background with in-slice 4-connectivity (a background
-component that touches no X/Y face of its slice is a hole): every 3D hole is also a hole of each of its
-slices, so this equals `binary_fill_holes` in 3D followed by it per slice, voxel for voxel (tested), at a
-fraction of the time (0.9 s instead of 11 s on a 512 x 512 x 300 CT).
+26-connected component, with holes filled in 3D and then slice by slice along Z (axial in RAS order: lungs
+touching the top or bottom of the field are enclosed within their slice). Both fills are one 2D fill per Z
+slice (a background region, 4-connected within its slice, that touches no X/Y edge of the slice is a hole):
+every 3D hole is also a hole of each of its slices, so this equals `scipy.ndimage.binary_fill_holes` in 3D
+followed by it per slice, voxel for voxel (tested).
 Its bounding box (first to last body voxel centre on each axis) is the body box; normalised body
 coordinates are positions inside that box, about [0, 1] per axis, so the same coordinates are roughly the
 same anatomical place in every patient. The anatomical matchers of pretraining and the grounding head use it.
@@ -22,28 +21,50 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+import cc3d
+import fill_voids
 import numpy as np
-from scipy import ndimage
 
 DEFAULT_THRESHOLD = 0.05
 
 
 def body_mask(volume: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
     """(X, Y, Z) bool body mask of a [0, 1]-scaled volume (see the module docstring); all False if
-    nothing exceeds `threshold`."""
-    labels, count = ndimage.label(volume > threshold, structure=np.ones((3, 3, 3), bool))
-    if count == 0:
-        return np.zeros(volume.shape, bool)
-    largest = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    nothing exceeds `threshold`.
+
+    Computed inside the box of the voxels above `threshold` (the largest component lies in it, and a background
+    region of a slice that reaches the box's edge reaches the slice's edge through the empty frame around it),
+    with `cc3d` (26-connected components) and `fill_voids` (2D holes of each Z slice, made contiguous first):
+    1.3 s instead of 2.8 s with `scipy.ndimage` on a 512 x 512 x 300 CT, the same mask voxel for voxel (tested).
+    """
+    above = volume > threshold
+    box = _box(above)
+    mask = np.zeros(volume.shape, bool)
+    if box is None:
+        return mask
+    labels, count = cc3d.connected_components(above[box], connectivity=26, return_N=True)
+    sizes = cc3d.statistics(labels, no_slice_conversion=True)["voxel_counts"][1:]
+    winners = np.flatnonzero(sizes == sizes.max()) + 1
+    # a tie goes to the component met first in C order (scipy's numbering, which this replaced)
+    if len(winners) > 1:
+        winners = winners[np.argsort([np.flatnonzero(labels == k)[0] for k in winners])]
+    slices = np.ascontiguousarray((labels == winners[0]).transpose(2, 0, 1))  # (Z, X, Y): each slice contiguous
     del labels
-    in_slice = np.zeros((3, 3, 3), bool)  # 4-connectivity within each Z slice, none across slices
-    in_slice[1, :, 1] = in_slice[:, 1, 1] = True
-    background, regions = ndimage.label(~largest, structure=in_slice)
-    outside = np.zeros(regions + 1, bool)  # background regions that touch an X or Y face of their slice
-    outside[background[[0, -1]].ravel()] = True
-    outside[background[:, [0, -1]].ravel()] = True
-    outside[0] = True  # label 0: the body itself, not a hole
-    return largest | ~outside[background]
+    for z, plane in enumerate(slices):
+        slices[z] = fill_voids.fill(plane)  # holes = background 4-connected regions off the slice's edge
+    mask[box] = slices.transpose(1, 2, 0)
+    return mask
+
+
+def _box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The slices of the smallest box holding every True voxel of a 3D bool array; None when there is none."""
+    box = []
+    for axis in range(3):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if not len(hits):
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
 
 
 def body_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
