@@ -16,15 +16,14 @@ Conventions:
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medssl.pretrain.matchers import Matcher
+from medssl.pretrain.resample import resample_axis_aligned
 
 
 @dataclass(frozen=True)
@@ -86,18 +85,13 @@ def _feature_centres_range(size: Sequence[int], stride: int) -> tuple[np.ndarray
 
 
 def extract_crop(volume: torch.Tensor, geom: CropGeometry) -> torch.Tensor:
-    """Resample a crop: volume (C, X, Y, Z) float -> (C, *geom.size), trilinear, zeros outside.
+    """Resample a crop: volume (C, X, Y, Z) float32 -> (C, *geom.size), trilinear, zeros outside; the same bits
+    as `F.grid_sample` (align_corners=True) on the axis-aligned grid (`medssl.pretrain.resample`).
 
-    An identity geometry (origin at a voxel, step 1) returns the array slice (up to float32 rounding).
+    An identity geometry (origin at a voxel, step 1) returns the array slice.
     """
-    # grid_sample (align_corners=True) reads volume coordinate p along an axis of size n at
-    # g = 2p / (n - 1) - 1; the sampling grid is axis-aligned (a diagonal affine grid), so it is built
-    # from one coordinate vector per axis (in float64, then cast) instead of `F.affine_grid`.
-    axes = [(2 * (origin + step * torch.arange(size, dtype=torch.float64)) / max(n - 1, 1) - 1).to(volume.dtype)
-            for origin, step, size, n in zip(geom.origin.tolist(), geom.step.tolist(), geom.size, volume.shape[1:])]
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)[None]  # (1, *size, 3) as (W, H, D)
-    out = F.grid_sample(volume[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out[0]
+    return resample_axis_aligned(volume, (0, 0, 0), volume.shape[1:], geom.origin.tolist(), geom.step.tolist(),
+                                 geom.size)
 
 
 def crop_region(geom: CropGeometry, volume_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -114,30 +108,9 @@ def crop_region(geom: CropGeometry, volume_shape: Sequence[int]) -> tuple[np.nda
 def extract_crop_from_region(region: torch.Tensor, start: Sequence[int], volume_shape: Sequence[int],
                              geom: CropGeometry) -> torch.Tensor:
     """`extract_crop` of a volume of `volume_shape` of which only `region` (C, *m), the box starting at voxel
-    `start` (`crop_region`), was read: the same crop, bit for bit.
-
-    grid_sample normalises coordinates by the volume's size, so a crop resampled from a sub-volume would be
-    rounded differently. Instead the region is placed in a (C, *volume_shape) view whose strides are the
-    region's: voxel ``start + r`` of the view is voxel ``r`` of the region, and the voxels grid_sample reads
-    all lie in the region. The view's other voxels alias memory that is never read; its storage is an anonymous
-    memory map, so only the region's pages are ever touched (resident memory stays the region's size).
-    """
-    region = region.float().contiguous()
-    channels, *m = region.shape
-    shape = [int(n) for n in volume_shape]
-    if region.numel() == 0:
-        return torch.zeros((channels, *geom.size), dtype=torch.float32)
-    strides = [m[0] * m[1] * m[2], m[1] * m[2], m[2], 1]
-    begin = sum(int(a) * s for a, s in zip(start, strides[1:]))
-    reach = (channels - 1) * strides[0] + sum((n - 1) * s for n, s in zip(shape, strides[1:])) + 1
-    length = max(reach, begin + region.numel())
-    with mmap.mmap(-1, 4 * length) as memory:
-        buffer = torch.frombuffer(memory, dtype=torch.float32, count=length)
-        buffer[begin: begin + region.numel()] = region.reshape(-1)
-        view = buffer.as_strided((channels, *shape), strides)
-        crop = extract_crop(view, geom).clone()
-        del buffer, view
-    return crop
+    `start` (`crop_region`), was read: the same crop, bit for bit (the samples are placed on the whole volume's
+    grid, and only the region's voxels are read)."""
+    return resample_axis_aligned(region, start, volume_shape, geom.origin.tolist(), geom.step.tolist(), geom.size)
 
 
 def sample_crop(volume_shape: Sequence[int], centre: np.ndarray, crop_size: Sequence[int] | int,
@@ -261,7 +234,7 @@ def intensity_jitter(crop: torch.Tensor, generator: torch.Generator) -> torch.Te
     """Random gamma, contrast (about the crop mean), brightness shift and Gaussian noise, clipped to
     [0, 1]. crop: (C, ...) float32 in [0, 1]; every draw comes from `generator` (deterministic)."""
     draw = draw_jitter(tuple(crop.shape), generator)
-    out = crop.clamp(0, 1) ** draw.gamma
+    out = crop.clamp(0, 1).pow_(draw.gamma)  # in place from here: the same operations, without new tensors
     mean = out.mean()
-    out = (out - mean) * draw.contrast + mean + draw.brightness
-    return (out + draw.noise.to(out.dtype) * draw.noise_std).clamp(0, 1)
+    out.sub_(mean).mul_(draw.contrast).add_(mean).add_(draw.brightness)
+    return out.add_(draw.noise.to(out.dtype).mul_(draw.noise_std)).clamp_(0, 1)
