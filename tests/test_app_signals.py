@@ -17,7 +17,7 @@ from medssl.training.checkpoint import save_checkpoint
 from medssl.app import signals
 
 ARCH = {"in_channels": 2, "hidden": 8, "out_dim": 16, "depth": 2, "kernel": 3}
-PREP = {"manifest": "/data/manifest.json", "cache_dir": None, "fs": 50.0, "channels": ["ECG", "PPG"],
+PREP = {"manifest": "/data/manifest.json", "fs": 50.0, "channels": ["ECG", "PPG"],
         "missing_channels": "error", "window_seconds": 1.0, "stride_seconds": None, "nan": "error", "flat": "keep",
         "window": 50, "stride": None}
 

@@ -227,7 +227,6 @@ CASES: list[tuple[str, list[str], str]] = [
     ("volume-out-not-empty", [*cfg("pretrain volume"), "-o", "out_busy"], "out_busy"),
     ("volume-resume-missing", [*cfg("pretrain volume"), "-o", "no_run", "--resume"], "no_run"),
     ("volume-resume-corrupt", [*cfg("pretrain volume"), "-o", "run", "--resume"], "last.pt"),
-    ("volume-cache-dir-is-file", cfg("pretrain volume", "data.cache_dir=a_file"), "a_file"),
     ("volume-store-is-file", cfg("pretrain volume", "data.store=a_file"), "a_file"),
     ("volume-store-other-settings", cfg("pretrain volume", "data.store=store", "data.window=[50,400]"),
      "window [40.0, 400.0] (asked: [50.0, 400.0])"),

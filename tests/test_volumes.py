@@ -4,20 +4,17 @@ the persistent cache and reading errors, on tiny NIfTI volumes with a flipped, a
 from __future__ import annotations
 
 import json
-import os
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import DataLoader, MetaTensor
-from pydantic import ValidationError
+from monai.data import MetaTensor
 
 from medssl.data import io
-from medssl.data.preprocessing import DataSource, VolumePreprocessing
-from medssl.data.volumes import manifest_volume_entries, prune_cache, volume_dataset, volume_transforms
+from medssl.data.preprocessing import VolumePreprocessing
+from medssl.data.volumes import manifest_volume_entries, volume_dataset, volume_transforms
 from medssl.errors import UserError
 
 SHAPE = (20, 24, 16)
@@ -153,62 +150,6 @@ def test_small_volume_pad_or_error(cube: dict) -> None:
     assert cube["image"] in str(err.value)
 
 
-def test_persistent_cache_writes_files_and_replays_identically(cube: dict, tmp_path: Path, monkeypatch) -> None:
-    other = dict(cube, image=write(tmp_path, "img2.nii.gz", np.full(SHAPE, 100.0, dtype=np.float32)))
-    entries = [cube, other]
-    reads: list[str] = []
-    real_read = io.read_volume
-    monkeypatch.setattr(io, "read_volume", lambda path, **kw: reads.append(str(path)) or real_read(path, **kw))
-    cache = tmp_path / "cache"
-    prep = VolumePreprocessing(spacing=(2.0, 2.0, 2.0), crop_size=(16, 16, 16))
-
-    def run() -> list[dict]:  # the resampled volumes are cached, the random crop is drawn after the cache
-        pipeline = volume_transforms(prep, with_label=True, random_crop=True, seed=0)
-        return [item for item in volume_dataset(entries, pipeline, cache_dir=cache)]
-
-    first = run()
-    assert len(reads) == 4 and len(list(cache.glob("*.pt"))) == 2
-    second = run()
-    assert len(reads) == 4  # everything came from the cache
-    for a, b in zip(first, second):
-        for key in ("image", "label"):
-            assert torch.equal(a[key], b[key]) and torch.equal(a[key].affine, b[key].affine)
-    # a replaced file is re-read; a changed preprocessing misses the old cache
-    io.write_volume(other["image"], np.full(SHAPE, 240.0, dtype=np.float32), FLIPPED)
-    os.utime(other["image"], ns=(1, 1))
-    third = run()
-    assert reads[4:] == [other["image"], other["label"]] and torch.all(third[1]["image"] == 1.0)
-    prep = VolumePreprocessing(spacing=(2.0, 2.0, 2.0), crop_size=(16, 16, 16), window=(0.0, 100.0))
-    run()
-    assert len(list(cache.glob("*.pt"))) == 5
-    batch = next(iter(DataLoader(volume_dataset(entries, volume_transforms(prep), cache_dir=cache), batch_size=2)))
-    assert batch["image"].shape == (2, 1, 16, 16, 16) and batch["image"].affine.shape == (2, 4, 4)
-
-
-def test_a_bounded_cache_evicts_the_least_recently_used_files(cube: dict, tmp_path: Path) -> None:
-    entries = [dict(cube, image=write(tmp_path, f"v{k}.nii.gz", np.full(SHAPE, 40.0 * k, dtype=np.float32)))
-               for k in range(3)]
-    cache = tmp_path / "cache"
-    pipeline = volume_transforms(VolumePreprocessing(crop_size=SHAPE), with_label=True)
-    volume_dataset(entries[:1], pipeline, cache_dir=cache)[0]
-    one_file = next(cache.glob("*.pt")).stat().st_size
-    bounded = volume_dataset(entries, pipeline, cache_dir=cache, cache_max_gib=2.5 * one_file / 2**30)
-    for k in (0, 1, 0, 2):  # volume 0 read again (a cache hit) before 2 is written: 1 is the least recently used
-        bounded[k]
-        time.sleep(0.01)  # distinct modification times
-    kept = list(cache.glob("*.pt"))
-    assert len(kept) == 2 and sum(f.stat().st_size for f in kept) <= 2.5 * one_file
-    unbounded = volume_dataset(entries, pipeline, cache_dir=cache)
-    for k in (0, 2):  # the two most recently used survived: reading them writes nothing
-        unbounded[k]
-    assert len(list(cache.glob("*.pt"))) == 2
-    unbounded[1]  # the least recently used was evicted: read and cached again
-    assert len(list(cache.glob("*.pt"))) == 3
-    assert len(prune_cache(cache, 0)) == 3 and not list(cache.glob("*.pt"))
-    with pytest.raises(ValidationError, match="data.cache_max_gib bounds data.cache_dir, which is not set"):
-        DataSource.model_validate({"manifest": "m.json", "cache_max_gib": 1.0})
-
-
 def test_unreadable_files_raise_user_error_naming_them(cube: dict, tmp_path: Path) -> None:
     truncated = tmp_path / "cut.nii.gz"
     data = Path(cube["image"]).read_bytes()
@@ -218,13 +159,11 @@ def test_unreadable_files_raise_user_error_naming_them(cube: dict, tmp_path: Pat
     cases = [({"image": str(truncated)}, str(truncated)), ({"image": missing}, missing),
              (dict(cube, label=bad_label), bad_label)]
     for entry, named in cases:
-        for cache_dir in (None, tmp_path / "cache"):
-            dataset = volume_dataset([entry], volume_transforms(VolumePreprocessing(crop_size=(8, 8, 8)),
-                                                                with_label="label" in entry), cache_dir=cache_dir)
-            with pytest.raises(UserError) as err:
-                dataset[0]
-            assert named in str(err.value) and "\n" not in str(err.value)
-    assert not list((tmp_path / "cache").glob("*.pt"))
+        dataset = volume_dataset([entry], volume_transforms(VolumePreprocessing(crop_size=(8, 8, 8)),
+                                                            with_label="label" in entry))
+        with pytest.raises(UserError) as err:
+            dataset[0]
+        assert named in str(err.value) and "\n" not in str(err.value)
 
 
 def test_preprocessing_validates_and_round_trips_through_json() -> None:

@@ -20,7 +20,6 @@ from pydantic import (
     PositiveInt,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from medssl.config import StrictModel
@@ -55,26 +54,18 @@ class DataSource(StrictModel):
 
     manifest: Path
     store: Path | None = None  # the on-disk store (volumes: `medssl preprocess`; signals: memory-mapped recordings)
-    cache_dir: Path | None = None
-    cache_max_gib: PositiveFloat | None = None  # bound on cache_dir's size: least recently used files go first
 
-    @field_validator("manifest", "cache_dir", "store")
+    @field_validator("manifest", "store")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else Path(os.path.abspath(Path(value).expanduser()))
 
-    @field_validator("cache_dir", "store")
+    @field_validator("store")
     @classmethod
     def _a_folder(cls, value: Path | None) -> Path | None:
         if value is not None and value.exists() and not value.is_dir():
             raise ValueError(f"{value} is a file, not a folder")
         return value
-
-    @model_validator(mode="after")
-    def _bound_needs_a_cache(self) -> DataSource:
-        if self.cache_max_gib is not None and self.cache_dir is None:
-            raise ValueError("data.cache_max_gib bounds data.cache_dir, which is not set")
-        return self
 
 
 # ------------------------------------------------------------------------------------------------ volumes

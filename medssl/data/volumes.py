@@ -18,22 +18,19 @@ Preprocessing settings come from `medssl.data.preprocessing.VolumePreprocessing`
 Pipeline order: load (channel first) -> Orientationd -> Spacingd (optional; bilinear image, nearest
 label) -> intensity (CT: window (level, width) -> [0, 1] clipped; MR: percentiles -> [0, 1] clipped)
 -> size policy (SpatialPadd to ``crop_size``, or UserError) -> RandSpatialCropd (training) or
-CenterSpatialCropd (evaluation; deterministic, so a PersistentDataset caches the whole pipeline)
+CenterSpatialCropd (evaluation; deterministic)
 -> EnsureTyped.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from monai.data import Dataset, ImageReader, MetaTensor, PersistentDataset
-from monai.data.utils import pickle_hashing
+from monai.data import Dataset, ImageReader, MetaTensor
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
@@ -156,7 +153,7 @@ class VolumePipeline(Compose):
             raise cause from None
 
     def deterministic_head(self) -> list[Callable]:
-        """The transforms before the first random one: what a `PersistentDataset` caches."""
+        """The transforms before the first random one (the whole-volume pipeline)."""
         first = self.get_index_of_first(lambda t: isinstance(t, RandomizableTrait) or not isinstance(t, Transform))
         return list(self.transforms[:first])
 
@@ -206,87 +203,10 @@ def whole_volume_pipeline(prep: VolumePreprocessing, *, with_label: bool = False
     return VolumePipeline(volume_transforms(prep, with_label=with_label, random_crop=True).deterministic_head())
 
 
-def volume_dataset(entries: list[dict], transform: VolumePipeline, *,
-                   cache_dir: str | os.PathLike | None = None, cache_max_gib: float | None = None) -> Dataset:
-    """A MONAI dataset over `entries` (dicts with absolute paths) applying `transform`.
-
-    With `cache_dir`, a `PersistentDataset` (`CachedVolumes`) stores the output of
-    `transform.deterministic_head()` (everything before the random crop) as one ``.pt`` file per
-    entry. The file name hashes the entry, each file's size and modification time (a replaced file
-    is re-read) and the pickled deterministic transforms with their parameters (a changed
-    preprocessing misses the old cache). With `cache_max_gib`, the folder's ``.pt`` files are kept
-    under that size: after each new file, the least recently used ones are deleted (`prune_cache`).
-    """
-    if cache_dir is None:
-        return Dataset(entries, transform)
-    # MONAI's own `hash_transform` goes through `Compose.flatten`, which re-seeds the random crop
-    key = pickle_hashing(transform.deterministic_head()).decode()
-    dataset = CachedVolumes(entries, transform, cache_dir=Path(cache_dir), track_meta=True,
-                            hash_func=functools.partial(_entry_hash, transforms=key))
-    dataset.max_bytes = None if cache_max_gib is None else int(cache_max_gib * 2**30)
-    return dataset
-
-
-class CachedVolumes(PersistentDataset):
-    """A `PersistentDataset` whose cached `MetaTensor`s keep their affine and meta dict but not their
-    transform trace (`applied_operations` holds numpy arrays and enums that `torch.load(weights_only=True)`
-    refuses, which would make every cache file look corrupt and be recomputed). A file read is marked used
-    (its modification time), and with `max_bytes` the cache is pruned after each new file."""
-
-    max_bytes: int | None = None
-
-    def _cachecheck(self, item_transformed: Any) -> Any:
-        path = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
-        new = not path.is_file()
-        item = super()._cachecheck(item_transformed)
-        if path.is_file():
-            os.utime(path)  # least recently used goes first
-            if new and self.max_bytes is not None:
-                prune_cache(self.cache_dir, self.max_bytes, keep=path)
-        return item
-
-    def _pre_transform(self, item_transformed: Any) -> Any:
-        item = super()._pre_transform(item_transformed)
-        for value in item.values():
-            if isinstance(value, MetaTensor):
-                value.applied_operations = []
-        return item
-
-
-def prune_cache(folder: Path, max_bytes: int, *, keep: Path | None = None) -> list[Path]:
-    """Delete the least recently used (oldest modification time) ``.pt`` files of `folder` until their total
-    is at most `max_bytes`; `keep` (the file just written) is never deleted. Returns the deleted files."""
-    files = []
-    for path in folder.glob("*.pt"):
-        try:
-            info = path.stat()
-        except FileNotFoundError:  # pruned by another process meanwhile
-            continue
-        files.append((info.st_mtime_ns, info.st_size, path))
-    total = sum(size for _, size, _ in files)
-    deleted = []
-    for _, size, path in sorted(files):
-        if total <= max_bytes:
-            break
-        if keep is not None and path == keep:
-            continue
-        path.unlink(missing_ok=True)
-        total -= size
-        deleted.append(path)
-    return deleted
-
-
-def _entry_hash(entry: Mapping[str, Any], *, transforms: str) -> bytes:
-    """Cache key of one entry: its content, its files' (size, mtime) and the transforms' hash."""
-    stats = {}
-    for key in ("image", "label"):
-        if isinstance(entry.get(key), (str, os.PathLike)):
-            try:
-                info = os.stat(entry[key])
-                stats[key] = (info.st_size, info.st_mtime_ns)
-            except OSError:
-                stats[key] = None  # the loader reports the missing file
-    return pickle_hashing({"entry": dict(entry), "stats": stats, "transforms": transforms})
+def volume_dataset(entries: list[dict], transform: VolumePipeline) -> Dataset:
+    """A MONAI dataset over `entries` (dicts with absolute paths) applying `transform` (volumes read when an item
+    is asked for; hospital-scale training reads the on-disk store instead: `medssl.data.store`)."""
+    return Dataset(entries, transform)
 
 
 def manifest_volume_entries(manifest: Manifest, split: str, *, with_label: bool = False) -> list[dict]:

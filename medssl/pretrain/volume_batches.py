@@ -240,13 +240,11 @@ class VolumePretrainBatches(Dataset):
 
     @classmethod
     def from_manifest(cls, manifest: Manifest | str | os.PathLike, split: str, prep: VolumePreprocessing,
-                      matcher_name: MatcherName = "body_box", *, cache_dir: str | os.PathLike | None = None,
-                      cache_max_gib: float | None = None, **options: Any) -> VolumePretrainBatches:
+                      matcher_name: MatcherName = "body_box", **options: Any) -> VolumePretrainBatches:
         """Every image of `split` loaded into memory through the MONAI pipeline of `medssl.data.volumes` without
         its crop (`whole_volume_pipeline`: load, orientation, spacing, intensity window, the small-volume
-        policy), optionally cached in `cache_dir` (at most `cache_max_gib`): for tests and small experiments
-        (training reads the store: `from_store`). Crops have ``prep.crop_size`` unless ``crop_size`` is in
-        `options` (the other keyword arguments of the constructor).
+        policy): for tests and benches (training reads the store: `from_store`). Crops have
+        ``prep.crop_size`` unless ``crop_size`` is in `options` (the other keyword arguments of the constructor).
         A split without any volume raises `UserError` naming the manifest and split.
         """
         manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
@@ -254,7 +252,7 @@ class VolumePretrainBatches(Dataset):
         if not entries:
             raise UserError(f"{manifest.root}: split '{split}' has no volume to pretrain on")
         options.setdefault("crop_size", prep.crop_size)
-        dataset = volume_dataset(entries, whole_volume_pipeline(prep), cache_dir=cache_dir, cache_max_gib=cache_max_gib)
+        dataset = volume_dataset(entries, whole_volume_pipeline(prep))
         images = [dataset[i]["image"] for i in range(len(entries))]
         for entry, image in zip(entries, images):
             values = image.as_tensor()
