@@ -11,11 +11,12 @@ written), then print a summary table and the `medssl app` command that opens the
 result. Every run starts from the shipped configs (`medssl config show NAME`) with the demo's budget as
 overrides, and writes under the output folder; every number is on *synthetic* data and labelled so.
 
-Lanes: after the store is written, the steps run in up to two processes at once (`LANES`, fewer when the load
-average leaves fewer cores free), each as soon as the steps it needs are done (segmentation from the pretrained
+Lanes: after the store is written, the steps run in up to two processes at once (`LANES`; one on a 1-core
+machine), each as soon as the steps it needs are done (segmentation from the pretrained
 encoder, the landmark and grounding wait for pretraining; the grounded report for grounding). Each step computes
-with one thread and its own seeds, so its figures are the same in either lane or alone; with two lanes a step's
-output goes to ``OUT/logs/<step>.log`` and the console says when each starts and ends.
+with one thread and its own seeds, so its figures are the same in either lane or alone (single-threaded
+processes sharing a busy core only take turns; they do not slow each other the way two multi-threaded ones do).
+With two lanes a step's output goes to ``OUT/logs/<step>.log`` and the console says when each starts and ends.
 """
 
 from __future__ import annotations
@@ -247,10 +248,10 @@ def run_demo(out: str | Path) -> dict[str, dict[str, Any]]:
         Step("ground_infer", "7. ground a held-out study's report (maps written)", _ground_infer,
              (manifest, out / "grounding" / "grounding.pt", out / "ground_infer"), ("grounding",)),
     ]
-    from medssl.threads import default_threads
+    from medssl.threads import available_cores
 
     shutil.rmtree(out / "logs", ignore_errors=True)
-    results.update(run_steps(steps, min(LANES, default_threads()), out / "logs"))
+    results.update(run_steps(steps, min(LANES, available_cores()), out / "logs"))
     results["total"] = {"seconds": time.perf_counter() - start}
     _print_summary(out, results)
     return results
