@@ -8,6 +8,7 @@ import errno
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -336,6 +337,9 @@ def test_training_studies_reuse_complete_organ_voxel_files_and_redo_only_missing
     assert again.voxels.paths == first.voxels.paths
     OrganVoxelStore.open(tmp_path, "another-head", clean=True)  # another organ head: never reused
     assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(Grounder, "prepare", lambda self, image: SimpleNamespace(organ=lambda name: None))
+    with pytest.raises(UserError, match="the organ head finds none of the organs the 'training' reports name"):
+        training_studies(probe, manifest, "training", OrganVoxelStore.open(tmp_path, key, clean=True), quiet=True)
 
 
 def test_ground_train_resumes_a_run_killed_in_the_training_studies(trained, hospital: Path, tmp_path: Path,

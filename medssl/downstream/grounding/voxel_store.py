@@ -11,7 +11,8 @@ head or windows) are removed when the main process opens the store.
 
 `OrganVoxelStore` is the index, {(study, organ): path} of the organs found, as a read-only mapping:
 `store[(study, organ)]` reads the file, keeping the last CACHED ones read, so memory stays flat in the number of
-studies.
+studies. A file holds 8 (index) + 2 x 6 x W (intensity z) + 2 x C (decoder z) + 4 (depth) + 6 (offsets) bytes per
+core voxel: 106 with W = 2 windows and C = 32 decoder channels, 48 MB for a liver of 450k core voxels.
 """
 
 from __future__ import annotations
