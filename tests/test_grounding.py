@@ -4,9 +4,11 @@ bad input."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -16,17 +18,19 @@ import torch
 from medssl.cli import main
 from medssl.config import load_config
 from medssl.data import io
+from medssl.data.manifest import Manifest, load_manifest
 from medssl.data.synthetic.hospital import make_hospital
 from medssl.downstream.grounding import anatomy
 from medssl.downstream.grounding.config import GroundingConfig
 from medssl.downstream.grounding.data import Bag, MILBatches, build_bags, kinds_seen, report_bags
 from medssl.downstream.grounding.features import VolumeEvidence
-from medssl.downstream.grounding.infer import Grounder, read_report
+from medssl.downstream.grounding.infer import Grounder, GroundingSettings, read_report
 from medssl.downstream.grounding.losses import anchored_l2, balanced_bag_loss, top_k_mean
 from medssl.downstream.grounding.metrics import grounding_metrics
 from medssl.downstream.grounding.organs import OrganHead
 from medssl.downstream.grounding.scorer import FindingScorer, ball_voxels
-from medssl.downstream.grounding.task import MILObjective, ground_train
+from medssl.downstream.grounding.task import MILObjective, ground_train, training_entries, training_studies
+from medssl.downstream.grounding.voxel_store import OrganVoxelStore, organ_voxels_key, read_organ_voxels
 from medssl.errors import UserError
 from medssl.explain.maps import read_map
 from medssl.training.checkpoint import load_checkpoint
@@ -250,6 +254,145 @@ def test_bench_grounding_evaluates_the_baselines_with_a_finished_runs_organ_head
         grounding_benchmark(tmp_path / "c", run=run, variants=("ours", "random_init"))
     with pytest.raises(UserError, match="not a finished 'ground train' run"):
         grounding_benchmark(tmp_path / "c", run=tmp_path / "b", variants=("untrained",))
+
+
+def _probe(run: Path) -> Grounder:
+    """ground train's organ-head-only Grounder over `run`'s organ head (default windows)."""
+    windows = [(40.0, 400.0), (-600.0, 1500.0)]
+    return Grounder(OrganHead.load(run / "organs"), FindingScorer(["lesion"], [], len(windows), 1),
+                    GroundingSettings(windows, {}, {}), "probe")
+
+
+def _needed_studies(manifest: Manifest, organs: tuple[str, ...]) -> set[Path]:
+    """The training volumes that at least one bag points at."""
+    entries = training_entries(manifest, "training")
+    reports = [report_bags(e.report, organs) for e in entries]
+    bags = build_bags(reports, *kinds_seen(reports))
+    return {manifest.path(entries[b.study].image) for b in bags}
+
+
+_PREPARE = Grounder.prepare
+
+
+def _count_prepare(monkeypatch: pytest.MonkeyPatch, stop_after: int | None = None) -> list[Path]:
+    """Grounder.prepare records the volumes it is called on; with `stop_after`, the next call raises _Killed."""
+    calls, prepare = [], _PREPARE
+
+    def counted(self: Grounder, image: Path, **options) -> object:
+        if stop_after is not None and len(calls) == stop_after:
+            raise _Killed
+        calls.append(Path(image))
+        return prepare(self, image, **options)
+
+    monkeypatch.setattr(Grounder, "prepare", counted)
+    return calls
+
+
+class _Killed(Exception):
+    """A run killed half-way."""
+
+
+def test_organ_voxels_read_from_disk_give_the_same_batches_as_in_ram(trained, hospital: Path, tmp_path: Path) -> None:
+    run, _ = trained
+    probe = _probe(run)
+    key = organ_voxels_key(probe.head, probe.settings.windows)
+    assert list((run / "organ_voxels" / key).glob("*.npz"))  # ground train wrote its organ voxels there
+    manifest = load_manifest(hospital)
+    store = OrganVoxelStore.open(tmp_path / "ov", key, clean=True, cached=2)
+    studies = training_studies(probe, manifest, "training", store, quiet=True)
+    entries = training_entries(manifest, "training")
+    in_ram = {}
+    for study in sorted({b.study for b in studies.bags}):  # what ground train kept in RAM before
+        grounded = probe.prepare(manifest.path(entries[study].image))
+        found = {(study, b.organ): grounded.organ(b.organ) for b in studies.bags if b.study == study}
+        in_ram.update({key: voxels for key, voxels in found.items() if voxels is not None})
+    assert set(store) == set(in_ram) and len(store) > 2
+    kinds = sorted(studies.median_size)
+    lazy, eager = (MILBatches(studies.bags, voxels, kinds, bags_per_step=8, seed=0) for voxels in (store, in_ram))
+    for step in range(12):
+        a, b = lazy[step], eager[step]
+        assert a["organ"] == b["organ"] and a["k"] == b["k"]
+        assert torch.equal(a["kind"], b["kind"]) and torch.equal(a["label"], b["label"])
+        assert all(torch.equal(x, y) for x, y in zip(a["phi"] + a["prior"], b["phi"] + b["prior"], strict=True))
+    assert len(store._loaded) == 2  # read lazily, two kept
+
+
+def test_training_studies_reuse_complete_organ_voxel_files_and_redo_only_missing_ones(
+        trained, hospital: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run, _ = trained
+    probe, manifest = _probe(run), load_manifest(hospital)
+    key = organ_voxels_key(probe.head, probe.settings.windows)
+    calls = _count_prepare(monkeypatch)
+    first = training_studies(probe, manifest, "training", OrganVoxelStore.open(tmp_path, key, clean=True), quiet=True)
+    assert set(calls) == _needed_studies(manifest, probe.head.organs) and len(calls) == len(set(calls))
+    calls.clear()
+    again = training_studies(probe, manifest, "training", OrganVoxelStore.open(tmp_path, key, clean=True), quiet=True)
+    assert calls == [] and again.voxels.paths == first.voxels.paths
+    (study, organ), path = next(iter(first.voxels.paths.items()))
+    path.unlink()
+    partial = tmp_path / key / f".{path.stem}.x1.tmp.npz"  # what a kill in the middle of a write leaves
+    partial.write_bytes(b"PK\x03")
+    again = training_studies(probe, manifest, "training", OrganVoxelStore.open(tmp_path, key, clean=True), quiet=True)
+    assert calls == [manifest.path(training_entries(manifest, "training")[study].image)] and not partial.exists()
+    assert again.voxels.paths == first.voxels.paths
+    OrganVoxelStore.open(tmp_path, "another-head", clean=True)  # another organ head: never reused
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(Grounder, "prepare", lambda self, image: SimpleNamespace(organ=lambda name: None))
+    with pytest.raises(UserError, match="the organ head finds none of the organs the 'training' reports name"):
+        training_studies(probe, manifest, "training", OrganVoxelStore.open(tmp_path, key, clean=True), quiet=True)
+
+
+def test_ground_train_resumes_a_run_killed_in_the_training_studies(trained, hospital: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    run, _ = trained
+    config = load_config(TINY, GroundingConfig, [f"data.manifest={hospital}", "train.steps=4"])
+    out = tmp_path / "run"
+    killed = _count_prepare(monkeypatch, stop_after=3)
+    with pytest.raises(_Killed):
+        ground_train(config, out, organs=run / "organs", quiet=True, evaluate_split=False)
+    with pytest.raises(UserError, match="run directory is not empty"):
+        ground_train(config, out, organs=run / "organs", quiet=True, evaluate_split=False)
+    calls = _count_prepare(monkeypatch)
+    summary = ground_train(config, out, organs=run / "organs", resume=True, quiet=True, evaluate_split=False)
+    manifest = load_manifest(hospital)
+    needed = _needed_studies(manifest, OrganHead.load(run / "organs").organs)
+    redone = [c for c in calls if c in needed]  # calibration prepares its own studies
+    assert len(killed) == 3 and not set(killed) & set(redone) and set(killed) | set(redone) == needed
+    assert summary["steps"] == 4 and (out / "grounding.pt").is_file() and not (out / "FAILED").exists()
+    with pytest.raises(UserError, match="no checkpoint to resume from"):
+        ground_train(config, tmp_path / "new", organs=run / "organs", resume=True, quiet=True)
+
+
+def test_organ_voxel_files_round_trip_and_a_full_disk_is_one_line_naming_the_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    voxels = _phantom(7, lesion=True)[0].organ("liver")
+    image = tmp_path / "scan.nii.gz"
+    image.write_bytes(b"a volume")
+    store = OrganVoxelStore.open(tmp_path / "ov", "k", clean=True)
+    store.add(0, image, "liver", voxels)
+    store.add(0, image, "spleen", None)  # not found: remembered, not indexed
+    back = store[(0, "liver")]
+    for name in ("index", "intensity_z", "decoder_z", "depth_mm", "offsets"):
+        original, read = getattr(voxels, name), getattr(back, name)
+        assert read.dtype == original.dtype and np.array_equal(read, original), name
+    assert (back.organ, back.shape, back.spacing, back.mask_voxels) == (voxels.organ, voxels.shape, voxels.spacing,
+                                                                        voxels.mask_voxels)
+    assert list(store) == [(0, "liver")] and store.reuse(1, image, "spleen") and (1, "spleen") not in store
+    written = sorted(p.name for p in (tmp_path / "ov" / "k").iterdir())
+
+    def full_disk(handle, **arrays) -> None:
+        handle.write(b"PK\x03\x04 half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(UserError) as err:
+        store.add(1, image, "liver", voxels)
+    assert str(err.value).startswith(f"{tmp_path / 'ov' / 'k'}: cannot write the organ voxels of the training "
+                                     "studies: no space left on device") and "\n" not in str(err.value)
+    assert sorted(p.name for p in (tmp_path / "ov" / "k").iterdir()) == written  # nothing half-written
+    store.paths[(0, "liver")].write_bytes(b"PK\x03\x04 corrupt")
+    with pytest.raises(UserError, match="unreadable organ voxels"):
+        read_organ_voxels(store.paths[(0, "liver")])
 
 
 def _cli(argv: list[str]) -> int:

@@ -10,12 +10,14 @@ organ in training (at the kind's median stated size, no place). Lesion masks, bo
 read: a bag is an organ's voxels, which the organ head finds.
 
 `MILBatches`: item i, drawn from (seed, i): `bags_per_step` bags, half positive and half negative when both
-exist, each as (phi (n, F), prior (n,), k, kind index, label).
+exist, each as (phi (n, F), prior (n,), k, kind index, label); the organ voxels are read from a mapping
+(`voxel_store.OrganVoxelStore` in training: from disk, a few at a time).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,9 +116,10 @@ def build_bags(reports: list[ReportBags], by_organ: dict[str, list[str]], median
 class MILBatches(Dataset):
     """Item i: {"phi": [ (n_b, F) ], "prior": [ (n_b,) ], "k": [int], "kind": (B,) long, "organ": [str],
     "label": (B,) float}
-    for `bags_per_step` bags drawn from (seed, i). `voxels[(study, organ)]`: that organ's OrganVoxels."""
+    for `bags_per_step` bags drawn from (seed, i). `voxels[(study, organ)]`: that organ's OrganVoxels (read when a
+    step needs it); a bag whose organ `voxels` lacks (the organ head did not find it) is left out."""
 
-    def __init__(self, bags: list[Bag], voxels: dict[tuple[int, str], OrganVoxels], kinds: list[str], *,
+    def __init__(self, bags: list[Bag], voxels: Mapping[tuple[int, str], OrganVoxels], kinds: list[str], *,
                  bags_per_step: int, seed: int):
         self.bags = [b for b in bags if (b.study, b.organ) in voxels]
         self.voxels, self.kinds, self.bags_per_step, self.seed = voxels, kinds, bags_per_step, seed

@@ -6,7 +6,8 @@
    finished RUN/organs/ and resumes an unfinished one.
 2. The training studies (volume + report, nothing else): every report parsed into positive findings and
    normal organs (`data.report_bags`), every volume through the organ head (`infer.Grounder.prepare`), the
-   organ voxels of every bag kept (`features.OrganVoxels`).
+   organ voxels of every bag (`features.OrganVoxels`) written to RUN/organ_voxels/ as they are computed and read
+   back a few at a time (`voxel_store`); a resumed run reuses those already written.
 3. The finding scorer (what) trained by the shared Trainer on bags: balanced bag cross-entropy plus the pull
    towards its untrained start (`losses`).
 4. The not-found threshold from the calibration split's reports (`evaluate.calibrate`), `grounding.pt`,
@@ -35,19 +36,22 @@ from medssl.data.volumes import manifest_volume_entries
 from medssl.downstream.grounding.config import GroundingConfig
 from medssl.downstream.grounding.data import Bag, MILBatches, ReportBags, build_bags, kinds_seen, report_bags
 from medssl.downstream.grounding.evaluate import calibrate, eval_studies, evaluate
-from medssl.downstream.grounding.features import OrganVoxels
 from medssl.downstream.grounding.infer import Grounder, GroundingSettings
 from medssl.downstream.grounding.losses import anchored_l2, balanced_bag_loss
 from medssl.downstream.grounding.organs import OrganHead, check_label_set
 from medssl.downstream.grounding.scorer import FindingScorer
+from medssl.downstream.grounding.voxel_store import OrganVoxelStore, organ_voxels_key
 from medssl.downstream.segmentation.cases import select_labelled
 from medssl.downstream.segmentation.config import FinetuneSegConfig
 from medssl.errors import UserError
 from medssl.training.checkpoint import Kind, save_checkpoint
-from medssl.training.distributed import DistContext, init_distributed, rank_seed, wait_for_all
+from medssl.training.distributed import DistContext, init_distributed, main_first, rank_seed, wait_for_all
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.pretrained import read_encoder_checkpoint
 from medssl.training.rundir import RunDir, prepare_run_dir
+
+
+VOXELS = "organ_voxels"  # RUN/organ_voxels: the training studies' organ voxels (`voxel_store`)
 
 
 def organ_class_weights(entries: list[dict], classes: dict[int, str]) -> tuple[float, ...]:
@@ -105,11 +109,11 @@ def organ_head(config: GroundingConfig, manifest: Manifest, run_dir: Path, *, or
 
 @dataclass
 class TrainingStudies:
-    """The training studies' bags and the organ voxels they point at."""
+    """The training studies' bags and the organ voxels they point at (on disk)."""
 
     reports: list[ReportBags]
     bags: list[Bag]
-    voxels: dict[tuple[int, str], OrganVoxels]
+    voxels: OrganVoxelStore
     kinds_by_organ: dict[str, list[str]]
     median_size: dict[str, float]
 
@@ -127,8 +131,10 @@ def training_entries(manifest: Manifest, split: str) -> list:
     return entries
 
 
-def training_studies(grounder: Grounder, manifest: Manifest, split: str, *, quiet: bool) -> TrainingStudies:
-    """Parse every report of `split`, run the organ head on its volume, keep the organ voxels of every bag."""
+def training_studies(grounder: Grounder, manifest: Manifest, split: str, store: OrganVoxelStore, *,
+                     quiet: bool) -> TrainingStudies:
+    """Parse every report of `split`; run the organ head on each volume whose bags' organ voxels `store` lacks
+    and write them there."""
     entries = training_entries(manifest, split)
     organs = grounder.head.organs
     reports = [report_bags(e.report, organs) for e in entries]
@@ -140,16 +146,27 @@ def training_studies(grounder: Grounder, manifest: Manifest, split: str, *, quie
     needed: dict[int, set[str]] = {}
     for bag in bags:
         needed.setdefault(bag.study, set()).add(bag.organ)
-    voxels: dict[tuple[int, str], OrganVoxels] = {}
     from tqdm.auto import tqdm
 
     for study in tqdm(sorted(needed), desc="organ head over the training studies", disable=quiet):
-        grounded = grounder.prepare(manifest.path(entries[study].image))
-        for organ in needed[study]:
-            found = grounded.organ(organ)
-            if found is not None:
-                voxels[(study, organ)] = found
-    return TrainingStudies(reports, bags, voxels, kinds_by_organ, median_size)
+        image = manifest.path(entries[study].image)
+        missing = [organ for organ in sorted(needed[study]) if not store.reuse(study, image, organ)]
+        if missing:
+            grounded = grounder.prepare(image)
+            for organ in missing:
+                store.add(study, image, organ, grounded.organ(organ))
+    if not store:
+        raise UserError(f"{manifest.root}: the organ head finds none of the organs the '{split}' reports name in "
+                        "any of their volumes; nothing to train the finding scorer on")
+    return TrainingStudies(reports, bags, store, kinds_by_organ, median_size)
+
+
+def prepare_ground_run(run_dir: Path, *, resume: bool) -> None:
+    """`prepare_run_dir`'s checks, except that --resume also continues a run stopped before the finding scorer's
+    first checkpoint (its organ head or organ voxels on disk)."""
+    started = any((run_dir / folder).is_dir() for folder in ("organs", VOXELS))
+    if not (resume and started and not (run_dir / "checkpoints" / "last.pt").is_file()):
+        prepare_run_dir(run_dir, resume=resume)
 
 
 class MILObjective:
@@ -190,15 +207,17 @@ def ground_train(config: GroundingConfig, run_dir: str | Path, *, pretrained: Pa
     if pretrained is not None and organs is None:
         read_encoder_checkpoint(pretrained)
     if ctx.is_main:
-        prepare_run_dir(run_dir, resume=resume)
+        prepare_ground_run(run_dir, resume=resume)
     head, head_summary = organ_head(config, manifest, run_dir, organs=organs, pretrained=pretrained, quiet=quiet,
                                     ctx=ctx)
     windows = [tuple(w) for w in config.scorer.windows] if head.prep.modality == "CT" else None
     probe = Grounder(head, FindingScorer(["lesion"], [], len(windows or [None]), 1),
                      GroundingSettings(windows, {}, {}), str(run_dir / "grounding.pt"))
-    studies = training_studies(probe, manifest, config.train_split, quiet=quiet or not ctx.is_main)
+    key = organ_voxels_key(head, windows)
+    store = main_first(lambda: OrganVoxelStore.open(run_dir / VOXELS, key, clean=ctx.is_main), ctx)
+    studies = training_studies(probe, manifest, config.train_split, store, quiet=quiet or not ctx.is_main)
     kinds = sorted(studies.median_size)
-    channels = next(iter(studies.voxels.values())).decoder_z.shape[0]
+    channels = studies.voxels[next(iter(studies.voxels))].decoder_z.shape[0]
     torch.manual_seed(config.train.seed)
     scorer = FindingScorer(kinds, sorted(studies.kinds_by_organ), len(windows or [None]), channels)
     run = RunDir(run_dir, enabled=ctx.is_main)
@@ -208,8 +227,10 @@ def ground_train(config: GroundingConfig, run_dir: str | Path, *, pretrained: Pa
                                   preprocessing=head.prep.to_dict(), config=config.model_dump(mode="json"))
     trainer = Trainer(scorer, MILObjective(config.scorer.anchor_weight), batches, config=config.train, run_dir=run,
                       ctx=ctx, checkpointing=checkpointing)
-    if resume:
+    if resume and run.last_checkpoint.is_file():
         trainer.resume()
+    elif resume:  # stopped before the scorer's first checkpoint: its training starts over
+        run.truncate_metrics(0)
     run.write_config(dump_config(config))  # after a resume is accepted: a refused one changes nothing
     positives = sum(b.label for b in studies.bags)
     summary = trainer.fit({"train_studies": len(studies.reports), "train_positive_bags": positives,
