@@ -1,4 +1,4 @@
-"""`medssl demo`: the main job end to end on the synthetic hospital, about 10 minutes on a 2-core CPU.
+"""`medssl demo`: the main job end to end on the synthetic hospital, about 5 minutes on a 2-core CPU.
 
 Steps: write a 20-patient synthetic hospital (64^3 CT, reports, lesion masks, ECG/PPG), check its manifest,
 pretrain a tiny 3D encoder (with the frozen-feature organ probe against its random initialisation),
