@@ -20,7 +20,7 @@ from medssl.config import load_config
 from medssl.data import io
 from medssl.data.manifest import Manifest, load_manifest
 from medssl.data.synthetic.hospital import make_hospital
-from medssl.downstream.grounding import anatomy
+from medssl.downstream.grounding import anatomy, task
 from medssl.downstream.grounding.config import GroundingConfig
 from medssl.downstream.grounding.data import Bag, MILBatches, build_bags, kinds_seen, report_bags
 from medssl.downstream.grounding.features import VolumeEvidence
@@ -32,6 +32,7 @@ from medssl.downstream.grounding.scorer import FindingScorer, ball_voxels
 from medssl.downstream.grounding.task import MILObjective, ground_train, training_entries, training_studies
 from medssl.downstream.grounding.voxel_store import OrganVoxelStore, organ_voxels_key, read_organ_voxels
 from medssl.errors import UserError
+from medssl.training.distributed import DistContext
 from medssl.explain.maps import read_map
 from medssl.training.checkpoint import load_checkpoint
 
@@ -340,6 +341,25 @@ def test_training_studies_reuse_complete_organ_voxel_files_and_redo_only_missing
     monkeypatch.setattr(Grounder, "prepare", lambda self, image: SimpleNamespace(organ=lambda name: None))
     with pytest.raises(UserError, match="the organ head finds none of the organs the 'training' reports name"):
         training_studies(probe, manifest, "training", OrganVoxelStore.open(tmp_path, key, clean=True), quiet=True)
+
+
+def test_under_torchrun_each_rank_computes_its_share_of_the_training_studies(
+        trained, hospital: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run, _ = trained
+    probe, manifest = _probe(run), load_manifest(hospital)
+    key = organ_voxels_key(probe.head, probe.settings.windows)
+    monkeypatch.setattr(task, "raise_on_every_rank", lambda error, ctx: None)  # no process group in this test
+    images = [manifest.path(e.image) for e in training_entries(manifest, "training")]
+    needed = sorted(_needed_studies(manifest, probe.head.organs), key=images.index)
+    calls = _count_prepare(monkeypatch)
+    with pytest.raises(UserError, match="after every rank wrote its share"):  # rank 0's share is not written yet
+        training_studies(probe, manifest, "training", OrganVoxelStore.open(tmp_path, key, clean=True), quiet=True,
+                         ctx=DistContext(rank=1, world_size=2))
+    assert calls == needed[1::2]
+    calls.clear()
+    done = training_studies(probe, manifest, "training", OrganVoxelStore.open(tmp_path, key, clean=False),
+                            quiet=True, ctx=DistContext(rank=0, world_size=2))
+    assert calls == needed[0::2] and done.voxels.paths  # every study indexed on rank 0, half computed there
 
 
 def test_ground_train_resumes_a_run_killed_in_the_training_studies(trained, hospital: Path, tmp_path: Path,

@@ -72,12 +72,22 @@ def main_first(fn: Callable[[], T], ctx: DistContext) -> T:
                 result = fn()
             except UserError as err:
                 error = str(err)
-        errors: list[str | None] = [None] * ctx.world_size
-        dist.all_gather_object(errors, error)
-        first = next((message for message in errors if message), None)
-        if first:
-            raise UserError(first)
+        raise_on_every_rank(error, ctx)
     return result  # type: ignore[return-value]
+
+
+def raise_on_every_rank(error: str | None, ctx: DistContext) -> None:
+    """A barrier that shares failures: every rank passes its UserError message (None: none), and the first one
+    found is raised as a UserError on every rank, so no rank waits forever for one that failed."""
+    if not ctx.distributed:
+        if error:
+            raise UserError(error)
+        return
+    errors: list[str | None] = [None] * ctx.world_size
+    dist.all_gather_object(errors, error)
+    first = next((message for message in errors if message), None)
+    if first:
+        raise UserError(first)
 
 
 def mean_across_ranks(values: dict[str, float], ctx: DistContext) -> dict[str, float]:

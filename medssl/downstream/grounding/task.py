@@ -45,7 +45,8 @@ from medssl.downstream.segmentation.cases import select_labelled
 from medssl.downstream.segmentation.config import FinetuneSegConfig
 from medssl.errors import UserError
 from medssl.training.checkpoint import Kind, save_checkpoint
-from medssl.training.distributed import DistContext, init_distributed, main_first, rank_seed, wait_for_all
+from medssl.training.distributed import (DistContext, init_distributed, main_first, raise_on_every_rank, rank_seed,
+                                        wait_for_all)
 from medssl.training.loop import Checkpointing, StepOutput, Trainer
 from medssl.training.pretrained import read_encoder_checkpoint
 from medssl.training.rundir import RunDir, prepare_run_dir
@@ -132,9 +133,11 @@ def training_entries(manifest: Manifest, split: str) -> list:
 
 
 def training_studies(grounder: Grounder, manifest: Manifest, split: str, store: OrganVoxelStore, *,
-                     quiet: bool) -> TrainingStudies:
+                     quiet: bool, ctx: DistContext | None = None) -> TrainingStudies:
     """Parse every report of `split`; run the organ head on each volume whose bags' organ voxels `store` lacks
-    and write them there."""
+    and write them there. Under torchrun each rank takes every world_size-th study, then every rank indexes all
+    of them (a failure on one rank is raised on all)."""
+    ctx = ctx or DistContext()
     entries = training_entries(manifest, split)
     organs = grounder.head.organs
     reports = [report_bags(e.report, organs) for e in entries]
@@ -148,13 +151,26 @@ def training_studies(grounder: Grounder, manifest: Manifest, split: str, store: 
         needed.setdefault(bag.study, set()).add(bag.organ)
     from tqdm.auto import tqdm
 
-    for study in tqdm(sorted(needed), desc="organ head over the training studies", disable=quiet):
+    studies = sorted(needed)
+    error = None
+    try:
+        for study in tqdm(studies[ctx.rank::ctx.world_size], desc="organ head over the training studies",
+                          disable=quiet):
+            image = manifest.path(entries[study].image)
+            missing = [organ for organ in sorted(needed[study]) if not store.reuse(study, image, organ)]
+            if missing:
+                grounded = grounder.prepare(image)
+                for organ in missing:
+                    store.add(study, image, organ, grounded.organ(organ))
+    except UserError as err:
+        error = str(err)
+    raise_on_every_rank(error, ctx)
+    for study in studies:  # the other ranks' studies: their files are complete now
         image = manifest.path(entries[study].image)
-        missing = [organ for organ in sorted(needed[study]) if not store.reuse(study, image, organ)]
-        if missing:
-            grounded = grounder.prepare(image)
-            for organ in missing:
-                store.add(study, image, organ, grounded.organ(organ))
+        for organ in sorted(needed[study]):
+            if not store.reuse(study, image, organ):
+                raise UserError(f"{store.folder}: no organ voxels of {organ} in {image} after every rank wrote its "
+                                "share; is RUN on a filesystem every node shares?")
     if not store:
         raise UserError(f"{manifest.root}: the organ head finds none of the organs the '{split}' reports name in "
                         "any of their volumes; nothing to train the finding scorer on")
@@ -215,7 +231,8 @@ def ground_train(config: GroundingConfig, run_dir: str | Path, *, pretrained: Pa
                      GroundingSettings(windows, {}, {}), str(run_dir / "grounding.pt"))
     key = organ_voxels_key(head, windows)
     store = main_first(lambda: OrganVoxelStore.open(run_dir / VOXELS, key, clean=ctx.is_main), ctx)
-    studies = training_studies(probe, manifest, config.train_split, store, quiet=quiet or not ctx.is_main)
+    studies = training_studies(probe, manifest, config.train_split, store, quiet=quiet or not ctx.is_main,
+                               ctx=ctx)
     kinds = sorted(studies.median_size)
     channels = studies.voxels[next(iter(studies.voxels))].decoder_z.shape[0]
     torch.manual_seed(config.train.seed)
