@@ -42,7 +42,7 @@ def body_mask(volume: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.nd
     mask = np.zeros(volume.shape, bool)
     if box is None:
         return mask
-    labels, count = cc3d.connected_components(above[box], connectivity=26, return_N=True)
+    labels = cc3d.connected_components(above[box], connectivity=26)
     sizes = cc3d.statistics(labels, no_slice_conversion=True)["voxel_counts"][1:]
     winners = np.flatnonzero(sizes == sizes.max()) + 1
     # a tie goes to the component met first in C order (scipy's numbering, which this replaced)
