@@ -10,11 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
+from monai.data import Dataset, MetaTensor
 
 from medssl.data import io
 from medssl.data.preprocessing import VolumePreprocessing
-from medssl.data.volumes import manifest_volume_entries, volume_dataset, volume_transforms
+from medssl.data.volumes import manifest_volume_entries, volume_transforms
 from medssl.errors import UserError
 
 SHAPE = (20, 24, 16)
@@ -159,8 +159,8 @@ def test_unreadable_files_raise_user_error_naming_them(cube: dict, tmp_path: Pat
     cases = [({"image": str(truncated)}, str(truncated)), ({"image": missing}, missing),
              (dict(cube, label=bad_label), bad_label)]
     for entry, named in cases:
-        dataset = volume_dataset([entry], volume_transforms(VolumePreprocessing(crop_size=(8, 8, 8)),
-                                                            with_label="label" in entry))
+        dataset = Dataset([entry], volume_transforms(VolumePreprocessing(crop_size=(8, 8, 8)),
+                                                     with_label="label" in entry))
         with pytest.raises(UserError) as err:
             dataset[0]
         assert named in str(err.value) and "\n" not in str(err.value)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from monai.data import Dataset, ImageReader, MetaTensor
+from monai.data import ImageReader, MetaTensor
 from monai.transforms import (
     CenterSpatialCropd,
     Compose,
@@ -201,12 +201,6 @@ def whole_volume_pipeline(prep: VolumePreprocessing, *, with_label: bool = False
     padded to at least `crop_size` (or refused, per `small_volume`), each carrying its transform trace
     (so that MONAI's `Invertd` can take predictions back to the input's grid)."""
     return VolumePipeline(volume_transforms(prep, with_label=with_label, random_crop=True).deterministic_head())
-
-
-def volume_dataset(entries: list[dict], transform: VolumePipeline) -> Dataset:
-    """A MONAI dataset over `entries` (dicts with absolute paths) applying `transform` (volumes read when an item
-    is asked for; hospital-scale training reads the on-disk store instead: `medssl.data.store`)."""
-    return Dataset(entries, transform)
 
 
 def manifest_volume_entries(manifest: Manifest, split: str, *, with_label: bool = False) -> list[dict]:

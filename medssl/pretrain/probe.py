@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data import Dataset
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 from sklearn.linear_model import RidgeClassifier
@@ -18,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 
 from medssl.data.manifest import Manifest
 from medssl.data.preprocessing import VolumePreprocessing
-from medssl.data.volumes import manifest_volume_entries, patients_in_turn, volume_dataset, volume_transforms
+from medssl.data.volumes import manifest_volume_entries, patients_in_turn, volume_transforms
 from medssl.errors import UserError
 from medssl.models.volume_encoders import VolumeEncoder
 from medssl.seeding import numpy_generator
@@ -84,7 +85,7 @@ class OrganProbe:
         if not entries:
             raise ProbeUnavailable(f"{manifest.root}: probe split '{split}' has no labelled volume")
         _require_two_patients({entry["patient_id"] for entry in entries})  # before any volume is read
-        data = volume_dataset(entries, volume_transforms(prep, with_label=True))
+        data = Dataset(entries, volume_transforms(prep, with_label=True))
         volumes = [{"image": item["image"].as_tensor(), "label": item["label"].as_tensor(),
                     "patient_id": entry["patient_id"]} for entry, item in zip(entries, data)]
         return cls(volumes, **options)

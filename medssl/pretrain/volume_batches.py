@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.data import Dataset as MonaiDataset
 from monai.data import MetaTensor
 from monai.transforms import SpatialPad
 from torch.utils.data import Dataset
@@ -61,7 +62,7 @@ from torch.utils.data import Dataset
 from medssl.data.manifest import Manifest, load_manifest
 from medssl.data.preprocessing import VolumePreprocessing, smaller_than_crop
 from medssl.data.store import StoredScan, StoreSplit, VolumeStore
-from medssl.data.volumes import manifest_volume_entries, volume_dataset, whole_volume_pipeline
+from medssl.data.volumes import manifest_volume_entries, whole_volume_pipeline
 from medssl.errors import UserError
 from medssl.pretrain.matchers import Matcher, MatcherName, build_matcher
 from medssl.pretrain.views import (
@@ -252,7 +253,7 @@ class VolumePretrainBatches(Dataset):
         if not entries:
             raise UserError(f"{manifest.root}: split '{split}' has no volume to pretrain on")
         options.setdefault("crop_size", prep.crop_size)
-        dataset = volume_dataset(entries, whole_volume_pipeline(prep))
+        dataset = MonaiDataset(entries, whole_volume_pipeline(prep))
         images = [dataset[i]["image"] for i in range(len(entries))]
         for entry, image in zip(entries, images):
             values = image.as_tensor()
