@@ -152,10 +152,10 @@ def training_studies(grounder: Grounder, manifest: Manifest, split: str, store: 
     from tqdm.auto import tqdm
 
     studies = sorted(needed)
+    mine = studies[ctx.rank::ctx.world_size]
     error = None
     try:
-        for study in tqdm(studies[ctx.rank::ctx.world_size], desc="organ head over the training studies",
-                          disable=quiet):
+        for study in tqdm(mine, desc="organ head over the training studies", disable=quiet):
             image = manifest.path(entries[study].image)
             missing = [organ for organ in sorted(needed[study]) if not store.reuse(study, image, organ)]
             if missing:
@@ -165,7 +165,7 @@ def training_studies(grounder: Grounder, manifest: Manifest, split: str, store: 
     except UserError as err:
         error = str(err)
     raise_on_every_rank(error, ctx)
-    for study in studies:  # the other ranks' studies: their files are complete now
+    for study in sorted(set(studies) - set(mine)):  # the other ranks' studies: their files are complete now
         image = manifest.path(entries[study].image)
         for organ in sorted(needed[study]):
             if not store.reuse(study, image, organ):
